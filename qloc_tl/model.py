@@ -56,6 +56,7 @@ __all__ = [
     "n_heads",
     "capabilities",
     "tokenize_prompts",
+    "to_tokens",
     "answer_token_id",
     "model_dtype",
     "model_device",
@@ -337,6 +338,18 @@ def hooked_kv_cache(model: Any, batch: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 
 
+def to_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:
+    """``model.to_tokens`` for one string, never truncating silently (TL truncates to n_ctx by default)."""
+    kw: dict[str, Any] = {"truncate": False}
+    if prepend_bos is not None:
+        kw["prepend_bos"] = prepend_bos
+    try:
+        return model.to_tokens(text, **kw)
+    except TypeError:  # a TL version without `truncate`
+        kw.pop("truncate")
+        return model.to_tokens(text, **kw)
+
+
 def _has_tokenizer(model: Any) -> bool:
     return getattr(model, "tokenizer", None) is not None
 
@@ -400,7 +413,7 @@ def tokenize_prompts(
                         "model has no tokenizer, so string prompts cannot be tokenised; pass token-id tensors "
                         "or attach a tokenizer (boot_native(cfg, tokenizer=...) / HookedTransformer(cfg, tokenizer))"
                     )
-                rows.append(model.to_tokens(p, prepend_bos=prepend_bos)[0])
+                rows.append(to_tokens(model, p, prepend_bos)[0])
             else:
                 raise InvalidInputError(f"prompt must be a string or a token tensor, got {type(p).__name__}")
     n_ctx = int(getattr(model.cfg, "n_ctx", 10**9) or 10**9)
@@ -454,12 +467,12 @@ def answer_token_id(
         raise InvalidInputError("model has no tokenizer: give the answer as a token id")
     ids: list[int] | None = None
     if prompt is not None:
-        p = model.to_tokens(prompt)[0].tolist()
-        full = model.to_tokens(prompt.rstrip() + " " + answer.strip())[0].tolist()
+        p = to_tokens(model, prompt)[0].tolist()
+        full = to_tokens(model, prompt.rstrip() + " " + answer.strip())[0].tolist()
         if full[: len(p)] == p and len(full) > len(p):
             ids = full[len(p) :]
     if ids is None:
-        ids = model.to_tokens(" " + answer.strip(), prepend_bos=False)[0].tolist()
+        ids = to_tokens(model, " " + answer.strip(), prepend_bos=False)[0].tolist()
     if not ids:
         raise InvalidInputError(f"answer {answer!r} tokenises to nothing")
     unk = getattr(getattr(model, "tokenizer", None), "unk_token_id", None)

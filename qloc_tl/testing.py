@@ -25,13 +25,7 @@ from .model import tl_major
 
 __all__ = ["tiny_model", "tiny_tokenizer", "tiny_hf_directory", "TINY_WORDS"]
 
-TINY_WORDS = (
-    "the a an of in is was born city capital country language speaks works plays paris london rome berlin "
-    "madrid france england italy germany spain french english italian german spanish piano guitar violin "
-    "physics chemistry biology math music art doctor lawyer teacher king queen river sea mountain red blue "
-    "green cat dog bird fish one two three four five six seven eight nine ten alice bob carol dave eve "
-    "frank grace heidi ivan judy mallory oscar peggy trent victor walter yes no and or to from by"
-).split()
+TINY_WORDS = ["the", "a", "an", "of", "in", "is", "was", "born", "city", "capital", "country", "language", "speaks", "works", "plays", "paris", "london", "rome", "berlin", "madrid", "france", "england", "italy", "germany", "spain", "french", "english", "italian", "german", "spanish", "piano", "guitar", "violin", "physics", "chemistry", "biology", "math", "music", "art", "doctor", "lawyer", "teacher", "king", "queen", "river", "sea", "mountain", "red", "blue", "green", "cat", "dog", "bird", "fish", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "alice", "bob", "carol", "dave", "eve", "frank", "grace", "heidi", "ivan", "judy", "mallory", "oscar", "peggy", "trent", "victor", "walter", "yes", "no", "and", "or", "to", "from", "by"]
 
 SPECIALS = ["<|endoftext|>", "[UNK]", "[PAD]"]
 D_VOCAB = 96

@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random TL models of the installed TL major, GPT-2- and LLaMA-style,
+built natively from configs and loaded from local HF directories (raw and compat processing)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+warnings.filterwarnings("ignore", category=DeprecationWarning)
+torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+
+from qloc_tl.model import tl_major  # noqa: E402
+from qloc_tl.testing import tiny_model  # noqa: E402
+
+TL_MAJOR = tl_major()
+
+# (arch, source, processing)
+BACKENDS = [
+    ("gpt2", "native", "none"),
+    ("llama", "native", "none"),
+    ("gpt2", "hf", "none"),
+    ("llama", "hf", "none"),
+    ("gpt2", "hf", "compat"),
+    ("llama", "hf", "compat"),
+]
+if TL_MAJOR >= 4:
+    BACKENDS.append(("gpt2", "native", "compat"))
+
+
+def _id(p: tuple[str, str, str]) -> str:
+    return "-".join(p)
+
+
+@pytest.fixture(params=BACKENDS, ids=[_id(p) for p in BACKENDS])
+def any_model(request):
+    arch, source, processing = request.param
+    return tiny_model(arch, source=source, processing=processing)
+
+
+@pytest.fixture(params=BACKENDS, ids=[_id(p) for p in BACKENDS])
+def any_model64(request):
+    arch, source, processing = request.param
+    return tiny_model(arch, source=source, processing=processing, dtype=torch.float64)
+
+
+@pytest.fixture
+def gpt2_model():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture
+def llama_hf_model():
+    return tiny_model("llama", source="hf")
+
+
+def registered_hooks(model) -> int:
+    """Number of forward/backward hooks currently registered on any hook point."""
+    n = 0
+    for hp in model.hook_dict.values():
+        n += len(getattr(hp, "_forward_hooks", {})) + len(getattr(hp, "_backward_hooks", {}))
+        n += len(getattr(hp, "fwd_hooks", []) or []) + len(getattr(hp, "bwd_hooks", []) or [])
+    return n
+
+
+def param_snapshot(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_params_identical(model, snap) -> None:
+    now = model.state_dict()
+    assert set(now) == set(snap)
+    for k, v in snap.items():
+        assert torch.equal(now[k], v), f"parameter {k} changed"
