@@ -1,0 +1,484 @@
+"""The ``qloc-tl`` command line: run the paper's experiments on a model and write an HTML report.
+
+::
+
+    qloc-tl run [--model builtin|<TL model name>|<local HF dir>] [--facts builtin|<ParaRel dir>]
+                [--relations P19,P36] [--max-facts N] [--methods ig,sig,amig] [--device cpu|cuda]
+                [--out DIR] [--quick] [--resume] [--shard i/n]
+    qloc-tl consistency|ql|edit ...     one experiment (same options)
+    qloc-tl report DIR                   rebuild report.html from a finished output directory
+    qloc-tl merge OUT SHARD_DIR...       combine the results of sharded runs (see docs/scale_out.md)
+
+Every stage persists its results incrementally: rerunning with ``--resume`` continues an interrupted run
+without redoing finished facts. Bad arguments print a one-line error and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("qloc_tl.cli")
+
+STAGES = ("consistency", "ql", "edit")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (``qloc-tl: error: ...``) and exit status 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def _csv(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError("expected a comma-separated list")
+    return items
+
+
+def _methods(value: str) -> list[str]:
+    items = _csv(value)
+    bad = [m for m in items if m not in ("ig", "sig", "amig")]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown method(s) {bad}; choose from ig, sig, amig")
+    if len(set(items)) != len(items):
+        raise argparse.ArgumentTypeError("a method is listed twice")
+    return items
+
+
+def _positive(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _shard(value: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in value.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected i/n (e.g. 0/4), got {value!r}") from None
+    if n < 1 or not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"shard i/n needs 0 <= i < n, got {value!r}")
+    return i, n
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="builtin", help="'builtin' (default), a TransformerLens model name, or a local HF directory")
+    p.add_argument("--facts", default="builtin", help="'builtin' (default: the built-in model's facts) or a ParaRel directory")
+    p.add_argument("--relations", type=_csv, default=None, help="comma-separated relation ids to keep, e.g. P19,P36")
+    p.add_argument("--max-facts", type=_positive, default=None, help="cap on facts (spread evenly over relations)")
+    p.add_argument("--methods", type=_methods, default=None, help="attribution methods, comma-separated (default ig,sig,amig; --quick: ig,amig)")
+    p.add_argument("--steps", type=_positive, default=None, help="integration steps m (default 20; --quick: 8)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default cpu)")
+    p.add_argument("--out", default="qloc_runs/latest", help="output directory (default qloc_runs/latest)")
+    p.add_argument("--quick", action="store_true", help="a small, fast version of the run (<= 2 min on 2 CPU cores)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out without redoing finished facts")
+    p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="run only shard I of N of the facts (see 'merge')")
+    p.add_argument("--seed", type=int, default=0, help="random seed for sampling, placebos and statistics (default 0)")
+    p.add_argument("--no-progress", action="store_true", help="disable progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="qloc-tl",
+        description="Knowledge neurons, knowledge synapses and query localization on TransformerLens models "
+        "(Chen et al., ICLR 2025). Runs offline on the built-in fact model by default.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    p = sub.add_parser("run", help="run every experiment and write report.html")
+    _add_common(p)
+    for name, text in [
+        ("consistency", "experiment 1: KN consistency across neighbor queries (CS, K_C/K_I)"),
+        ("ql", "query localization: Query-KN mapping and dynamic KN selection (knowledge synapses)"),
+        ("edit", "knowledge editing: erase/update with N_i, N_u and CAS neuron sets"),
+    ]:
+        _add_common(sub.add_parser(name, help=text))
+    r = sub.add_parser("report", help="rebuild report.html from an output directory")
+    r.add_argument("out", help="an output directory written by 'qloc-tl run'")
+    m = sub.add_parser("merge", help="combine shard output directories into one, then finish the run there")
+    m.add_argument("out", help="the merged output directory")
+    m.add_argument("shards", nargs="+", help="output directories of 'qloc-tl run --shard i/n'")
+    m.add_argument("--no-progress", action="store_true")
+    m.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------------------
+
+
+def run_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The resolved settings of a run (what ``run.json`` records)."""
+    quick = bool(args.quick)
+    return {
+        "model": args.model,
+        "facts": args.facts,
+        "relations": args.relations,
+        "max_facts": args.max_facts if args.max_facts is not None else (18 if quick else 120),
+        "methods": args.methods or (["ig", "amig"] if quick else ["ig", "sig", "amig"]),
+        "steps": args.steps or (8 if quick else 20),
+        "device": args.device,
+        "quick": quick,
+        "seed": args.seed,
+        "shard": list(args.shard) if args.shard else None,
+    }
+
+
+def load_model(spec: str, device: str = "cpu") -> Any:
+    """``builtin`` → the built-in model; a directory → :func:`qloc_tl.loading.load_hf_directory`; otherwise a
+    TransformerLens model name (downloads need network access, which this environment may not have)."""
+    import torch
+
+    from .errors import InvalidInputError
+    from .model import tl_major
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidInputError("--device cuda was given but no CUDA device is available")
+    if spec == "builtin":
+        from .zoo import load_builtin_model
+
+        return load_builtin_model(device=device)
+    if os.path.isdir(spec):
+        from .loading import load_hf_directory
+
+        return load_hf_directory(spec, device=device)
+    if os.path.sep in spec or spec.startswith("."):
+        raise InvalidInputError(f"--model {spec!r}: no such directory")
+    try:
+        if tl_major() >= 4:
+            from transformer_lens.model_bridge import TransformerBridge
+
+            model = TransformerBridge.boot_transformers(spec, device=device)
+        else:
+            from transformer_lens import HookedTransformer
+
+            model = HookedTransformer.from_pretrained(spec, device=device)
+    except Exception as exc:  # hub / name errors come in many types
+        raise InvalidInputError(f"--model {spec!r} could not be loaded ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    model.eval()
+    return model
+
+
+def load_facts(settings: dict[str, Any]) -> list[Any]:
+    """Facts for the run: the built-in facts or a ParaRel directory, filtered, capped and sharded."""
+    from .errors import InvalidInputError
+
+    spec, relations = settings["facts"], settings["relations"]
+    if spec == "builtin":
+        from .datasets import builtin_facts
+
+        facts = list(builtin_facts())
+        if relations:
+            have = {f.relation for f in facts}
+            unknown = sorted(set(relations) - have)
+            if unknown:
+                raise InvalidInputError(f"--relations: {unknown} not in the built-in facts ({', '.join(sorted(have))})")
+            facts = [f for f in facts if f.relation in set(relations)]
+    else:
+        from .facts import load_pararel
+
+        facts = list(load_pararel(spec, relations=relations, min_queries=2).facts)
+    facts = [f for f in facts if len(f.queries) >= 2]
+    facts = cap_facts(facts, settings["max_facts"])
+    if settings["shard"]:
+        i, n = settings["shard"]
+        facts = facts[i::n]
+    if not facts:
+        raise InvalidInputError("no facts left after filtering (check --relations / --max-facts / --shard)")
+    return facts
+
+
+def cap_facts(facts: Sequence[Any], max_facts: int | None) -> list[Any]:
+    """At most ``max_facts`` facts, spread evenly over relations (round robin in file order; deterministic)."""
+    facts = list(facts)
+    if max_facts is None or len(facts) <= max_facts:
+        return facts
+    by_rel: dict[str, list[Any]] = {}
+    for f in facts:
+        by_rel.setdefault(f.relation, []).append(f)
+    out: list[Any] = []
+    queues = [list(v) for v in by_rel.values()]
+    while len(out) < max_facts and any(queues):
+        for q in queues:
+            if q and len(out) < max_facts:
+                out.append(q.pop(0))
+    order = {id(f): i for i, f in enumerate(facts)}
+    return sorted(out, key=lambda f: order[id(f)])
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("qloc-tl", "transformer-lens", "torch", "transformers", "numpy", "pandas"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool) -> Any:
+    from .consistency import (
+        ConsistencyConfig,
+        plot_cs_histogram,
+        plot_relation_ki,
+        plot_threshold_sweep,
+        run_consistency,
+    )
+
+    cfg = ConsistencyConfig(
+        methods=tuple(settings["methods"]), steps=settings["steps"], seed=settings["seed"],
+        n_boot=200 if settings["quick"] else 1000, n_perm=200 if settings["quick"] else 2000,
+    )  # fmt: skip
+    res = run_consistency(model, facts, cfg, model_name=settings["model"], out_dir=out / "consistency", show_progress=progress)
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    for m in cfg.methods:
+        plot_cs_histogram(res, m, path=figs / f"cs_hist_{m}.png")
+    plot_relation_ki(res, path=figs / "ki_per_relation.png")
+    plot_threshold_sweep(res, path=figs / "threshold_sweep.png")
+    _heatmaps(model, facts, res, settings, figs)
+    return res
+
+
+def _heatmaps(model: Any, facts: list[Any], res: Any, settings: dict[str, Any], figs: Path) -> None:
+    """Figure-1 heatmaps for the most consistent and the least consistent fact."""
+    from .consistency import plot_fact_heatmap
+
+    df = res.facts[(res.facts["method"] == settings["methods"][0]) & res.facts["cs"].notna()]
+    if df.empty:
+        return
+    by_key = {f.key: f for f in facts}
+    picks = [("consistent", df.sort_values("cs", ascending=False).iloc[0]), ("inconsistent", df.sort_values("cs").iloc[0])]
+    for label, row in picks:
+        plot_fact_heatmap(
+            model, by_key[row["fact_key"]], method=settings["methods"][0], steps=settings["steps"],
+            path=figs / f"heatmap_{label}.png",
+        )  # fmt: skip
+
+
+def _classes(res_cons: Any, settings: dict[str, Any]) -> dict[str, str] | None:
+    if res_cons is None:
+        return None
+    return res_cons.classes(settings["methods"][0], "static")
+
+
+def _kn_sets(res_cons: Any, settings: dict[str, Any]) -> dict[str, list[Any]] | None:
+    if res_cons is None:
+        return None
+    m = settings["methods"][0]
+    return {key: sets for (meth, key), sets in res_cons.kn_sets.items() if meth == m}
+
+
+def _stage_ql(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool, cons: Any) -> Any:
+    from . import query_localization as ql
+
+    cfg = ql.QLConfig(steps=settings["steps"], seed=settings["seed"], method=settings["methods"][0])
+    res = ql.run_query_localization(
+        model, facts, config=cfg, classes=_classes(cons, settings), kn_sets=_kn_sets(cons, settings),
+        out_dir=out / "ql", show_progress=progress,
+    )  # fmt: skip
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    try:
+        ql.save_figures(res, figs)
+    except Exception as exc:  # figures are secondary; never lose the tables for them
+        logger.warning("query-localization figures failed: %r", exc)
+    return res
+
+
+def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool, cons: Any) -> Any:
+    from . import editing
+
+    cfg = editing.EditingConfig(steps=settings["steps"], seed=settings["seed"], method=settings["methods"][0])
+    texts = None
+    if settings["facts"] == "builtin":
+        from .datasets import builtin_ppl_texts
+
+        texts = builtin_ppl_texts()
+    res = editing.run_editing_experiment(
+        model, facts, config=cfg, classes=_classes(cons, settings), ppl_texts=texts, out_dir=out / "editing",
+        show_progress=progress,
+    )  # fmt: skip
+    figs = out / "figures"
+    figs.mkdir(parents=True, exist_ok=True)
+    try:
+        editing.plot_editing(res, path=figs / "editing.png")
+    except Exception as exc:
+        logger.warning("editing figure failed: %r", exc)
+    return res
+
+
+def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
+    from .errors import InvalidInputError, ResumeMismatchError
+
+    run_json = out / "run.json"
+    if not run_json.is_file():
+        if out.is_dir() and any(out.iterdir()) and not resume:
+            raise InvalidInputError(f"--out {str(out)!r} is not empty; pass --resume to continue a run there, or pick another directory")
+        return
+    old = json.loads(run_json.read_text()).get("settings", {})
+    keys = [k for k in settings if k != "shard" and old.get(k) != settings[k]]
+    if keys:
+        detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in keys)
+        raise ResumeMismatchError(f"{out} holds a run with other settings ({detail}); use another --out")
+    if not resume:
+        raise InvalidInputError(f"--out {str(out)!r} already holds a run; pass --resume to continue it, or pick another directory")
+
+
+def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
+    """Run ``stages`` with the parsed arguments; returns the results by stage (plus timings)."""
+    from .report import write_report
+    from .store import atomic_write_text
+
+    settings = run_settings(args)
+    out = Path(args.out)
+    _check_resume(out, settings, args.resume)
+    out.mkdir(parents=True, exist_ok=True)
+    progress = not args.no_progress
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    run_info = {"settings": settings, "versions": versions(), "stages": list(stages), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    atomic_write_text(out / "run.json", json.dumps({**run_info, "status": "running"}, indent=2))
+    t = time.perf_counter()
+    model = load_model(settings["model"], settings["device"])
+    facts = load_facts(settings)
+    timings["load"] = time.perf_counter() - t
+    logger.info("model %s, %d facts", settings["model"], len(facts))
+    results: dict[str, Any] = {}
+    cons = None
+    if "consistency" in stages or "ql" in stages or "edit" in stages:
+        t = time.perf_counter()
+        cons = _stage_consistency(model, facts, settings, out, progress)
+        results["consistency"] = cons
+        timings["consistency"] = time.perf_counter() - t
+    if "ql" in stages:
+        t = time.perf_counter()
+        results["ql"] = _stage_ql(model, facts, settings, out, progress, cons)
+        timings["ql"] = time.perf_counter() - t
+    if "edit" in stages:
+        t = time.perf_counter()
+        results["edit"] = _stage_edit(model, facts, settings, out, progress, cons)
+        timings["edit"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t0
+    info = {**run_info, "status": "finished", "n_facts": len(facts), "timings_s": {k: round(v, 2) for k, v in timings.items()}}
+    atomic_write_text(out / "run.json", json.dumps(info, indent=2))
+    write_report(out)
+    results["timings"] = timings
+    return results
+
+
+def _summary_lines(out: Path) -> list[str]:
+    from .report import claim_verdicts
+
+    info = json.loads((out / "run.json").read_text())
+    lines = [
+        f"qloc-tl: {info['n_facts']} facts, model {info['settings']['model']}, methods {','.join(info['settings']['methods'])}, "
+        f"{info['timings_s']['total']:.0f} s",
+    ]
+    for claim, verdict in claim_verdicts(out):
+        lines.append(f"  [{verdict['status']:>13}] {claim}: {verdict['evidence']}")
+    lines.append(f"  report: {out / 'report.html'}")
+    return lines
+
+
+def merge(out: Path, shards: Sequence[str]) -> dict[str, Any]:
+    """Copy every shard's persisted parts into ``out`` (after checking the shards ran the same settings), then
+    finish the run there: nothing is recomputed, the tables cover all facts, and the report is written."""
+    from .errors import InvalidInputError
+
+    infos = []
+    for s in shards:
+        p = Path(s) / "run.json"
+        if not p.is_file():
+            raise InvalidInputError(f"{s!r} is not a qloc-tl output directory (no run.json)")
+        infos.append(json.loads(p.read_text()))
+    base = {k: v for k, v in infos[0]["settings"].items() if k != "shard"}
+    for s, info in zip(shards, infos):
+        other = {k: v for k, v in info["settings"].items() if k != "shard"}
+        if other != base:
+            raise InvalidInputError(f"shard {s!r} ran with other settings than {shards[0]!r}; cannot merge")
+        if info.get("status") != "finished":
+            raise InvalidInputError(f"shard {s!r} has not finished (status {info.get('status')!r}); rerun it with --resume first")
+    shard_ids = sorted(tuple(i["settings"]["shard"] or (0, 1)) for i in infos)
+    n = shard_ids[0][1]
+    if [i for i, _ in shard_ids] != list(range(n)):
+        raise InvalidInputError(f"shards {shard_ids} do not cover 0..{n - 1} of {n}")
+    for s in shards:
+        for stage_dir in Path(s).iterdir():
+            parts = stage_dir / "parts"
+            if not parts.is_dir():
+                continue
+            dest = out / stage_dir.name
+            dest.mkdir(parents=True, exist_ok=True)
+            cfg = stage_dir / "config.json"
+            if (dest / "config.json").is_file() and cfg.is_file() and (dest / "config.json").read_text() != cfg.read_text():
+                raise InvalidInputError(f"{stage_dir} was written with another configuration than {dest}")
+            if cfg.is_file():
+                shutil.copy2(cfg, dest / "config.json")
+            shutil.copytree(parts, dest / "parts", dirs_exist_ok=True)
+    args = argparse.Namespace(**{**base, "shard": None, "out": str(out), "resume": True, "no_progress": True, "verbose": False})
+    args.relations = base["relations"]
+    args.max_facts = base["max_facts"]
+    return execute(args, infos[0].get("stages", list(STAGES)))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``qloc-tl`` console script."""
+    from .errors import QlocError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "report":
+            from .report import write_report
+
+            path = write_report(Path(args.out))
+            print(f"qloc-tl: wrote {path}")
+            return 0
+        if args.command == "merge":
+            merge(Path(args.out), args.shards)
+            out = Path(args.out)
+        else:
+            stages = STAGES if args.command == "run" else (args.command,)
+            execute(args, stages)
+            out = Path(args.out)
+        print("\n".join(_summary_lines(out)))
+        return 0
+    except QlocError as exc:
+        sys.stderr.write(f"qloc-tl: error: {exc}\n")
+        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("qloc-tl: interrupted; rerun the same command with --resume to continue\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
+
+
+__all__ = ["main", "build_parser", "run_settings", "load_model", "load_facts", "cap_facts", "execute", "merge"]

@@ -1,0 +1,227 @@
+"""Consistency analysis: CS against hand computations, split/statistics against scipy and brute force,
+the runner end to end on a tiny model, and kill-and-resume equivalence."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from qloc_tl import Fact, InvalidInputError, Neuron, ResumeMismatchError
+from qloc_tl.consistency import (
+    ConsistencyConfig,
+    bootstrap_proportion_ci,
+    class_statistics,
+    consistency_score,
+    cs_threshold,
+    plot_cs_histogram,
+    plot_fact_heatmap,
+    plot_relation_ki,
+    plot_threshold_sweep,
+    run_consistency,
+    split_facts,
+)
+from qloc_tl.testing import tiny_model
+
+A, B, C, D, E = (Neuron(0, 1), Neuron(0, 2), Neuron(1, 3), Neuron(2, 4), Neuron(2, 5))
+
+
+@pytest.mark.parametrize(
+    "sets, strict, relaxed",
+    [
+        ([{A, B}, {A, B}], 1.0, 1.0),  # identical
+        ([{A}, {B}], 0.0, 0.0),  # disjoint
+        ([{A, B}, {A, C}, {A, D}], 1 / 4, 1 / 4),  # only A shared (by all)
+        ([{A, B}, {A, C}, {B, D}], 0 / 4, 2 / 4),  # A and B each in two sets, none in all
+        ([{A, B, C}, {A, B}, {A, D, E}], 1 / 5, 2 / 5),
+        ([{A}, set(), {A}], 0.0, 1.0),  # empty set kills the intersection, A still shared
+        ([{A, B}, {B, C}], 1 / 3, 1 / 3),  # k = 2: strict == relaxed
+    ],
+)
+def test_cs_hand_computations(sets, strict, relaxed):
+    assert consistency_score(sets, "strict") == pytest.approx(strict)
+    assert consistency_score(sets, "relaxed") == pytest.approx(relaxed)
+    assert consistency_score(sets[::-1], "relaxed") == pytest.approx(relaxed)  # order invariant
+
+
+def test_cs_edge_cases():
+    assert math.isnan(consistency_score([{A, B}]))  # k = 1
+    assert math.isnan(consistency_score([set(), set()]))  # empty union
+    assert math.isnan(consistency_score([]))
+    with pytest.raises(InvalidInputError, match="mode"):
+        consistency_score([{A}, {A}], mode="jaccard")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError, match="Neuron"):
+        consistency_score([{(0, 1)}, {A}])
+
+
+def test_split_and_thresholds():
+    labels, tau = split_facts([0.3, 0.29, 1.0, float("nan")])
+    assert tau == 0.3 and labels.tolist() == ["K_C", "K_I", "K_C", "excluded"]
+    labels, tau = split_facts([0.05, 0.1, 0.12, 0.8, 0.85, 0.9], "otsu")
+    assert 0.12 < tau < 0.8 and labels.tolist() == ["K_I"] * 3 + ["K_C"] * 3
+    assert cs_threshold([0.1], 0.5) == 0.5
+    with pytest.raises(InvalidInputError):
+        cs_threshold([0.1], "median")  # type: ignore[arg-type]
+    with pytest.raises(InvalidInputError):
+        cs_threshold([0.1], 1.5)
+
+
+def test_class_statistics_match_scipy_and_hand_values():
+    rng = np.random.default_rng(1)
+    kc = rng.uniform(0.4, 1.0, 30)
+    ki = rng.uniform(0.0, 0.35, 50)
+    cs = np.concatenate([kc, ki, [np.nan]])
+    labels = np.array(["K_C"] * 30 + ["K_I"] * 50 + ["excluded"], dtype=object)
+    st = class_statistics(cs, labels, n_perm=500)
+    ref = stats.ttest_ind(kc, ki, equal_var=False)
+    assert st["welch_t"] == pytest.approx(ref.statistic) and st["welch_p"] == pytest.approx(ref.pvalue)
+    assert st["n_facts"] == 80 and st["prop_KI"] == pytest.approx(50 / 80)
+    assert st["mean_cs_KC"] == pytest.approx(kc.mean())
+    sp = math.sqrt((29 * kc.var(ddof=1) + 49 * ki.var(ddof=1)) / 78)
+    assert st["cohens_d"] == pytest.approx((kc.mean() - ki.mean()) / sp)
+    assert st["perm_p"] == pytest.approx(1 / 501)  # separated groups: no permutation is as extreme
+    assert st["prop_KI_ci_lo"] < 50 / 80 < st["prop_KI_ci_hi"]
+
+
+def test_permutation_p_is_large_for_identical_groups():
+    x = np.linspace(0, 1, 20)
+    st = class_statistics(np.concatenate([x, x]), np.array(["K_C"] * 20 + ["K_I"] * 20, dtype=object), n_perm=300)
+    assert st["perm_p"] > 0.9 and abs(st["welch_t"]) < 1e-9
+
+
+def test_bootstrap_ci_degenerate():
+    assert bootstrap_proportion_ci([True] * 10) == (1.0, 1.0)
+
+
+FACTS = [
+    Fact("alice", "P19", "paris", ["alice was born in", "alice is from", "alice was born in the city of"]),
+    Fact("bob", "P19", "london", ["bob was born in", "bob is from", "bob was born in the city of"]),
+    Fact("carol", "P19", "rome", ["carol was born in", "carol is from", "carol was born in the city of"]),
+    Fact("dave", "P1412", "french", ["dave speaks", "dave works in", "dave speaks the language"]),
+    Fact("eve", "P1412", "german", ["eve speaks", "eve works in", "eve speaks the language"]),
+    Fact("frank", "P1412", "spanish", ["frank speaks", "frank works in", "frank speaks the language"]),
+]
+CFG = ConsistencyConfig(methods=("ig", "amig"), steps=4, chunk_facts=2, n_boot=50, n_perm=50, sweep=(0.1, 0.5))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("gpt2")
+
+
+@pytest.fixture(scope="module")
+def full_result(model):
+    return run_consistency(model, FACTS, CFG, model_name="tiny")
+
+
+def test_runner_tables_are_consistent(model, full_result):
+    res = full_result
+    f = res.facts
+    assert set(f["method"]) == {"ig", "amig", "∩"}
+    assert len(f[f["method"] == "ig"]) == len(FACTS)
+    # CS recomputed from the kept KN sets equals the table (independent path: consistency_score)
+    for (m, key), sets in res.kn_sets.items():
+        row = f[(f["method"] == m) & (f["fact_key"] == key)].iloc[0]
+        cs = consistency_score([s.to_frozenset() for s in sets])
+        assert (math.isnan(cs) and math.isnan(row["cs"])) or cs == pytest.approx(row["cs"])
+    # the ∩ class is K_I iff every method says K_I
+    for key in f["fact_key"].unique():
+        sub = f[f["fact_key"] == key].set_index("method")["class_static"]
+        if (sub[["ig", "amig"]] != "excluded").all():
+            assert (sub["∩"] == "K_I") == ((sub["ig"] == "K_I") and (sub["amig"] == "K_I"))
+    assert set(res.summary["threshold"]) == {"static", "otsu"}
+    assert len(res.queries) == 2 * sum(len(x.queries) for x in FACTS)
+    assert set(res.sweep["kn_fraction"]) == {0.1, 0.5}
+    assert res.classes("ig").keys() == {x.key for x in FACTS}
+
+
+def test_runner_kn_sets_match_direct_selection(model, full_result):
+    from qloc_tl.attribution import attribute_neurons, select_neurons
+
+    fact = FACTS[3]
+    att = attribute_neurons(model, list(fact.prompts), [fact.answer] * 3, method="ig", steps=4)
+    direct = select_neurons(att.scores, method="fraction_of_max", value=0.2)
+    assert [set(s) for s in full_result.kn_sets[("ig", fact.key)]] == [set(s) for s in direct]
+
+
+def _tables(res):
+    return {k: getattr(res, k) for k in ("facts", "summary", "per_relation", "sweep")}
+
+
+def test_kill_and_resume_gives_identical_tables(model, full_result, tmp_path, monkeypatch):
+    import qloc_tl.attribution as attr_mod
+
+    real = attr_mod.attribute_neurons
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(attr_mod, "attribute_neurons", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path)
+    monkeypatch.setattr(attr_mod, "attribute_neurons", real)
+    parts_before = len(list((tmp_path / "parts" / "scores").glob("*.parquet")))
+    assert parts_before == 2
+    resumed = run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path)
+    for name, df in _tables(full_result).items():
+        pd.testing.assert_frame_equal(_tables(resumed)[name].reset_index(drop=True), df.reset_index(drop=True), check_exact=False, rtol=1e-6)
+    q = resumed.queries
+    assert not q.duplicated(["method", "fact_key", "query_index"]).any()
+    assert (tmp_path / "consistency_summary.parquet").is_file() and (tmp_path / "consistency_facts.csv").is_file()
+    # a third run recomputes nothing
+    monkeypatch.setattr(attr_mod, "attribute_neurons", lambda *a, **k: pytest.fail("recomputed a finished fact"))
+    again = run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path)
+    pd.testing.assert_frame_equal(again.facts, resumed.facts)
+
+
+def test_resume_with_other_config_is_refused(model, tmp_path):
+    small = ConsistencyConfig(methods=("ig",), steps=2, n_boot=10, n_perm=10, sweep=(0.2,))
+    run_consistency(model, FACTS[:2], small, out_dir=tmp_path)
+    with pytest.raises(ResumeMismatchError, match="steps"):
+        run_consistency(model, FACTS[:2], ConsistencyConfig(methods=("ig",), steps=3, n_boot=10, n_perm=10, sweep=(0.2,)), out_dir=tmp_path)
+    # more facts in the same directory: the first two are reused, only the third is computed
+    import qloc_tl.attribution as attr_mod
+
+    real, seen = attr_mod.attribute_neurons, []
+
+    def spy(model, prompts, *a, **k):
+        seen.extend(prompts)
+        return real(model, prompts, *a, **k)
+
+    attr_mod.attribute_neurons = spy
+    try:
+        res = run_consistency(model, FACTS[:3], small, out_dir=tmp_path)
+    finally:
+        attr_mod.attribute_neurons = real
+    assert seen == list(FACTS[2].prompts)
+    assert set(res.facts["fact_key"]) == {f.key for f in FACTS[:3]}
+
+
+def test_bad_inputs(model):
+    with pytest.raises(InvalidInputError, match="at least 2"):
+        run_consistency(model, [Fact("alice", "P19", "paris", ["alice was born in"])], CFG)
+    with pytest.raises(InvalidInputError, match="twice"):
+        run_consistency(model, [FACTS[0], FACTS[0]], CFG)
+    with pytest.raises(InvalidInputError, match="unknown attribution method"):
+        ConsistencyConfig(methods=("ig", "lrp"))
+    with pytest.raises(InvalidInputError, match="keep_fraction"):
+        ConsistencyConfig(sweep=(0.01,))
+
+
+def test_figures(model, full_result, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    for fn, name in [(plot_cs_histogram, "h"), (plot_relation_ki, "r"), (plot_threshold_sweep, "s")]:
+        fig = fn(full_result, path=tmp_path / f"{name}.png")
+        assert (tmp_path / f"{name}.png").stat().st_size > 1000 and fig.axes
+    fig = plot_fact_heatmap(model, FACTS[0], steps=4, path=tmp_path / "heat.png")
+    ax = fig.axes[0]
+    assert len(ax.get_yticklabels()) == 3 and (tmp_path / "heat.png").is_file()
