@@ -1,0 +1,97 @@
+"""The qloc-tl command line: argument errors, settings, fact capping, and (when the built-in model is
+shipped) the --quick main job end to end, its report, and kill-and-resume."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from qloc_tl import Fact
+from qloc_tl.cli import build_parser, cap_facts, main, run_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "argv, msg",
+    [
+        (["run", "--methods", "ig,lrp"], "unknown method"),
+        (["run", "--max-facts", "0"], "positive integer"),
+        (["run", "--shard", "3/3"], "0 <= i < n"),
+        (["run", "--shard", "x"], "expected i/n"),
+        (["run", "--device", "tpu"], "invalid choice"),
+        (["fly"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_arguments_give_one_line_and_exit_2(argv, msg, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qloc-tl") and "error:" in err[0] and msg in err[0]
+
+
+def test_library_errors_become_one_line_exit_2(tmp_path, capsys):
+    rc = main(["run", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no such directory" in err[0]
+
+
+def test_help_documents_every_option():
+    text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
+    for opt in ("--model", "--facts", "--relations", "--max-facts", "--methods", "--device", "--out", "--quick", "--resume", "--shard"):
+        assert opt in text
+
+
+def test_settings_defaults_and_quick():
+    p = build_parser()
+    s = run_settings(p.parse_args(["run"]))
+    assert s["methods"] == ["ig", "sig", "amig"] and s["steps"] == 20 and s["model"] == "builtin"
+    q = run_settings(p.parse_args(["run", "--quick", "--shard", "1/4"]))
+    assert q["quick"] and q["steps"] < 20 and q["max_facts"] < s["max_facts"] and q["shard"] == [1, 4]
+
+
+def test_cap_facts_spreads_over_relations_deterministically():
+    facts = [Fact(f"s{i}", "P1" if i < 10 else "P2", "o", ["q a", "q b"]) for i in range(14)]
+    capped = cap_facts(facts, 6)
+    assert [f.relation for f in capped].count("P2") == 3
+    assert capped == cap_facts(facts, 6)
+    assert [f.subject for f in capped] == ["s0", "s1", "s2", "s10", "s11", "s12"]  # file order kept
+
+
+def _has_builtin() -> bool:
+    try:
+        from qloc_tl.zoo import builtin_model_dir
+
+        return (builtin_model_dir() / "config.json").is_file()
+    except Exception:
+        return False
+
+
+needs_builtin = pytest.mark.skipif(not _has_builtin(), reason="built-in model not shipped yet")
+
+
+@needs_builtin
+def test_quick_run_end_to_end(tmp_path):
+    out = tmp_path / "quick"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qloc_tl.cli", "run", "--quick", "--no-progress", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "finished" and info["n_facts"] > 0
+    for name in ("consistency_summary", "consistency_facts", "consistency_per_relation", "consistency_sweep"):
+        assert (out / "consistency" / f"{name}.parquet").is_file() and (out / "consistency" / f"{name}.csv").is_file()
+    assert list((out / "figures").glob("*.png"))
+    page = (out / "report.html").read_text()
+    from qloc_tl.report import SECTIONS
+
+    for section in SECTIONS:
+        assert section in page
+    assert "Summary of claims" in proc.stdout
