@@ -1,0 +1,104 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # Quick start: the knowledge neurons of a fact, and suppressing them with TL hooks
+#
+# This notebook runs offline on the **built-in fact model** (a small GPT-2 trained on ParaRel facts, shipped
+# in the package). Replace `q.load_builtin_model()` by any TransformerLens model (`HookedTransformer` or
+# `TransformerBridge`) to run it on your own.
+#
+# Install: `pip install torch==2.13.0 && pip install "qloc-tl[vis]"` (from a clone: `pip install -e ".[vis]"`).
+
+# %%
+import torch
+
+import qloc_tl as q
+from qloc_tl.attribution import attribute_neurons, select_neurons
+
+model = q.load_builtin_model()
+facts = q.datasets.builtin_facts()
+fact = facts[0]
+print(f"fact: ({fact.subject}, {fact.relation}, {fact.object})")
+for query in fact.queries:
+    print(f"  {'held-out' if query.held_out else 'train   '} | {query.text} ...")
+
+# %% [markdown]
+# ## 1. Attribute the answer probability to MLP neurons (integrated gradients)
+#
+# For each layer, the neuron vector at the answer position (the last prompt token) is scaled from 0 to its
+# value and the gradient of P(answer) is integrated (Dai et al. 2022; m = 20, left Riemann rule). A neuron is
+# `blocks.{l}.mlp.hook_post[..., i]`.
+
+# %%
+query = fact.queries[0].text
+res = attribute_neurons(model, query, fact.answer)
+print("scores:", tuple(res.scores.shape), "  P(answer) =", round(float(res.clean_prob[0]), 3))
+print("completeness delta per layer (≈ 0 means enough steps):", res.completeness_delta[0].round(decimals=4).tolist())
+res.top_k(5)
+
+# %% [markdown]
+# The **knowledge neurons** of the query are those with score ≥ 0.2 × the maximum over all layers.
+
+# %%
+kns = select_neurons(res.scores, method="fraction_of_max", value=0.2)
+print(len(kns), "knowledge neurons:", [str(n) for n in kns])
+res.to_dataframe().sort_values("score", ascending=False).head()
+
+# %% [markdown]
+# ## 2. Suppress (×0) and enhance (×2) them — as TransformerLens hooks
+#
+# `q.scale_neurons` returns plain `(hook_name, hook_fn)` pairs: they work with TL's own `model.hooks(...)`
+# and `run_with_hooks`. `q.intervene` additionally validates indices, fails if a hook never fired, and
+# removes every hook on exit, even after an exception.
+
+# %%
+tokens = model.to_tokens(query)
+answer = int(res.answer_ids[0])
+
+
+def p_answer(hooks=()):
+    with q.intervene(model, hooks), torch.no_grad():
+        return float(model(tokens)[0, -1].softmax(-1)[answer])
+
+
+p0 = p_answer()
+p_sup = p_answer(q.scale_neurons(kns, 0.0))
+p_enh = p_answer(q.scale_neurons(kns, 2.0))
+print(f"P(answer): clean {p0:.3f} | suppressed {p_sup:.3f} ({(p_sup - p0) / p0:+.0%}) | enhanced {p_enh:.3f} ({(p_enh - p0) / p0:+.0%})")
+
+# the same hooks with plain TransformerLens:
+with torch.no_grad():
+    logits = model.run_with_hooks(tokens, fwd_hooks=q.scale_neurons(kns, 0.0))
+assert abs(float(logits[0, -1].softmax(-1)[answer]) - p_sup) < 1e-6
+
+# %% [markdown]
+# A placebo: the same number of random neurons, matched per layer, barely moves the answer.
+
+# %%
+g = torch.Generator().manual_seed(0)
+placebo = [q.Neuron(n.layer, int(torch.randint(model.cfg.d_mlp, (1,), generator=g))) for n in kns]
+placebo = list(dict.fromkeys(placebo))
+print(f"random neurons suppressed: P(answer) {p_answer(q.scale_neurons(placebo, 0.0)):.3f} (clean {p0:.3f})")
+
+# %% [markdown]
+# ## 3. Does the same fact use the same neurons in its paraphrases?
+#
+# That is the question of the paper (the Knowledge Localization assumption): see `b_consistency`.
+
+# %%
+all_q = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.queries))
+sets = select_neurons(all_q.scores)
+for query, s in zip(fact.queries, sets):
+    print(f"{len(s):3d} KNs, shared with query 0: {len(s & sets[0]):3d} | {query.text}")
+print("consistency score (relaxed):", round(q.consistency.consistency_score([s.to_frozenset() for s in sets]), 3))
