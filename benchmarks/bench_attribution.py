@@ -1,0 +1,382 @@
+"""Benchmark of qloc_tl.attribution: reference vs fast path vs an EleutherAI-style ``get_scores`` loop.
+
+For each model it prints the time per query of
+
+* ``reference``  — ``attribute_neurons(..., implementation="reference")`` (full forward per layer per chunk);
+* ``fast``       — ``attribute_neurons(...)`` (default; reports which fast path ran);
+* ``eleuther``   — a plain re-implementation of EleutherAI ``knowledge-neurons`` ``get_scores`` semantics:
+  per layer, one baseline forward to read the activations, then ``steps / batch_size`` full forward+backward
+  passes over the prompt repeated ``batch_size`` times, activations at the last position replaced by
+  ``linspace(0, 1, steps)·w̄`` (parameters left trainable, as in that code); scores = Σ grads · w̄ / steps;
+
+their ratios and the max relative difference of the scores (fast vs reference, and eleuther vs our
+``rule="eleuther"`` run, which computes the same quantity).
+
+Timing: CPU time of the calling thread (``time.thread_time``) with ``torch.set_num_threads(1)``, min over
+``--repeats`` runs — the machines this was written on are shared and noisy, wall time is not reliable there.
+On ``--device cuda`` wall time with ``torch.cuda.synchronize`` is used instead.
+
+Usage::
+
+    python benchmarks/bench_attribution.py                 # CPU: tiny GPT-2, GPT-2-small shape, LLaMA shape
+    python benchmarks/bench_attribution.py --quick         # CPU: tiny models (and the built-in model) only
+    python benchmarks/bench_attribution.py --device cuda   # GPU: LLaMA-3-8B shape in bf16, batch of queries
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from qloc_tl.attribution import attribute_neurons  # noqa: E402
+from qloc_tl.model import capabilities, tl_major  # noqa: E402
+
+# --------------------------------------------------------------------------------------------------
+# models
+# --------------------------------------------------------------------------------------------------
+
+
+def _hf_dir(name: str, cfg: Any, seed: int = 0) -> Path:
+    """Save (once) a random HF model of config ``cfg`` with the tiny tokenizer; return its directory."""
+    from transformers import AutoModelForCausalLM
+
+    from qloc_tl.testing import tiny_tokenizer
+
+    path = Path(tempfile.gettempdir()) / "qloc_tl_bench" / name
+    if not (path / "config.json").is_file():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg)
+        tmp = path.with_name(f".{name}-{os.getpid()}")
+        model.save_pretrained(str(tmp))
+        tiny_tokenizer().save_pretrained(str(tmp))
+        os.replace(tmp, path)
+    return path
+
+
+def gpt2_small_dir() -> Path:
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(
+        vocab_size=50257, n_positions=1024, n_embd=768, n_layer=12, n_head=12, n_inner=3072,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return _hf_dir("gpt2-small-shape", cfg)
+
+
+def gpt2_eleuther_dir() -> Path:
+    """The issue's reference point: a 4-layer, d_model-128 GPT-2."""
+    from transformers import GPT2Config
+
+    cfg = GPT2Config(
+        vocab_size=50257, n_positions=256, n_embd=128, n_layer=4, n_head=4, n_inner=512,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    return _hf_dir("gpt2-4l-128", cfg)
+
+
+def llama_small_dir() -> Path:
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+        num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+    )  # fmt: skip
+    return _hf_dir("llama-8l-512", cfg)
+
+
+def load(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
+    from qloc_tl.loading import load_hf_directory
+
+    return load_hf_directory(path, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# EleutherAI-style get_scores (plain re-implementation of its semantics with TL hooks)
+# --------------------------------------------------------------------------------------------------
+
+
+def eleuther_get_scores(
+    model: Any, tokens: torch.Tensor, target: int, steps: int = 20, batch_size: int = 10
+) -> torch.Tensor:
+    """``KnowledgeNeurons.get_scores`` semantics: [n_layers, d_mlp] for one prompt ``tokens`` [1, P]."""
+    L = model.cfg.n_layers
+    out = []
+    for layer in range(L):
+        name = f"blocks.{layer}.mlp.hook_post"
+        # get_baseline_with_activations: one forward reading the layer's activations
+        with torch.no_grad():
+            _, cache = model.run_with_cache(tokens, names_filter=[name])
+        base = cache[name][0, -1]
+        # scaled_input: linspace(0, 1, steps) · w̄, then × w̄/steps at the end
+        scaled = torch.linspace(0, 1, steps, dtype=base.dtype, device=base.device).unsqueeze(1) * base
+        grads = torch.zeros_like(base)
+        for b0 in range(0, steps, batch_size):
+            batch = scaled[b0 : b0 + batch_size].clone().requires_grad_(True)
+
+            def patch(act: torch.Tensor, hook: Any, batch: torch.Tensor = batch) -> torch.Tensor:
+                return torch.cat([act[:, :-1], batch.unsqueeze(1)], dim=1)
+
+            with model.hooks(fwd_hooks=[(name, patch)]):
+                logits = model(tokens.repeat(batch.shape[0], 1))
+            probs = torch.softmax(logits[:, -1], dim=-1)[:, target]
+            (g,) = torch.autograd.grad(torch.unbind(probs), batch)
+            grads = grads + g.sum(0)
+        out.append(grads * base / steps)
+    return torch.stack(out)
+
+
+# --------------------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------------------
+
+
+def _timer(device: str):
+    if device == "cuda":
+
+        def now() -> float:
+            torch.cuda.synchronize()
+            return time.perf_counter()
+
+        return now
+    return time.thread_time
+
+
+def time_it(fn: Any, repeats: int, device: str) -> tuple[float, Any]:
+    now = _timer(device)
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        t0 = now()
+        result = fn()
+        best = min(best, now() - t0)
+    return best, result
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
+
+
+def bench_model(
+    label: str,
+    model: Any,
+    n_tok: int,
+    n_queries: int,
+    steps: int,
+    repeats: int,
+    device: str,
+    eleuther: bool = True,
+    ref_queries: int | None = None,
+) -> dict[str, Any]:
+    """Time per query of reference / fast / EleutherAI-style on ``n_queries`` random prompts of ``n_tok``
+    tokens (the slow two on the first ``ref_queries`` only, default all)."""
+    g = torch.Generator().manual_seed(0)
+    V = model.cfg.d_vocab
+    prompts = [torch.randint(3, V, (n_tok,), generator=g).to(device) for _ in range(n_queries)]
+    answers = [int(torch.randint(3, V, (1,), generator=g)) for _ in range(n_queries)]
+    nr = min(ref_queries or n_queries, n_queries)
+    capabilities(model)  # the one-time, per-model backend probe (cached) is not part of a query's cost
+    t_ref, ref = time_it(
+        lambda: attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, implementation="reference"),
+        repeats,
+        device,
+    )
+    t_fast, fast = time_it(lambda: attribute_neurons(model, prompts, answers, steps=steps), repeats, device)
+    fast_ms = 1000 * t_fast / n_queries
+    row: dict[str, Any] = {
+        "model": label,
+        "backend": f"TL{tl_major()} {type(model).__name__}",
+        "path": fast.path,
+        "tokens": n_tok,
+        "queries": n_queries,
+        "ref_ms": 1000 * t_ref / nr,
+        "fast_ms": fast_ms,
+        "speedup": 1000 * t_ref / nr / fast_ms,
+        "maxreldiff": rel_diff(fast.scores_batched[:nr], ref.scores_batched),
+    }
+    if eleuther:
+        t_el, el = time_it(
+            lambda: [
+                eleuther_get_scores(model, p.unsqueeze(0), a, steps=steps)
+                for p, a in zip(prompts[:nr], answers[:nr])
+            ],
+            repeats,
+            device,
+        )
+        ours_el = attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, rule="eleuther")
+        row.update(
+            eleuther_ms=1000 * t_el / nr,
+            vs_eleuther=1000 * t_el / nr / fast_ms,
+            eleuther_reldiff=rel_diff(ours_el.scores_batched, torch.stack([s.double() for s in el])),
+        )
+    return row
+
+
+def print_rows(rows: list[dict[str, Any]]) -> None:
+    cols = [
+        ("model", 22, "s"), ("backend", 34, "s"), ("path", 10, "s"), ("tokens", 6, "d"), ("queries", 7, "d"),
+        ("ref_ms", 10, ".1f"), ("fast_ms", 9, ".1f"), ("speedup", 8, ".1f"), ("maxreldiff", 10, ".1e"),
+        ("eleuther_ms", 11, ".1f"), ("vs_eleuther", 11, ".1f"), ("eleuther_reldiff", 16, ".1e"),
+    ]  # fmt: skip
+    print(" ".join(f"{c:>{w}}" for c, w, _ in cols))
+    for r in rows:
+        cells = []
+        for c, w, f in cols:
+            v = r.get(c)
+            cells.append(f"{'-':>{w}}" if v is None else f"{v:>{w}{f}}")
+        print(" ".join(cells), flush=True)
+
+
+# --------------------------------------------------------------------------------------------------
+# GPU mode: LLaMA-3-8B shape in bf16
+# --------------------------------------------------------------------------------------------------
+
+
+LLAMA3_8B = dict(
+    vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+    num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+)  # fmt: skip
+
+
+def llama_random_model(device: str, dtype: torch.dtype = torch.bfloat16, **shape: Any) -> Any:
+    """A randomly initialised LLaMA-shaped TL model built in memory on ``device`` (default: LLaMA-3-8B shape).
+
+    TL 4: ``TransformerBridge.boot_transformers(config_dir, hf_model=...)``; TL 3: a hand-built
+    ``HookedTransformerConfig`` plus ``convert_llama_weights`` (as :mod:`qloc_tl.loading` does).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from qloc_tl.testing import tiny_tokenizer
+
+    shape = {**LLAMA3_8B, **shape}
+    cfg = LlamaConfig(**shape, tie_word_embeddings=False)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            hf = LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
+    path = (
+        Path(tempfile.gettempdir())
+        / "qloc_tl_bench"
+        / f"llama-config-{shape['num_hidden_layers']}-{shape['hidden_size']}"
+    )
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save_pretrained(str(path))
+    tiny_tokenizer().save_pretrained(str(path))
+    if tl_major() >= 4:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_transformers(str(path), hf_model=hf, device=device, dtype=dtype)
+    else:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+        from transformer_lens.pretrained.weight_conversions import convert_llama_weights
+
+        d, h = shape["hidden_size"], shape["num_attention_heads"]
+        kv = shape["num_key_value_heads"]
+        htc = HookedTransformerConfig(
+            n_layers=shape["num_hidden_layers"], d_model=d, d_head=d // h, n_heads=h,
+            n_key_value_heads=None if kv == h else kv, d_mlp=shape["intermediate_size"],
+            d_vocab=shape["vocab_size"], n_ctx=shape["max_position_embeddings"], act_fn="silu",
+            normalization_type="RMS", positional_embedding_type="rotary", rotary_dim=d // h,
+            rotary_base=int(shape["rope_theta"]), rotary_adjacent_pairs=False, gated_mlp=True, final_rms=True,
+            eps=cfg.rms_norm_eps, dtype=dtype, device=device,
+        )  # fmt: skip
+        model = HookedTransformer(htc, tokenizer=tiny_tokenizer())
+        model.load_and_process_state_dict(
+            convert_llama_weights(hf, htc),
+            fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False,
+        )  # fmt: skip
+        del hf
+    model.eval()
+    return model
+
+
+def run_cuda(args: argparse.Namespace) -> None:
+    if not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    model = llama_random_model("cuda", torch.bfloat16)
+    rows = [
+        bench_model(
+            "llama3-8b-shape bf16",
+            model,
+            args.tokens,
+            args.queries,
+            args.steps,
+            1,
+            "cuda",
+            eleuther=args.eleuther,
+        )
+    ]
+    print_rows(rows)
+    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--quick", action="store_true", help="tiny models (and the built-in model) only")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--tokens", type=int, default=16, help="prompt length for the large models")
+    ap.add_argument("--queries", type=int, default=None, help="queries per model (default: 2 CPU, 32 CUDA)")
+    ap.add_argument("--repeats", type=int, default=2, help="min over this many runs (CPU)")
+    ap.add_argument("--no-eleuther", dest="eleuther", action="store_false")
+    ap.add_argument(
+        "--no-builtin", dest="builtin", action="store_false", help="skip the built-in model (qloc_tl.zoo)"
+    )
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.device == "cuda":
+        args.queries = args.queries or 32
+        run_cuda(args)
+        return
+    torch.set_num_threads(1)
+    q = args.queries or 2
+    rows = []
+    from qloc_tl.testing import tiny_model
+
+    tiny = tiny_model("gpt2", source="hf")
+    rows.append(bench_model("tiny gpt2 (hf) 5tok", tiny, 5, 4, args.steps, args.repeats, "cpu"))
+    rows.append(bench_model("tiny gpt2 (hf) 16tok", tiny, 16, 4, args.steps, args.repeats, "cpu"))
+    el = load(gpt2_eleuther_dir())
+    rows.append(bench_model("gpt2 4L d128 5tok", el, 5, 4, args.steps, args.repeats, "cpu"))
+    print_rows(rows)
+    rows = []
+    if not args.quick:
+        rows.append(
+            bench_model("gpt2-small shape", load(gpt2_small_dir()), args.tokens, q, args.steps, 1, "cpu")
+        )
+        print_rows(rows)
+        rows = [bench_model("llama 8L d512", load(llama_small_dir()), args.tokens, q, args.steps, 1, "cpu")]
+        print_rows(rows)
+        rows = []
+    if args.builtin:
+        try:
+            from qloc_tl.zoo import load_builtin_model
+        except ImportError:
+            print("built-in model: qloc_tl.zoo.load_builtin_model is not available; skipped")
+            return
+        try:
+            model = load_builtin_model()
+        except Exception as exc:  # not built yet in this checkout
+            print(f"built-in model: not loadable ({exc}); skipped")
+            return
+        n_tok = min(12, int(model.cfg.n_ctx) - 1)
+        print_rows([bench_model("builtin", model, n_tok, 4, args.steps, args.repeats, "cpu")])
+
+
+if __name__ == "__main__":
+    main()

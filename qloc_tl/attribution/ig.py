@@ -1,0 +1,746 @@
+"""Integrated-gradients attribution of MLP neurons: IG (Dai et al.), SIG (Enguehard) and AMIG (Chen et al.).
+
+What is computed (method_spec §2.1–2.4). For a prompt with answer token y and answer position t (the last
+real prompt token), layer l and the clean neuron vector ``w̄ = act_l[t]`` (at ``site``: ``hook_post`` by
+default), let ``F(x)`` be the objective — ``P(y | prompt)`` (``objective="prob"``, default; Dai) or
+``log P`` — computed with layer l's neurons *at position t only* replaced by ``x``; everything upstream, and
+every other position, keeps its clean value. With quadrature nodes/weights ``(α_k, w_k)``
+(:mod:`~qloc_tl.attribution.quadrature`) and the path ``x(α) = b + α (w̄ − b)``:
+
+* **IG** (``method="ig"``): ``G = Σ_k w_k ∇F(x(α_k)) ≈ ∫_0^1 ∇F(x(α)) dα`` and
+  ``attr_l = (w̄ − b) ⊙ G`` (``multiply_by="difference"``, default) or ``w̄ ⊙ G`` (``"activation"``).
+  b is zero by default (Dai) or a user tensor ``[d_mlp]`` / ``[n_layers, d_mlp]``.
+* **SIG** (``method="sig"``, the proposed neuron adaptation of spec §2.3): for each masked position j
+  (:mod:`~qloc_tl.attribution.baselines`) the baseline ``b_j`` is layer l's activation at t when token j is
+  replaced by EOS; IG is run from every ``b_j`` to w̄ and the attributions are **averaged**:
+  ``attr_l = mean_j (w̄ − b_j) ⊙ G_j``. Cost: n_masked × steps samples per layer.
+* **AMIG** (``method="amig"``, Chen et al. 2024 code): the same per-token baselines, but the **paths** are
+  averaged, i.e. one straight path from the mean baseline ``b̄ = mean_j b_j``, and the result is multiplied by
+  the activation: ``attr_l = w̄ ⊙ G(b̄)`` (``multiply_by="activation"``, the default for AMIG, as in the
+  authors' code) or ``(w̄ − b̄) ⊙ G(b̄)`` (``"difference"``, textbook IG from b̄).
+
+Each layer is attributed separately ("layer-wise IG"): only one layer is scaled at a time.
+Completeness: for IG/SIG (and AMIG with ``"difference"``), ``Σ_i attr_l[i] → F(w̄) − F(b)`` (SIG: the mean of
+``F(b_j)``) as the quadrature error vanishes; :attr:`NeuronAttribution.completeness_delta` reports the gap.
+
+Engines (``implementation=``):
+
+* ``"reference"`` — per prompt, per layer, per path, a plain full forward of the repeated prompt in chunks of
+  ``batch_size`` steps with a hook that replaces position t at layer l, then ``torch.autograd.grad`` of the
+  summed objective w.r.t. the injected activations. Obviously correct, slow; the oracle of the tests.
+* ``"fast"`` (default) — the answer position is the last token, and in a causal model every earlier
+  position's keys/values are unchanged when layer l's neurons at t change, so only position t has to be
+  recomputed per sample. Samples of several layers share one pass (a hook per layer overwrites its rows).
+  Three paths, picked per backend and validated once per call against the clean logits (on a mismatch: a
+  logged warning and the full path):
+
+  - ``"kv-hooked"`` (TL 3 ``HookedTransformer``): the prefix is run once into TL's KV cache (batch 1); each
+    chunk runs the last token only, the cache expanded along the batch, starting at the chunk's lowest layer
+    (``start_at_layer`` with the clean residual of position t), so lower layers are skipped too.
+  - ``"packed"`` (HF-backed TL 4 ``TransformerBridge``): TL 4.3 bridges do not fill a ``past_key_values``
+    cache (their attention looks the cache up under a kwarg name that transformers 5 no longer uses), so
+    instead one sequence holds the prefix followed by one copy of the answer token per sample, with a 4-D
+    attention mask (each copy sees the prefix and itself) and the answer position's position id for every
+    copy. The prefix is computed once per pass; the copies are exactly the clean last-token computation.
+  - ``"full"`` (fallback: native bridges, which ignore 4-D masks): rows of the repeated prompt, batched.
+
+Parameters are frozen (``requires_grad_(False)``) for the duration of the call and restored afterwards; all
+hooks are scoped with TL's ``model.hooks(...)`` and removed even on error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from ..errors import CapabilityError, InvalidInputError, NumericalError
+from ..model import (
+    answer_token_id,
+    capabilities,
+    check_layer,
+    check_model,
+    d_mlp,
+    hooked_kv_cache,
+    model_device,
+    model_dtype,
+    n_layers,
+    neuron_hook_name,
+    require_eval,
+    tokenize_prompts,
+)
+from .baselines import fixed_baseline, masked_token_baselines
+from .config import AttributionConfig
+from .quadrature import quadrature
+from .results import NeuronAttribution
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["attribute_neurons"]
+
+
+# --------------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _frozen_params(model: Any) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter; restore each flag on exit (also on error)."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def _acc_dtype(model: Any) -> torch.dtype:
+    return torch.float64 if model_dtype(model) == torch.float64 else torch.float32
+
+
+def _tolerance(dtype: torch.dtype) -> float:
+    if dtype == torch.float64:
+        return 1e-6  # HF LLaMA RMSNorm computes in float32 even in a float64 model
+    if dtype == torch.float32:
+        return 2e-4
+    return 3e-2
+
+
+def _objective(
+    logits_last: Tensor, answers: Tensor, objective: str, acc: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``(objective [S], prob [S])`` of answer tokens from last-position logits ``[S, V]``."""
+    lp = torch.log_softmax(logits_last.to(acc), dim=-1)
+    lp_y = lp.gather(-1, answers.view(-1, 1)).squeeze(-1)
+    prob = lp_y.exp()
+    return (prob if objective == "prob" else lp_y), prob
+
+
+def _check_finite(t: Tensor, what: str, model: Any) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NumericalError(
+            f"{what} became inf/NaN (model dtype {model_dtype(model)}); fp16 activations overflow easily — run "
+            f"the attribution in bfloat16 or float32 (model.to(torch.float32))"
+        )
+
+
+def _normalise_inputs(
+    model: Any, prompts: Any, answers: Any, config: AttributionConfig
+) -> tuple[list[Any], list[int], bool]:
+    single = isinstance(prompts, str) or (isinstance(prompts, Tensor) and prompts.ndim == 1)
+    if single:
+        plist: list[Any] = [prompts]
+    elif isinstance(prompts, Tensor):
+        if prompts.ndim != 2:
+            raise InvalidInputError(
+                f"token tensor prompts must be 1-D or 2-D, got shape {tuple(prompts.shape)}"
+            )
+        plist = list(prompts)
+    else:
+        plist = list(prompts)
+    if not plist:
+        raise InvalidInputError("no prompts given")
+    if isinstance(answers, (str, int)) or (isinstance(answers, Tensor) and answers.numel() == 1 and single):
+        alist: list[Any] = [answers]
+    elif isinstance(answers, Tensor):
+        alist = [int(a) for a in answers.reshape(-1)]
+    else:
+        alist = list(answers)
+    if len(alist) == 1 and len(plist) > 1 and isinstance(answers, (str, int)):
+        raise InvalidInputError(
+            f"got {len(plist)} prompts but a single answer; pass a list of {len(plist)} answers (one per prompt)"
+        )
+    if len(alist) != len(plist):
+        raise InvalidInputError(
+            f"got {len(plist)} prompts but {len(alist)} answers; give one answer per prompt"
+        )
+    ids = [
+        answer_token_id(model, p if isinstance(p, str) else None, a, multi_token=config.multi_token)
+        for p, a in zip(plist, alist)
+    ]
+    return plist, ids, single
+
+
+_CLEAN_CHUNK = 16  # prompts per clean forward pass
+_MIN_PACKED_ROOM = 64  # "packed" only when the context has room for this many copies after the prompt
+
+
+def _longest(model: Any, plist: list[Any], config: AttributionConfig) -> int:
+    return max(
+        int(p.shape[-1])
+        if isinstance(p, Tensor)
+        else len(model.to_tokens(p, prepend_bos=config.prepend_bos)[0])
+        for p in plist
+    )
+
+
+@dataclass
+class _Prepared:
+    tokens: Int[Tensor, "n pos"]
+    last: Int[Tensor, " n"]
+    answers: Int[Tensor, " n"]
+    layers: list[int]
+    names: dict[int, str]
+    acts: Float[Tensor, "n n_layers d_mlp"]  # model dtype
+    clean_last_logits: Float[Tensor, "n d_vocab"]
+    clean_obj: Tensor
+    clean_prob: Tensor
+    resid_last: dict[int, Tensor]  # layer -> [n, d_model] resid_pre at the answer position (fast KV path)
+
+
+def _prepare(
+    model: Any, plist: list[Any], ids: list[int], config: AttributionConfig, want_resid: bool
+) -> _Prepared:
+    tokens, last = tokenize_prompts(model, plist, prepend_bos=config.prepend_bos)
+    L = n_layers(model)
+    layers = list(config.layers) if config.layers is not None else list(range(L))
+    for l in layers:
+        check_layer(model, l)
+    names = {l: neuron_hook_name(model, l, config.site) for l in range(L)}
+    resid_names = {l: f"blocks.{l}.hook_resid_pre" for l in layers} if want_resid else {}
+    acc = _acc_dtype(model)
+    answers = torch.tensor(ids, dtype=torch.long, device=tokens.device)
+    acts_l, resid_l, last_l = [], [], []
+    with torch.no_grad():
+        for c0 in range(0, tokens.shape[0], _CLEAN_CHUNK):  # bounded [chunk, pos, d_vocab] logits
+            toks, pos = tokens[c0 : c0 + _CLEAN_CHUNK], last[c0 : c0 + _CLEAN_CHUNK]
+            logits, cache = model.run_with_cache(
+                toks, names_filter=list(names.values()) + list(resid_names.values())
+            )
+            rows = torch.arange(toks.shape[0], device=toks.device)
+            acts_l.append(torch.stack([cache[names[l]][rows, pos] for l in range(L)], dim=1))
+            resid_l.append({l: cache[n][rows, pos] for l, n in resid_names.items()})
+            last_l.append(logits[rows, pos])
+            del logits, cache
+        acts = torch.cat(acts_l)
+        resid = {l: torch.cat([r[l] for r in resid_l]) for l in resid_names}
+        clean_last = torch.cat(last_l)
+        obj, prob = _objective(clean_last, answers, config.objective, acc)
+    _check_finite(clean_last, "clean logits", model)
+    return _Prepared(tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid)
+
+
+# --------------------------------------------------------------------------------------------------
+# evaluators: F and ∇F for a chunk of samples of one prompt
+# --------------------------------------------------------------------------------------------------
+
+
+class _Evaluator:
+    """Computes ``(objective [S], prob [S], grad [S, d_mlp])`` for samples ``(layer_s, x_s)`` of one prompt:
+    the prompt run with layer ``layer_s``'s neurons at the answer position replaced by ``x_s``."""
+
+    path = "reference"
+    single_layer_chunks = False  # True: every chunk must hold one layer only
+    checking = False  # True while the validation chunk runs
+
+    def __init__(self, model: Any, prep: _Prepared, config: AttributionConfig) -> None:
+        self.model = model
+        self.prep = prep
+        self.config = config
+        self.acc = _acc_dtype(model)
+
+    def start_prompt(self, i: int) -> None:
+        self.i = i
+        self.t = int(self.prep.last[i])
+        self.row = self.prep.tokens[i, : self.t + 1]
+
+    def end_prompt(self) -> None:
+        pass
+
+    def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _finish(self, logits_last: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        self.last_logits = logits_last.detach()  # read by the validation row of the main loop
+        ans = self.prep.answers[self.i].expand(x.shape[0])
+        obj, prob = _objective(logits_last, ans, self.config.objective, self.acc)
+        (g,) = torch.autograd.grad(obj.sum(), x)
+        return obj.detach(), prob.detach(), g
+
+    def _rel_err(self, out: Tensor) -> float:
+        ref = self.prep.clean_last_logits[self.i].to(self.acc)
+        return float((out.to(self.acc) - ref).abs().max()) / (1.0 + float(ref.abs().max()))
+
+
+def _row_hooks(names: dict[int, str], layer_of: Tensor, x: Tensor, place: Any) -> list[tuple[str, Any]]:
+    """One hook per layer present in ``layer_of``; ``place(act, rows, values)`` writes the rows' values."""
+    hooks = []
+    for l in torch.unique(layer_of).tolist():
+        rows = (layer_of == l).nonzero().squeeze(-1)
+
+        def fn(act: Tensor, hook: Any, rows: Tensor = rows) -> Tensor:
+            return place(act, rows, x.index_select(0, rows).to(act.dtype))
+
+        hooks.append((names[int(l)], fn))
+    return hooks
+
+
+class _ReferenceEvaluator(_Evaluator):
+    """The oracle: full forward of the prompt repeated once per sample; one layer per chunk."""
+
+    path = "reference"
+    single_layer_chunks = True
+
+    def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        S, t = x.shape[0], self.t
+        layer = int(layer_of[0])
+        xs = x.unsqueeze(1)
+
+        def replace(act: Tensor, hook: Any) -> Tensor:
+            return torch.cat([act[:, :t], xs.to(act.dtype), act[:, t + 1 :]], dim=1)
+
+        toks = self.row.unsqueeze(0).expand(S, -1)
+        with self.model.hooks(fwd_hooks=[(self.prep.names[layer], replace)]):
+            logits = self.model(toks)
+        return self._finish(logits[:, t], x)
+
+
+class _FullEvaluator(_Evaluator):
+    """Batched full-sequence fallback: rows of the repeated prompt, mixed layers per chunk."""
+
+    path = "full"
+
+    def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        S, t = x.shape[0], self.t
+
+        def place(act: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
+            pos = torch.full_like(rows, t)
+            return act.index_put((rows, pos), vals)
+
+        toks = self.row.unsqueeze(0).expand(S, -1)
+        with self.model.hooks(fwd_hooks=_row_hooks(self.prep.names, layer_of, x, place)):
+            logits = self.model(toks)
+        return self._finish(logits[:, t], x)
+
+
+class _PackedEvaluator(_Evaluator):
+    """HF-backed bridges: one sequence = prompt prefix + one copy of the answer token per sample.
+
+    A 4-D boolean attention mask lets every copy attend to the prefix and to itself only, and every copy gets
+    the answer position's position id, so each copy computes exactly the clean last-token forward; the hook
+    at layer l overwrites the copies of layer-l samples. The prefix is computed once per forward pass.
+    """
+
+    path = "packed"
+
+    def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        S, t = x.shape[0], self.t
+
+        def place(act: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
+            return act.index_put((torch.zeros_like(rows), rows + t), vals)
+
+        logits = self._run(S, _row_hooks(self.prep.names, layer_of, x, place))
+        return self._finish(logits, x)
+
+    def _run(self, S: int, hooks: list[tuple[str, Any]]) -> Tensor:
+        t, dev = self.t, self.row.device
+        seq = torch.cat([self.row[:t], self.row[t:].expand(S)]).unsqueeze(0)
+        N = t + S
+        allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
+        allowed[:t, :t] = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+        allowed[t:, :t] = True
+        diag = torch.arange(t, N, device=dev)
+        allowed[diag, diag] = True
+        pos = torch.cat([torch.arange(t, device=dev), torch.full((S,), t, device=dev)]).unsqueeze(0)
+        with self.model.hooks(fwd_hooks=hooks):
+            try:
+                logits = self.model(seq, attention_mask=allowed[None, None], position_ids=pos)
+            except Exception as exc:
+                if not self.checking:
+                    raise
+                # on the validation chunk: a backend that rejects 4-D masks / position ids → fall back
+                logger.debug("packed forward raised %r", exc)
+                raise _PathMismatch(float("nan")) from exc
+        return logits[0, t:]
+
+
+class _HookedKVEvaluator(_Evaluator):
+    """TL 3 HookedTransformer: the prompt prefix goes into a KV cache once per prompt; each chunk runs only the
+    last token, starting at the lowest layer ``a`` of its samples (``start_at_layer`` with the clean residual
+    of the answer position), with the cache expanded along the batch. Samples of layer l > a recompute layers
+    a..l−1 unchanged; one call per chunk keeps TL's per-call overhead (HT's unembed copies ``W_U.T`` on every
+    call) small."""
+
+    path = "kv-hooked"
+
+    def start_prompt(self, i: int) -> None:
+        super().start_prompt(i)
+        model, t = self.model, self.t
+        self.prefix = hooked_kv_cache(model, 1)
+        if t > 0:
+            with torch.no_grad():
+                mask = torch.ones(1, t, dtype=torch.long, device=self.row.device)
+                model(
+                    self.row[:t].unsqueeze(0),
+                    past_kv_cache=self.prefix,
+                    attention_mask=mask,
+                    return_type=None,
+                )
+        self.prefix.freeze()
+        self._caches: dict[int, Any] = {}
+
+    def end_prompt(self) -> None:
+        self.prefix = None
+        self._caches = {}
+
+    def _expanded(self, S: int) -> Any:
+        c = self._caches.get(S)
+        if c is None:
+            c = hooked_kv_cache(self.model, S)
+            for e, src in zip(c.entries, self.prefix.entries):
+                e.past_keys = src.past_keys.expand(S, *src.past_keys.shape[1:])
+                e.past_values = src.past_values.expand(S, *src.past_values.shape[1:])
+            c.previous_attention_mask = self.prefix.previous_attention_mask.expand(S, -1)
+            c.freeze()
+            self._caches = {S: c}
+        return c
+
+    def _run(self, start: int, S: int, hooks: list[tuple[str, Any]]) -> Tensor:
+        resid = self.prep.resid_last[start][self.i].view(1, 1, -1).expand(S, 1, -1)
+        with self.model.hooks(fwd_hooks=hooks):
+            logits = self.model(resid, start_at_layer=start, past_kv_cache=self._expanded(S))
+        return logits[:, -1]
+
+    def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        def place(act: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
+            return act.index_put((rows, torch.zeros_like(rows)), vals)
+
+        start = int(layer_of.min())
+        logits_last = self._run(start, x.shape[0], _row_hooks(self.prep.names, layer_of, x, place))
+        return self._finish(logits_last, x)
+
+
+# --------------------------------------------------------------------------------------------------
+# main loop
+# --------------------------------------------------------------------------------------------------
+
+
+# models on which the packed path failed validation (per mode): go straight to "full", warn once
+_PACKED_FAILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+
+def _mode(model: Any) -> Any:
+    return (getattr(model, "compatibility_mode", None), model_dtype(model), str(model_device(model)))
+
+
+def _fast_kind(model: Any, config: AttributionConfig) -> str:
+    """``"kv-hooked"``, ``"packed"`` or ``"full"`` for the fast implementation."""
+    if config.fast_path == "full":
+        return "full"
+    caps = capabilities(model)
+    if caps.kv_cache == "hooked" and caps.start_at_layer == "fast":
+        return "kv-hooked"
+    if caps.backend == "bridge" and _PACKED_FAILED.get(model) != _mode(model):
+        return "packed"  # validated on the first prompt; falls back to "full" when the backend ignores it
+    if config.fast_path == "kv":
+        raise InvalidInputError(
+            f"fast_path='kv' needs a HookedTransformer KV cache or an HF-backed bridge; this "
+            f"{type(model).__name__} has neither — use fast_path='auto' or 'full'"
+        )
+    return "full"
+
+
+_EVALUATORS = {
+    "reference": _ReferenceEvaluator,
+    "full": _FullEvaluator,
+    "packed": _PackedEvaluator,
+    "kv-hooked": _HookedKVEvaluator,
+}
+
+
+def _default_batch(config: AttributionConfig, path: str, n_tok: int, samples: int) -> int:
+    if config.batch_size is not None:
+        return config.batch_size
+    if path == "reference":
+        return config.steps
+    if path == "kv-hooked":  # one call per chunk; chunks start at their lowest layer
+        return max(1, min(samples, 128))
+    if path == "packed":  # chunks of whole layers: backward stops at the chunk's lowest layer
+        return max(1, min(samples, 128))
+    return max(1, min(samples, 2048 // max(n_tok, 1)))
+
+
+class _PathMismatch(Exception):
+    def __init__(self, err: float) -> None:
+        super().__init__(err)
+        self.err = err
+
+
+def _chunks(nl: int, block: int, bs: int, single_layer: bool) -> list[tuple[int, int]]:
+    """Ranges over the layer-major samples: whole layer blocks are grouped greedily up to ``bs`` samples
+    (a block larger than ``bs`` is split on its own); ``single_layer`` never mixes layers."""
+    out: list[tuple[int, int]] = []
+    cur0, cur1 = 0, 0
+    for li in range(nl):
+        b0, b1 = li * block, (li + 1) * block
+        if block > bs or single_layer:
+            if cur1 > cur0:
+                out.append((cur0, cur1))
+            out.extend((s, min(s + bs, b1)) for s in range(b0, b1, bs))
+            cur0 = cur1 = b1
+        elif cur1 - cur0 + block > bs:
+            out.append((cur0, cur1))
+            cur0, cur1 = b0, b1
+        else:
+            cur1 = b1
+    if cur1 > cur0:
+        out.append((cur0, cur1))
+    return out
+
+
+def _run_prompt(
+    ev: _Evaluator,
+    i: int,
+    prep: _Prepared,
+    bases: Tensor,
+    wbar: Tensor,
+    alphas: Tensor,
+    weights: Tensor,
+    zero_k: int,
+    check: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """All samples of prompt ``i``: returns ``(Σ_k w_k ∇F [nl·J, D], F(b) [nl·J], P(b) [nl·J])``.
+
+    With ``check``, the first chunk gets one extra unedited row (x = w̄ at the chunk's lowest layer) whose
+    logits must reproduce the clean logits; otherwise :class:`_PathMismatch` is raised.
+    """
+    model, config = ev.model, ev.config
+    acc, dev = alphas.dtype, alphas.device
+    J, K, D = bases.shape[0], alphas.shape[0], bases.shape[-1]
+    layers_t = torch.tensor(prep.layers, dtype=torch.long, device=dev)
+    nl = len(prep.layers)
+    bs = _default_batch(config, ev.path, int(prep.last[i]) + 1, nl * J * K)
+    if ev.path == "packed":  # prefix + copies must fit the context (position tables are sized n_ctx)
+        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+        if n_ctx:
+            bs = max(1, min(bs, n_ctx - int(prep.last[i]) - int(check)))
+    integral = torch.zeros(nl * J, D, dtype=acc, device=dev)
+    f0 = torch.zeros(nl * J, dtype=acc, device=dev)
+    p0 = torch.zeros(nl * J, dtype=acc, device=dev)
+    ev.start_prompt(i)
+    try:
+        for s0, s1 in _chunks(nl, J * K, bs, ev.single_layer_chunks):
+            s_idx = torch.arange(s0, s1, device=dev)
+            li, rest = s_idx // (J * K), s_idx % (J * K)
+            j, k = rest // K, rest % K
+            lay = layers_t[li]
+            b = bases[j, lay]  # [S, D]
+            x = b + alphas[k].unsqueeze(1) * (wbar[lay] - b)
+            if check:
+                lay = torch.cat([lay, lay.min().view(1)])
+                x = torch.cat([x, wbar[lay[-1]].unsqueeze(0)])
+            x = x.to(prep.acts.dtype).detach().requires_grad_(True)
+            ev.checking = check
+            o, p, g = ev.evaluate(lay, x)
+            ev.checking = False
+            if check:
+                err = ev._rel_err(ev.last_logits[-1])
+                if not err <= _tolerance(model_dtype(model)):  # NaN fails too
+                    raise _PathMismatch(err)
+                o, p, g, check = o[:-1], p[:-1], g[:-1], False
+                lay = lay[:-1]
+            _check_finite(g, f"gradients (layers {sorted(set(lay.tolist()))})", model)
+            pj = li * J + j
+            integral.index_add_(0, pj, weights[k].unsqueeze(1) * g.to(acc))
+            z = k == zero_k
+            f0[pj[z]] = o[z].to(acc)
+            p0[pj[z]] = p[z].to(acc)
+    finally:
+        ev.end_prompt()
+    return integral, f0, p0
+
+
+def attribute_neurons(
+    model: Any,
+    prompts: str | Tensor | Sequence[str] | Sequence[Tensor],
+    answers: str | int | Tensor | Sequence[str] | Sequence[int],
+    *,
+    method: str = "ig",
+    steps: int = 20,
+    rule: str = "left",
+    site: str = "post",
+    baseline: str | Tensor | None = None,
+    objective: str = "prob",
+    multiply_by: str | None = None,
+    layers: Sequence[int] | None = None,
+    batch_size: int | None = None,
+    prepend_bos: bool | None = None,
+    multi_token: str = "error",
+    implementation: str = "fast",
+    show_progress: bool = False,
+    replacement_id: int | None = None,
+    mask_bos: bool = False,
+    fast_path: str = "auto",
+) -> NeuronAttribution:
+    """Attribute the answer probability to every MLP neuron at the answer position (IG / SIG / AMIG).
+
+    See the module docstring for exactly what each method computes.
+
+    Args:
+        model: a TL model (HookedTransformer or TransformerBridge) in eval mode.
+        prompts: a string or 1-D token tensor (single prompt), or a list of them / a 2-D token tensor.
+        answers: the answer for each prompt: a string (tokenised as the continuation of the prompt) or a
+            token id; a list of the same length as ``prompts``.
+        method: ``"ig"`` (Dai et al.), ``"sig"`` (per-token masked baselines, averaged attributions) or
+            ``"amig"`` (per-token masked baselines, averaged path).
+        steps: number of quadrature nodes m (default 20).
+        rule: ``"left"`` (default, Dai's code), ``"right"``, ``"midpoint"``, ``"trapezoid"``,
+            ``"gauss_legendre"`` or ``"eleuther"`` (see :mod:`~qloc_tl.attribution.quadrature`).
+        site: ``"post"`` (``mlp.hook_post``, default), ``"pre"`` or ``"pre_linear"``.
+        baseline: IG only: ``"zero"`` (default) or a tensor ``[d_mlp]`` / ``[n_layers, d_mlp]``. SIG/AMIG build
+            masked-token baselines (leave ``None``).
+        objective: ``"prob"`` (default, softmax probability of the answer) or ``"logprob"``.
+        multiply_by: ``"difference"`` (w̄ − b; default for IG/SIG) or ``"activation"`` (w̄; default for AMIG).
+        layers: layers to attribute (default all); the others are NaN in the result.
+        batch_size: samples per forward pass (default: ``steps`` for the reference; 128 samples of whole
+            layers for the fast paths, ``2048 // n_tokens`` rows for the full path).
+        prepend_bos: passed to TL tokenisation of string prompts (``None`` = the model's default).
+        multi_token: ``"error"`` (default) or ``"first"`` for answers that are several tokens.
+        implementation: ``"fast"`` (default) or ``"reference"``.
+        show_progress: a tqdm bar over prompts.
+        replacement_id: SIG/AMIG replacement token (default: the tokenizer's EOS).
+        mask_bos: SIG/AMIG: also mask a leading BOS token (default False).
+        fast_path: ``"auto"`` (default: ``"kv-hooked"`` on HookedTransformer, ``"packed"`` on HF-backed bridges
+            when the context has room for ≥ 64 copies after the prompt, else ``"full"``), ``"kv"`` (require a
+            prefix-reusing path — KV cache or packed — and raise :class:`~qloc_tl.errors.CapabilityError` if it
+            fails validation) or ``"full"`` (batched full sequences).
+
+    Returns:
+        A :class:`~qloc_tl.attribution.NeuronAttribution`.
+
+    Examples:
+        >>> from qloc_tl.testing import tiny_model
+        >>> model = tiny_model()
+        >>> res = attribute_neurons(model, "alice was born in", "paris", steps=4)
+        >>> res.scores.shape == (model.cfg.n_layers, model.cfg.d_mlp)
+        True
+    """
+    check_model(model)
+    require_eval(model)
+    config = AttributionConfig(
+        method=method,  # type: ignore[arg-type]
+        steps=steps,
+        rule=rule,
+        site=site,  # type: ignore[arg-type]
+        baseline=baseline,
+        objective=objective,  # type: ignore[arg-type]
+        multiply_by=multiply_by,  # type: ignore[arg-type]
+        layers=tuple(layers) if layers is not None and not isinstance(layers, (int, str)) else layers,  # type: ignore[arg-type]
+        batch_size=batch_size,
+        prepend_bos=prepend_bos,
+        multi_token=multi_token,  # type: ignore[arg-type]
+        implementation=implementation,  # type: ignore[arg-type]
+        show_progress=show_progress,
+        replacement_id=replacement_id,
+        mask_bos=mask_bos,
+        fast_path=fast_path,  # type: ignore[arg-type]
+    )
+    d_mlp(model)
+    plist, ids, single = _normalise_inputs(model, prompts, answers, config)
+    with _frozen_params(model):
+        return _attribute(model, plist, ids, single, config)
+
+
+def _attribute(
+    model: Any, plist: list[Any], ids: list[int], single: bool, config: AttributionConfig
+) -> NeuronAttribution:
+    kind = "reference" if config.implementation == "reference" else _fast_kind(model, config)
+    if kind == "packed" and config.fast_path == "auto":
+        # packing needs room in the context for the copies; with little room (tiny n_ctx, long prompts) the
+        # many small passes lose to the batched full path
+        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+        if n_ctx and n_ctx - _longest(model, plist, config) < _MIN_PACKED_ROOM:
+            kind = "full"
+    prep = _prepare(model, plist, ids, config, want_resid=kind == "kv-hooked")
+    ev: _Evaluator = _EVALUATORS[kind](model, prep, config)
+    n, L, D = prep.acts.shape
+    acc = _acc_dtype(model)
+    dev = prep.acts.device
+    alphas, weights = quadrature(config.rule, config.steps)
+    if not bool((alphas == 0).any()):  # one extra node at α=0 (weight 0) gives F(baseline) for the delta
+        alphas = torch.cat([torch.zeros(1, dtype=alphas.dtype), alphas])
+        weights = torch.cat([torch.zeros(1, dtype=weights.dtype), weights])
+    zero_k = int((alphas == 0).nonzero()[0])
+    alphas, weights = alphas.to(dev, acc), weights.to(dev, acc)
+
+    scores = torch.full((n, L, D), float("nan"), dtype=acc, device=dev)
+    base_prob = torch.full((n, L), float("nan"), dtype=acc, device=dev)
+    base_obj = torch.full((n, L), float("nan"), dtype=acc, device=dev)
+    delta = torch.full((n, L), float("nan"), dtype=acc, device=dev)
+    fixed = fixed_baseline(config.baseline, L, D, prep.acts) if config.method == "ig" else None
+    layer_names = {l: prep.names[l] for l in prep.layers}
+    layers_t = torch.tensor(prep.layers, dtype=torch.long, device=dev)
+    nl = len(prep.layers)
+    validated = False
+
+    from tqdm.auto import tqdm
+
+    for i in tqdm(range(n), disable=not config.show_progress, desc=f"{config.method} attribution"):
+        t = int(prep.last[i])
+        row = prep.tokens[i, : t + 1]
+        wbar = prep.acts[i].to(acc)  # [L, D]
+        if config.method == "ig":
+            assert fixed is not None
+            bases = fixed.unsqueeze(0).to(acc)  # [1, L, D]
+        else:
+            chunk = 1 if kind == "reference" else 64
+            masked = masked_token_baselines(model, row, layer_names, config, chunk=chunk).to(acc)  # [J, L, D]
+            bases = masked if config.method == "sig" else masked.mean(0, keepdim=True)
+        J = bases.shape[0]
+        check = kind in ("kv-hooked", "packed") and not validated  # once per call, on the first prompt
+        try:
+            integral, f0, p0 = _run_prompt(ev, i, prep, bases, wbar, alphas, weights, zero_k, check)
+        except _PathMismatch as exc:
+            if config.fast_path == "kv":
+                raise CapabilityError(
+                    f"fast_path='kv': the {kind} path does not reproduce the clean logits on this model "
+                    f"(relative error {exc.err:.2e}); use fast_path='auto' or 'full'"
+                ) from None
+            logger.warning(
+                "the %s fast path does not reproduce the clean logits on this %s (relative error %.2e; e.g. a "
+                "native bridge ignores 4-D attention masks); using the batched full-sequence path",
+                kind,
+                type(model).__name__,
+                exc.err,
+            )
+            if kind == "packed":
+                _PACKED_FAILED[model] = _mode(model)
+            kind = "full"
+            ev = _FullEvaluator(model, prep, config)
+            integral, f0, p0 = _run_prompt(ev, i, prep, bases, wbar, alphas, weights, zero_k, False)
+        validated = True
+        integral = integral.view(nl, J, D)
+        w = wbar[layers_t].unsqueeze(1)  # [nl, 1, D]
+        mult = (w - bases[:, layers_t].transpose(0, 1)) if config.multiply_by == "difference" else w
+        sc = (mult * integral).mean(1)  # [nl, D]
+        scores[i, layers_t] = sc
+        base_obj[i, layers_t] = f0.view(nl, J).mean(1)
+        base_prob[i, layers_t] = p0.view(nl, J).mean(1)
+        delta[i, layers_t] = sc.sum(-1) - (prep.clean_obj[i].to(acc) - base_obj[i, layers_t])
+    _check_finite(scores[:, layers_t], "attribution scores", model)
+    return NeuronAttribution(
+        scores_batched=scores,
+        clean_prob=prep.clean_prob.to(acc),
+        baseline_prob=base_prob,
+        baseline_objective=base_obj,
+        completeness_delta=delta,
+        activations=prep.acts.to(acc),
+        prompts=tuple(plist),
+        answer_ids=prep.answers,
+        positions=prep.last,
+        n_tokens=prep.last + 1,
+        config=config,
+        path=kind,
+        single=single,
+    )
