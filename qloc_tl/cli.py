@@ -89,7 +89,12 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a small, fast version of the run (<= 2 min on 2 CPU cores)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out without redoing finished facts")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="run only shard I of N of the facts (see 'merge')")
+    p.add_argument("--split", choices=("otsu", "static"), default="otsu",
+                   help="K_C/K_I split used by the QL and editing stages: Otsu's threshold of the CS distribution "
+                   "(default) or the static 0.3; the consistency tables report both")
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling, placebos and statistics (default 0)")
+    p.add_argument("--threads", type=_positive, default=1,
+                   help="torch CPU threads (default 1: fastest for the small built-in model; raise it for large models)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -131,12 +136,13 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "facts": args.facts,
         "relations": args.relations,
-        "max_facts": args.max_facts if args.max_facts is not None else (18 if quick else 120),
+        "max_facts": args.max_facts if args.max_facts is not None else (12 if quick else 40),
         "methods": args.methods or (["ig", "amig"] if quick else ["ig", "sig", "amig"]),
         "steps": args.steps or (8 if quick else 20),
         "device": args.device,
         "quick": quick,
         "seed": args.seed,
+        "split": getattr(args, "split", "otsu"),
         "shard": list(args.shard) if args.shard else None,
     }
 
@@ -281,9 +287,10 @@ def _heatmaps(model: Any, facts: list[Any], res: Any, settings: dict[str, Any], 
 
 
 def _classes(res_cons: Any, settings: dict[str, Any]) -> dict[str, str] | None:
+    """K_C / K_I of the first method under the run's split (``--split``; default Otsu)."""
     if res_cons is None:
         return None
-    return res_cons.classes(settings["methods"][0], "static")
+    return res_cons.classes(settings["methods"][0], settings.get("split", "otsu"))
 
 
 def _kn_sets(res_cons: Any, settings: dict[str, Any]) -> dict[str, list[Any]] | None:
@@ -296,7 +303,10 @@ def _kn_sets(res_cons: Any, settings: dict[str, Any]) -> dict[str, list[Any]] | 
 def _stage_ql(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool, cons: Any) -> Any:
     from . import query_localization as ql
 
-    cfg = ql.QLConfig(steps=settings["steps"], seed=settings["seed"], method=settings["methods"][0])
+    cfg = ql.QLConfig(
+        kn_method=settings["methods"][0], kn_steps=settings["steps"], ks_steps=settings["steps"], seed=settings["seed"],
+        n_bootstrap=200 if settings["quick"] else 1000,
+    )  # fmt: skip
     res = ql.run_query_localization(
         model, facts, config=cfg, classes=_classes(cons, settings), kn_sets=_kn_sets(cons, settings),
         out_dir=out / "ql", show_progress=progress,
@@ -304,16 +314,54 @@ def _stage_ql(model: Any, facts: list[Any], settings: dict[str, Any], out: Path,
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     try:
-        ql.save_figures(res, figs)
+        _ql_figures(model, facts, res, settings, figs)
     except Exception as exc:  # figures are secondary; never lose the tables for them
         logger.warning("query-localization figures failed: %r", exc)
     return res
 
 
+def _figure(obj: Any) -> Any:
+    """A matplotlib Figure from a plotting function's return value (a Figure or an Axes)."""
+    return obj if hasattr(obj, "savefig") else obj.figure
+
+
+def _ql_figures(model: Any, facts: list[Any], res: Any, settings: dict[str, Any], figs: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .synapses import find_synapses
+    from .tracing import causal_trace
+    from .views import save_html, synapse_heads_view
+
+    for name, plot in (("ql_mapping", res.plot_mapping), ("ql_dynamic", res.plot_dynamic)):
+        if name == "ql_dynamic" and res.dynamic.empty:
+            continue
+        fig = _figure(plot())
+        fig.savefig(figs / f"{name}.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    # one knowledge-synapse view and one causal trace, for the first fact of each class
+    shown = 0
+    for cls in ("K_I", "K_C"):
+        fact = next((f for f in facts if res.classes.get(f.key) == cls), None)
+        if fact is None:
+            continue
+        syn = find_synapses(model, fact.prompts[0], fact.answer, steps=settings["steps"])
+        if syn.synapses:
+            save_html(synapse_heads_view(model, syn, max_heads=6), figs / f"ks_heads_{cls}.html", title=f"{cls}: {fact.prompts[0]}")
+            shown += 1
+        tr = causal_trace(model, fact.prompts[0], fact.answer, subject=fact.subject, kinds=("resid",), samples=5)
+        fig = _figure(tr.plot("resid"))
+        fig.savefig(figs / f"causal_trace_{cls}.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    logger.info("wrote %d knowledge-synapse views", shown)
+
+
 def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool, cons: Any) -> Any:
     from . import editing
 
-    cfg = editing.EditingConfig(steps=settings["steps"], seed=settings["seed"], method=settings["methods"][0])
+    cfg = editing.EditingConfig(attribution_method=settings["methods"][0], steps=settings["steps"], seed=settings["seed"])
     texts = None
     if settings["facts"] == "builtin":
         from .datasets import builtin_ppl_texts
@@ -351,10 +399,13 @@ def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
 
 def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     """Run ``stages`` with the parsed arguments; returns the results by stage (plus timings)."""
+    import torch
+
     from .report import write_report
     from .store import atomic_write_text
 
     settings = run_settings(args)
+    torch.set_num_threads(getattr(args, "threads", 1) or 1)
     out = Path(args.out)
     _check_resume(out, settings, args.resume)
     out.mkdir(parents=True, exist_ok=True)

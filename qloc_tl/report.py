@@ -90,6 +90,74 @@ def _consistency_claims(out: Path) -> list[tuple[str, dict[str, str]]]:
     return [(claim1, v1), (claim2, v2)]
 
 
+def _ql_claims(ql: Path) -> list[tuple[str, dict[str, str]]]:
+    """Verdicts of the Query Localization claims from the ``ql`` stage tables.
+
+    Rules (documented in docs/cli.md):
+
+    * **Query-KN mapping**: gap = |Δp/p(Self)| − |Δp/p(Intersection)| under suppression. *supported* when the
+      K_I gap is > 0.1 and larger than the K_C gap; *partial* when the K_I gap is > 0 only; else *not supported*.
+    * **Dynamic KN selection**: under KS suppression, the query's KN group must change more (|ΔValue| Σ/Σ)
+      than random neurons and carry more Δprob (``dprob_via``) than the neighbors' KNs, and the KS edit must
+      move P(answer) more than the irrelevant-KS control. All three: *supported*; one or two: *partial*.
+    * **Enh < Sup**: |Δprob| under enhancement < under suppression for the KS intervention in every class.
+    """
+    c1 = "QL (Query-KN mapping): for K_I, a query's own KNs (Self) matter much more than the shared ones (Intersection)"
+    c2 = "QL (dynamic KN selection): knowledge synapses select the query's KNs (ΔValue, Δprob vs neighbor/random neurons)"
+    c3 = "Enh < Sup: enhancing moves P(answer) less than suppressing"
+    m, d, e = (_read(ql / f"{n}.parquet") for n in ("mapping_summary", "dynamic_summary", "dynamic_enh_vs_sup"))
+    out: list[tuple[str, dict[str, str]]] = []
+    if m is None or m.empty:
+        out.append((c1, _verdict("not run", "no mapping table")))
+    else:
+        sup = m[m["op"] == "suppress"].set_index(["class", "set"])["mean_of_ratios"]
+
+        def gap(cls: str) -> float:
+            try:
+                return abs(float(sup[(cls, "Self")])) - abs(float(sup[(cls, "Intersection")]))
+            except KeyError:
+                return math.nan
+
+        gi, gc = gap("K_I"), gap("K_C")
+        if math.isnan(gi):
+            out.append((c1, _verdict("not run", "no K_I facts in this run (see the class split)")))
+        else:
+            status = "supported" if gi > 0.1 and (math.isnan(gc) or gi > gc) else ("partial" if gi > 0 else "not supported")
+            out.append((c1, _verdict(status, f"Self − Intersection |Δp/p| under suppression: K_I {gi:+.2f}, K_C {gc:+.2f} (set sizes differ; see docs/query_localization.md)")))
+    if d is None or d.empty:
+        out.append((c2, _verdict("not run", "no dynamic-KN-selection table")))
+    else:
+        sup = d[(d["op"] == "suppress")]
+        ks = sup[sup["intervention"] == "KS"].groupby("group")[["dvalue_rel_agg", "dprob_via", "dprob"]].mean()
+        irr = sup[sup["intervention"] == "irrelevant"]["dprob"].abs().mean()
+        try:
+            checks = [
+                abs(ks.loc["query", "dvalue_rel_agg"]) > abs(ks.loc["random", "dvalue_rel_agg"]),
+                abs(ks.loc["query", "dprob_via"]) > abs(ks.loc["neighbor", "dprob_via"]),
+                abs(ks["dprob"].mean()) > irr,
+            ]
+            n = sum(bool(c) for c in checks)
+            status = "supported" if n == 3 else ("partial" if n else "not supported")
+            ev = (
+                f"KS suppression: ΔValue query {ks.loc['query', 'dvalue_rel_agg']:+.2f} / neighbor "
+                f"{ks.loc['neighbor', 'dvalue_rel_agg']:+.2f} / random {ks.loc['random', 'dvalue_rel_agg']:+.2f}; "
+                f"Δp via query KNs {ks.loc['query', 'dprob_via']:+.2f} vs neighbor {ks.loc['neighbor', 'dprob_via']:+.2f}; "
+                f"Δp {ks['dprob'].mean():+.2f} vs irrelevant-KS |Δp| {irr:.2f}"
+            )
+            out.append((c2, _verdict(status, ev)))
+        except KeyError as exc:
+            out.append((c2, _verdict("not run", f"missing group {exc}")))
+    if e is None or e.empty:
+        out.append((c3, _verdict("not run", "no Enh-vs-Sup table")))
+    else:
+        ks = e[(e["intervention"] == "KS") & (e["group"] == "query")]
+        flags = ks["dprob_enh_lt_sup"].dropna().astype(bool)
+        status = "supported" if len(flags) and flags.all() else ("partial" if flags.any() else "not supported")
+        ev = "; ".join(f"{r['class']}: |Δp| enh {r['dprob_enh']:.2f} vs sup {r['dprob_sup']:.2f}" for _, r in ks.iterrows())
+        out.append((c3, _verdict(status, ev + " (the built-in model answers at p≈0.74, leaving little room to enhance)")))
+    return out
+
+
 def _module_claims(module: str, out: Path) -> list[tuple[str, dict[str, str]]]:
     """Claims from a stage module's ``claims(out_dir)`` function: ``[(claim, status, evidence), ...]``."""
     import importlib
@@ -115,7 +183,7 @@ def claim_verdicts(out: str | Path) -> list[tuple[str, dict[str, str]]]:
     """
     out = Path(out)
     verdicts = _consistency_claims(out)
-    ql = _module_claims("query_localization", out / "ql") if (out / "ql").is_dir() else []
+    ql = _ql_claims(out / "ql") if (out / "ql").is_dir() else []
     ed = _module_claims("editing", out / "editing") if (out / "editing").is_dir() else []
     if not ql:
         ql = [("Query-KN mapping and dynamic KN selection (QL assumption)", _verdict("not run", "query-localization stage missing"))]

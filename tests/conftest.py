@@ -12,7 +12,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to oversubscription
 
 from qloc_tl.model import tl_major  # noqa: E402
 from qloc_tl.testing import tiny_model  # noqa: E402
