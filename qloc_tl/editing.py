@@ -125,6 +125,7 @@ __all__ = [
     "classify_facts",
     "run_editing_experiment",
     "plot_editing",
+    "claims",
 ]
 
 UpdateRule = Literal["dai", "eleuther"]
@@ -1915,6 +1916,89 @@ def _evaluate_edit(
     after_q = lp[: len(prompts)]
     after_u = lp[len(prompts) :] if unrelated else None
     return after_q, after_u, ppl_after
+
+
+def claims(out_dir: str | Path) -> list[tuple[str, str, str]]:
+    """Verdicts on the paper's editing claims from a run directory's ``editing_table``:
+    ``[(claim, status, evidence)]`` with status ``supported`` / ``partial`` / ``not supported`` / ``not run``.
+
+    A claim is checked per (edit, class) cell (K_I vs K_C per (edit, method)); ``supported`` when it holds
+    in every cell, ``partial`` in some, ``not supported`` in none. Differences under ``margin = 0.02`` count
+    as ties (not holding).
+    """
+    path = Path(out_dir) / "editing_table.parquet"
+    names = [
+        "Edits of inconsistent facts (K_I) generalise worse than of consistent ones (K_C)",
+        "Editing the query's own KNs (N_i) generalises poorly to neighbor queries",
+        "Editing the union over neighbor queries (N_u) hurts locality / perplexity most",
+        "CAS gives the best balance (highest Avg = (Rel+Gen+Loc)/3)",
+    ]
+    if not path.is_file():
+        return [(n, "not run", f"no {path.name} in {out_dir}") for n in names]
+    t = pd.read_parquet(path)
+    t = t[t["n_facts"] > 0]
+    margin = 0.02
+
+    def cell(edit: str, cls: str, method: str, col: str) -> float:
+        sel = t[(t["edit"] == edit) & (t["class"] == cls) & (t["method"] == method)]
+        return float(sel[col].iloc[0]) if len(sel) else math.nan
+
+    def verdict(results: list[tuple[bool, str]]) -> tuple[str, str]:
+        if not results:
+            return "not run", "no cells with data"
+        held = sum(ok for ok, _ in results)
+        status = "supported" if held == len(results) else ("partial" if held else "not supported")
+        return status, f"holds in {held}/{len(results)} cells: " + "; ".join(e for _, e in results)
+
+    edits = list(dict.fromkeys(t["edit"]))
+    out = []
+    res1 = []
+    for edit in edits:
+        for m in ("N_i", "N_u", "CAS"):
+            c, i = cell(edit, "K_C", m, "gen"), cell(edit, "K_I", m, "gen")
+            if not (math.isnan(c) or math.isnan(i)):
+                res1.append((i < c - margin, f"{edit}/{m} Gen K_I {i:.2f} vs K_C {c:.2f}"))
+    out.append((names[0], *verdict(res1)))
+    res2 = []
+    for edit in edits:
+        for cls in CLASSES:
+            rel, gen, gen_u = (
+                cell(edit, cls, "N_i", "rel"),
+                cell(edit, cls, "N_i", "gen"),
+                cell(edit, cls, "N_u", "gen"),
+            )
+            if not (math.isnan(rel) or math.isnan(gen)):
+                ok = gen < rel - margin and (math.isnan(gen_u) or gen < gen_u - margin)
+                res2.append((ok, f"{edit}/{cls} N_i Rel {rel:.2f} Gen {gen:.2f} (N_u Gen {gen_u:.2f})"))
+    out.append((names[1], *verdict(res2)))
+    res3 = []
+    for edit in edits:
+        for cls in CLASSES:
+            loc = {m: cell(edit, cls, m, "loc") for m in ("N_i", "N_u", "CAS")}
+            ppl = {m: cell(edit, cls, m, "ppl_rel_delta") for m in ("N_i", "N_u", "CAS")}
+            if math.isnan(loc["N_u"]):
+                continue
+            others = [m for m in ("N_i", "CAS") if not math.isnan(loc[m])]
+            worst_loc = all(loc["N_u"] < loc[m] - margin for m in others)
+            worst_ppl = not math.isnan(ppl["N_u"]) and all(
+                ppl["N_u"] > ppl[m] + margin for m in others if not math.isnan(ppl[m])
+            )
+            res3.append((worst_loc or worst_ppl, f"{edit}/{cls} Loc N_u {loc['N_u']:.2f} vs "
+                         + ", ".join(f"{m} {loc[m]:.2f}" for m in others) + f"; rel.ΔPPL N_u {ppl['N_u']:.3g}"))  # fmt: skip
+    out.append((names[2], *verdict(res3)))
+    res4 = []
+    for edit in edits:
+        for cls in CLASSES:
+            avg = {m: cell(edit, cls, m, "avg") for m in ("N_i", "N_u", "CAS")}
+            if math.isnan(avg["CAS"]):
+                continue
+            others = [m for m in ("N_i", "N_u") if not math.isnan(avg[m])]
+            ok = all(avg["CAS"] > avg[m] + margin for m in others)
+            res4.append(
+                (ok, f"{edit}/{cls} Avg " + ", ".join(f"{m} {avg[m]:.2f}" for m in ("N_i", "N_u", "CAS")))
+            )
+    out.append((names[3], *verdict(res4)))
+    return out
 
 
 # ==================================================================================================

@@ -80,7 +80,10 @@ def _consistency_claims(out: Path) -> list[tuple[str, dict[str, str]]]:
     ref = float(inter["prop_KI"].iloc[0]) if len(inter) else float(st["prop_KI"].min())
     # rule: supported if even the most conservative view (∩, else the smallest) has ≥ 20% K_I
     status = "supported" if ref >= 0.2 else ("partial" if ref >= 0.05 else "not supported")
-    v1 = _verdict(status, f"K_I at static τ={st['tau'].dropna().iloc[0] if st['tau'].notna().any() else 0.3:.2f}: " + ", ".join(parts) + " (paper: 77% ∩ on LLaMA3-8B, GPT-2 lowest)")
+    ot = summ[summ["threshold"] == "otsu"]
+    otsu = ", ".join(f"{r.method}: {r.prop_KI:.0%} (τ={r.tau:.2f})" for r in ot.itertuples() if not math.isnan(r.prop_KI) and r.method != "∩")
+    tau = st["tau"].dropna().iloc[0] if st["tau"].notna().any() else 0.3
+    v1 = _verdict(status, f"K_I at static τ={tau:.2f}: " + ", ".join(parts) + f"; at Otsu's τ: {otsu} (paper: 77% ∩ on LLaMA3-8B, GPT-2 lowest)")
     ps = st[st["method"] != "∩"]["welch_p"].dropna()
     if ps.empty:
         v2 = _verdict("not run", "too few facts in one class for a test")

@@ -652,6 +652,25 @@ def test_classify_facts_matches_consistency_split(gpt2_model):
     assert len(res.rows) == 2
 
 
+def test_claims_from_a_hand_made_table(tmp_path):
+    from qloc_tl.editing import claims
+
+    rows = []
+    # erase: K_I generalises worse everywhere; N_i Gen < Rel and < N_u Gen; N_u worst Loc; CAS best Avg
+    for cls, gshift in (("K_C", 0.0), ("K_I", -0.2)):
+        for m, rel, gen, loc in (("N_i", 0.8, 0.4, 0.95), ("N_u", 0.9, 0.8, 0.6), ("CAS", 0.9, 0.8, 0.95)):
+            rows.append(dict(edit="erase", **{"class": cls}, method=m, n_facts=10, rel=rel, gen=gen + gshift, loc=loc,
+                             avg=(rel + gen + gshift + loc) / 3, ppl_rel_delta=0.5 if m == "N_u" else 0.1))  # fmt: skip
+    pd.DataFrame(rows).to_parquet(tmp_path / "editing_table.parquet")
+    got = {c: (st, ev) for c, st, ev in claims(tmp_path)}
+    assert [st for st, _ in got.values()] == ["supported"] * 4
+    # CAS no longer best in K_I -> partial; no table -> not run
+    rows[5]["avg"] = 0.1
+    pd.DataFrame(rows).to_parquet(tmp_path / "editing_table.parquet")
+    assert claims(tmp_path)[3][1] == "partial"
+    assert {st for _, st, _ in claims(tmp_path / "missing")} == {"not run"}
+
+
 def test_config_validation():
     with pytest.raises(InvalidInputError, match="methods"):
         EditingConfig(methods=("N_x",))

@@ -177,12 +177,11 @@ _MIN_PACKED_ROOM = 64  # "packed" only when the context has room for this many c
 
 
 def _longest(model: Any, plist: list[Any], config: AttributionConfig) -> int:
-    return max(
-        int(p.shape[-1])
-        if isinstance(p, Tensor)
-        else len(model.to_tokens(p, prepend_bos=config.prepend_bos)[0])
-        for p in plist
-    )
+    from ..model import tokenize_prompts
+
+    # tokenize_prompts validates (tokenizer present, non-empty, fits n_ctx) before anything else runs
+    _, last = tokenize_prompts(model, plist, prepend_bos=config.prepend_bos)
+    return int(last.max()) + 1
 
 
 @dataclass
