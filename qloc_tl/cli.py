@@ -100,6 +100,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``qloc-tl`` argument parser (subcommands run, consistency, ql, edit, report, merge)."""
     parser = _Parser(
         prog="qloc-tl",
         description="Knowledge neurons, knowledge synapses and query localization on TransformerLens models "
@@ -367,6 +368,8 @@ def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Pat
         from .datasets import builtin_ppl_texts
 
         texts = builtin_ppl_texts()
+        # a fixed, evenly spaced subset: PPL is evaluated once per edit, so its size sets the stage's cost
+        texts = texts[:: (15 if settings["quick"] else 6)]
     res = editing.run_editing_experiment(
         model, facts, config=cfg, classes=_classes(cons, settings), ppl_texts=texts, out_dir=out / "editing",
         show_progress=progress,
@@ -478,19 +481,24 @@ def merge(out: Path, shards: Sequence[str]) -> dict[str, Any]:
     n = shard_ids[0][1]
     if [i for i, _ in shard_ids] != list(range(n)):
         raise InvalidInputError(f"shards {shard_ids} do not cover 0..{n - 1} of {n}")
-    for s in shards:
-        for stage_dir in Path(s).iterdir():
-            parts = stage_dir / "parts"
-            if not parts.is_dir():
-                continue
-            dest = out / stage_dir.name
-            dest.mkdir(parents=True, exist_ok=True)
-            cfg = stage_dir / "config.json"
-            if (dest / "config.json").is_file() and cfg.is_file() and (dest / "config.json").read_text() != cfg.read_text():
-                raise InvalidInputError(f"{stage_dir} was written with another configuration than {dest}")
-            if cfg.is_file():
-                shutil.copy2(cfg, dest / "config.json")
-            shutil.copytree(parts, dest / "parts", dirs_exist_ok=True)
+    # Copy a stage's persisted parts only when every shard ran it with the same configuration. Consistency
+    # (the attribution, the dominant cost) qualifies; the QL and editing stages take inputs that depend on the
+    # whole fact set (the Otsu K_C/K_I split, unrelated-fact sampling), so they are recomputed here, which
+    # keeps the merged tables identical to an unsharded run.
+    stage_names = sorted({d.name for s in shards for d in Path(s).iterdir() if (d / "parts").is_dir()})
+    for name in stage_names:
+        cfgs = [(Path(s) / name / "config.json") for s in shards]
+        texts = [c.read_text() if c.is_file() else None for c in cfgs]
+        if None in texts or len(set(texts)) != 1:
+            logger.info("stage %s: shard configurations differ; recomputing it in the merged run", name)
+            continue
+        dest = out / name
+        dest.mkdir(parents=True, exist_ok=True)
+        if (dest / "config.json").is_file() and (dest / "config.json").read_text() != texts[0]:
+            raise InvalidInputError(f"{dest} was written with another configuration than the shards' {name} stage")
+        shutil.copy2(cfgs[0], dest / "config.json")
+        for s in shards:
+            shutil.copytree(Path(s) / name / "parts", dest / "parts", dirs_exist_ok=True)
     args = argparse.Namespace(**{**base, "shard": None, "out": str(out), "resume": True, "no_progress": True, "verbose": False})
     args.relations = base["relations"]
     args.max_facts = base["max_facts"]

@@ -49,7 +49,11 @@ weight edits. It has four layers, each usable on its own:
    or top-k, never selecting CAS ≤ 0. These defaults are the proposals of ``method_spec.md`` §4.7: the
    paper's values were not retrievable.
 
-4. **Experiment runner** :func:`run_editing_experiment` and the bar chart :func:`plot_editing`.
+   ``CAS_k`` (top-``|N_i|`` CAS neurons) is an optional size-matched control.
+
+4. **Experiment runner** :func:`run_editing_experiment`; :func:`fact_attributions` + :func:`classify_facts` for
+   a K_C/K_I split over all facts first (e.g. Otsu); the bar chart :func:`plot_editing`; :func:`claims` (verdicts
+   on the paper's claims from a run directory). Measured numbers on the built-in model: ``docs/editing.md``.
 
 Examples:
     >>> import torch
@@ -2009,6 +2013,8 @@ def claims(out_dir: str | Path) -> list[tuple[str, str, str]]:
 def plot_editing(result: EditingResult | pd.DataFrame, path: str | Path | None = None) -> Any:
     """Bar chart of the editing table: one panel per (edit, metric), K_C / K_I groups, one bar per method.
 
+    Metrics: Rel, Gen, Loc, Avg and the median relative ΔPPL (log scale when it spans orders of magnitude).
+
     matplotlib is imported lazily (``pip install qloc-tl[vis]``). Returns the ``Figure``; saved to ``path``
     when given.
     """
@@ -2025,13 +2031,9 @@ def plot_editing(result: EditingResult | pd.DataFrame, path: str | Path | None =
         raise InvalidInputError(
             "plot_editing needs an EditingResult or its table (edit, class, method columns)"
         )
-    metrics = [
-        ("rel", "Rel"),
-        ("gen", "Gen"),
-        ("loc", "Loc"),
-        ("avg", "Avg"),
-        ("ppl_rel_delta", "ΔPPL (rel.)"),
-    ]
+    ppl_col = "ppl_rel_delta_median" if "ppl_rel_delta_median" in table.columns else "ppl_rel_delta"
+    ppl_label = "ΔPPL/PPL (median)" if ppl_col.endswith("median") else "ΔPPL/PPL (mean)"
+    metrics = [("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"), ("avg", "Avg"), (ppl_col, ppl_label)]
     edits = list(dict.fromkeys(table["edit"]))
     methods = list(dict.fromkeys(table["method"]))
     classes = [c for c in CLASSES if c in set(table["class"])]
@@ -2054,8 +2056,12 @@ def plot_editing(result: EditingResult | pd.DataFrame, path: str | Path | None =
             ax.set_xticks(np.arange(len(classes)))
             ax.set_xticklabels(classes)
             ax.set_title(f"{edit}: {label}", fontsize=9)
-            if col != "ppl_rel_delta":
+            if col != ppl_col:
                 ax.set_ylim(0, 1.05)
+            elif all(v > 0 for v in table[col].dropna()) and table[col].max() > 100 * max(
+                table[col].min(), 1e-12
+            ):
+                ax.set_yscale("log")
             ax.axhline(0, color="black", linewidth=0.5)
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()

@@ -151,14 +151,21 @@ def _load_tl3(path: Path, processing: str, device: Any, dtype: torch.dtype) -> A
             f"TL 3 loading of local {arch or 'unknown'} checkpoints is not supported (GPT2LMHeadModel and "
             f"LlamaForCausalLM are); under TL 4 any architecture the bridge knows is loaded"
         )
-    model = HookedTransformer(cfg, tokenizer=tokenizer)
-    fold = processing == "compat"
-    model.load_and_process_state_dict(
-        state,
-        fold_ln=fold,
-        center_writing_weights=fold,
-        center_unembed=fold,
-        fold_value_biases=fold,
-    )
-    model.to(device)
+    import contextlib
+    import io
+
+    # HookedTransformer prints "Moving model to device" on stdout; a library must not, so it is captured
+    with contextlib.redirect_stdout(io.StringIO()) as captured:
+        model = HookedTransformer(cfg, tokenizer=tokenizer)
+        fold = processing == "compat"
+        model.load_and_process_state_dict(
+            state,
+            fold_ln=fold,
+            center_writing_weights=fold,
+            center_unembed=fold,
+            fold_value_biases=fold,
+        )
+        model.to(device)
+    if captured.getvalue().strip():
+        logger.debug("TransformerLens said: %s", captured.getvalue().strip())
     return model

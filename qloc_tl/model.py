@@ -118,14 +118,17 @@ def require_eval(model: Any) -> None:
 
 
 def n_layers(model: Any) -> int:
+    """Number of transformer blocks (``model.cfg.n_layers``)."""
     return int(model.cfg.n_layers)
 
 
 def n_heads(model: Any) -> int:
+    """Number of query heads per layer (``model.cfg.n_heads``; under GQA the key/value heads are fewer)."""
     return int(model.cfg.n_heads)
 
 
 def d_mlp(model: Any) -> int:
+    """Width of the MLP hidden layer: the number of neurons per layer."""
     value = getattr(model.cfg, "d_mlp", None)
     if value is None:
         raise UnsupportedModelError("model.cfg.d_mlp is None: this model has no MLP neurons to attribute")
@@ -133,12 +136,14 @@ def d_mlp(model: Any) -> int:
 
 
 def model_dtype(model: Any) -> torch.dtype:
+    """dtype of the model's first parameter (float32 when it has none)."""
     for p in model.parameters():
         return p.dtype
     return torch.float32
 
 
 def model_device(model: Any) -> torch.device:
+    """Device of the model's first parameter (CPU when it has none)."""
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
@@ -175,6 +180,7 @@ def neuron_hook_name(model: Any, layer: int, site: str = "post") -> str:
 
 
 def pattern_hook_name(model: Any, layer: int) -> str:
+    """``blocks.{layer}.attn.hook_pattern``, checked to exist on ``model`` (``[batch, head, q, k]``)."""
     check_layer(model, layer)
     name = f"blocks.{layer}.attn.hook_pattern"
     if name not in model.hook_dict:
@@ -183,6 +189,7 @@ def pattern_hook_name(model: Any, layer: int) -> str:
 
 
 def scores_hook_name(model: Any, layer: int) -> str:
+    """``blocks.{layer}.attn.hook_attn_scores`` (pre-softmax, masked), checked to exist on ``model``."""
     check_layer(model, layer)
     name = f"blocks.{layer}.attn.hook_attn_scores"
     if name not in model.hook_dict:
