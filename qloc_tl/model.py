@@ -56,6 +56,7 @@ __all__ = [
     "n_heads",
     "capabilities",
     "tokenize_prompts",
+    "answer_probability",
     "to_tokens",
     "answer_token_id",
     "model_dtype",
@@ -343,6 +344,14 @@ def hooked_kv_cache(model: Any, batch: int) -> Any:
 # --------------------------------------------------------------------------------------------------
 # Tokenisation
 # --------------------------------------------------------------------------------------------------
+
+
+def answer_probability(logits: Tensor, position: int, answer: int) -> Tensor:
+    """``softmax(logits[:, position])[:, answer]`` per batch row, computed in float32 (float64 for float64
+    logits) so that half-precision models do not lose the small probabilities."""
+    x = logits[:, position]
+    x = x.double() if x.dtype == torch.float64 else x.float()
+    return x.softmax(-1)[:, answer]
 
 
 def to_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:

@@ -62,6 +62,7 @@ from .errors import InvalidInputError, NumericalError
 from .hooks import HookList, _CountingHook, intervene, scale_attention
 from .identities import Head, Synapse
 from .model import (
+    answer_probability,
     answer_token_id,
     check_layer,
     check_model,
@@ -283,12 +284,6 @@ def _frozen_params(model: Any) -> Iterator[None]:
             p.requires_grad_(f)
 
 
-def _prob(logits: Tensor, q: int, answer: int) -> Tensor:
-    x = logits[:, q]
-    x = x.double() if x.dtype == torch.float64 else x.float()
-    return x.softmax(-1)[:, answer]
-
-
 def _attattr_batched(
     model: Any,
     tokens: Tensor,
@@ -337,7 +332,7 @@ def _attattr_batched(
         batch = toks.expand(B, -1)
         with _frozen_params(model), torch.enable_grad(), intervene(model, hooks) as mdl:
             logits = mdl(batch)
-            p_graph = _prob(logits, q, answer)
+            p_graph = answer_probability(logits, q, answer)
             tap_layers = sorted(taps)
             grads = (
                 torch.autograd.grad(p_graph.sum(), [taps[t].z for t in tap_layers]) if tap_layers else ()  # type: ignore[misc]
@@ -379,7 +374,7 @@ def _attattr_reference(
 
             with torch.enable_grad():
                 logits = model.run_with_hooks(tokens, fwd_hooks=[(name, splice)])
-                p = _prob(logits, q, answer)[0]
+                p = answer_probability(logits, q, answer)[0]
                 if k < 0:
                     pzero[layer] = float(p.detach())
                     continue
@@ -454,7 +449,7 @@ def find_synapses(
     names = [pattern_hook_name(model, layer) for layer in layer_list]
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names)
-    prob = float(_prob(logits, q, answer_id)[0])
+    prob = float(answer_probability(logits, q, answer_id)[0])
     A = {layer: cache[name][0, :, q, :].detach().clone() for layer, name in zip(layer_list, names)}
     del cache
     dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32

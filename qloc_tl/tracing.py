@@ -52,7 +52,7 @@ from torch import Tensor
 
 from .errors import InvalidInputError
 from .hooks import HookList, _CountingHook, intervene
-from .model import answer_token_id, check_model, n_layers, require_eval, tokenize_prompts
+from .model import answer_probability, answer_token_id, check_model, n_layers, require_eval, tokenize_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -308,7 +308,7 @@ def causal_trace(
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names)
     q = P - 1
-    p_clean = float(_probs(logits, q, answer_id)[0])
+    p_clean = float(answer_probability(logits, q, answer_id)[0])
     clean = {name: cache[name][0].detach() for name in names}
     del cache
     p_corrupt = float(
@@ -346,12 +346,6 @@ def causal_trace(
         subject_positions=positions, answer_id=answer_id, noise_std=nu, samples=samples,
         window={k: windows[k] for k in kinds}, seed=seed,
     )  # fmt: skip
-
-
-def _probs(logits: Tensor, q: int, answer: int) -> Tensor:
-    x = logits[:, q]
-    x = x.double() if x.dtype == torch.float64 else x.float()
-    return x.softmax(-1)[:, answer]
 
 
 def restore_states(
@@ -413,5 +407,5 @@ def restore_states(
         hooks.append((name, RestoreHook(clean[name], masks[name])))
     with torch.no_grad(), intervene(model, hooks) as m:
         logits = m(tokens.expand(B, -1))
-        p = _probs(logits, q, answer_id)
+        p = answer_probability(logits, q, answer_id)
     return p.reshape(n, s).double().mean(1).cpu()

@@ -117,7 +117,7 @@ def test_attattr_leaves_model_unchanged_on_error(gpt2, monkeypatch):
     toks = gpt2.to_tokens(PROMPT)
     with torch.no_grad():
         clean = gpt2(toks)
-    real = syn_mod._prob
+    real = syn_mod.answer_probability
     calls = []
 
     def boom(*a, **k):
@@ -126,7 +126,7 @@ def test_attattr_leaves_model_unchanged_on_error(gpt2, monkeypatch):
             raise RuntimeError("injected")
         return real(*a, **k)
 
-    monkeypatch.setattr(syn_mod, "_prob", boom)
+    monkeypatch.setattr(syn_mod, "answer_probability", boom)
     with pytest.raises(RuntimeError, match="injected"):
         find_synapses(gpt2, PROMPT, ANSWER, steps=2)
     assert registered_hooks(gpt2) == 0

@@ -145,7 +145,7 @@ def test_tracing_leaves_model_unchanged_on_error(monkeypatch):
     toks = m.to_tokens(PROMPT)
     with torch.no_grad():
         clean = m(toks)
-    real = tr._probs
+    real = tr.answer_probability
     calls = []
 
     def boom(*a, **k):
@@ -154,7 +154,7 @@ def test_tracing_leaves_model_unchanged_on_error(monkeypatch):
             raise RuntimeError("injected")
         return real(*a, **k)
 
-    monkeypatch.setattr(tr, "_probs", boom)
+    monkeypatch.setattr(tr, "answer_probability", boom)
     with pytest.raises(RuntimeError, match="injected"):
         causal_trace(m, PROMPT, ANSWER, subject=SUBJECT, samples=2)
     assert registered_hooks(m) == 0
