@@ -137,7 +137,7 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "facts": args.facts,
         "relations": args.relations,
-        "max_facts": args.max_facts if args.max_facts is not None else (9 if quick else 27),
+        "max_facts": args.max_facts if args.max_facts is not None else (18 if quick else 27),
         "methods": args.methods or (["ig", "amig"] if quick else ["ig", "sig", "amig"]),
         "steps": args.steps or (6 if quick else 20),
         "device": args.device,
