@@ -200,6 +200,70 @@ def test_report_html_is_well_formed(reference_run):
     assert page.count("data:image/png;base64,") >= 5
 
 
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [  # offline machine: no background networking, no sandbox as root
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync",
+]  # fmt: skip
+
+
+def _browser_or_skip():
+    """Playwright driving Debian's Chromium; skipped when either is missing, unless QLOC_REQUIRE_BROWSER=1
+    (set by .ci/run after it installed both), where a missing browser is a failure."""
+    import os
+
+    missing = []
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        missing.append("the playwright package (pip install playwright)")
+    if not Path(CHROMIUM).is_file():
+        missing.append(f"{CHROMIUM} (apt-get install chromium)")
+    if missing:
+        if os.environ.get("QLOC_REQUIRE_BROWSER") == "1":
+            pytest.fail(f"QLOC_REQUIRE_BROWSER=1 but missing: {', '.join(missing)}")
+        pytest.skip(f"headless browser test needs {', '.join(missing)}")
+
+
+@needs_builtin
+def test_report_opens_in_headless_chromium_without_errors(reference_run):
+    """Load report.html in headless Chromium: no script error, no console error, nothing fetched from the
+    network (the page is self-contained), every section present, every image decoded, and every circuitsvis
+    widget rendered by its script."""
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    from qloc_tl.report import SECTIONS
+
+    page_path = (reference_run / "report.html").resolve()
+    errors: list[str] = []
+    requests: list[str] = []
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
+            page.on("console", lambda m: errors.append(f"console.error: {m.text}") if m.type == "error" else None)
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:120]}"))
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(page_path.as_uri(), wait_until="load")
+            page.wait_for_function(
+                "() => Array.from(document.querySelectorAll('.cv')).every(d => d.querySelector('svg, canvas'))",
+                timeout=30_000,
+            )
+            headings = page.evaluate("() => Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")
+            images = page.evaluate("() => Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+            n_views = page.evaluate("() => document.querySelectorAll('.cv').length")
+        finally:
+            browser.close()
+    assert not errors, errors[:5]
+    external = [u for u in requests if not u.startswith(("file:", "data:", "blob:"))]
+    assert not external, f"the report fetched from the network: {external[:3]}"
+    assert headings == list(SECTIONS)
+    assert len(images) >= 5 and all(images), images
+    assert n_views >= 1
+
+
 @needs_builtin
 def test_shards_merge_to_the_unsharded_tables(reference_run, tmp_path):
     import pandas as pd
