@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "HookList",
+    "CountingHook",
     "NeuronHook",
     "AttentionHook",
     "scale_neurons",
@@ -134,8 +135,26 @@ def _position_mask(
     return mask.unsqueeze(0).expand(batch, seq)
 
 
-class _CountingHook:
-    """Base of qloc_tl hook functions: counts calls so that :func:`intervene` can verify they fired."""
+class CountingHook:
+    """Base of qloc_tl hook functions: counts calls so that :func:`intervene` can verify they fired.
+
+    Subclass it for your own hook function (override :meth:`apply`, which maps the hooked activation to its
+    replacement) and pass it in a ``(name, fn)`` list to :func:`intervene`: a hook that never fires then raises
+    :class:`~qloc_tl.errors.HookNotFiredError` instead of silently doing nothing.
+
+    Examples:
+        >>> import torch
+        >>> from qloc_tl.testing import tiny_model
+        >>> class Halve(CountingHook):
+        ...     def apply(self, act):
+        ...         return act / 2
+        >>> model = tiny_model()
+        >>> halve = Halve()
+        >>> with intervene(model, [("blocks.0.mlp.hook_post", halve)]):
+        ...     _ = model(torch.tensor([[1, 2, 3]]))
+        >>> halve.calls
+        1
+    """
 
     kind = "hook"
 
@@ -151,7 +170,7 @@ class _CountingHook:
         raise NotImplementedError
 
 
-class NeuronHook(_CountingHook):
+class NeuronHook(CountingHook):
     """Replace neuron activations ``act[..., idx]`` at chosen positions by ``op(act[..., idx])``.
 
     ``mode="scale"`` multiplies by ``value``; ``mode="set"`` writes ``value``. ``value`` broadcasts as a
@@ -312,7 +331,7 @@ def set_neurons(
     return _neuron_hooks(neurons, values, "set", positions, site, row_positions, model)
 
 
-class AttentionHook(_CountingHook):
+class AttentionHook(CountingHook):
     """Scale attention pattern (or score) entries of some heads at some (query, key) positions."""
 
     kind = "attention"
@@ -443,7 +462,7 @@ def scale_attention(
     )
 
 
-class _Recorder(_CountingHook):
+class _Recorder(CountingHook):
     kind = "record"
 
     def __init__(self, store: dict[int, Tensor], layer: int, detach: bool) -> None:
@@ -523,13 +542,13 @@ def intervene(model: Any, hooks: Sequence[tuple[str, Any]], *, require_fired: bo
     check_model(model)
     hooks = list(hooks)
     _validate_hooks(model, hooks)
-    counted = [fn for _, fn in hooks if isinstance(fn, _CountingHook)]
+    counted = [fn for _, fn in hooks if isinstance(fn, CountingHook)]
     for fn in counted:
         fn.calls = 0
     with model.hooks(fwd_hooks=hooks):
         yield model
     if require_fired:
-        silent = [name for name, fn in hooks if isinstance(fn, _CountingHook) and fn.calls == 0]
+        silent = [name for name, fn in hooks if isinstance(fn, CountingHook) and fn.calls == 0]
         if silent:
             raise HookNotFiredError(
                 f"hooks never ran: {silent}; run a forward pass inside the context, and check that "

@@ -59,7 +59,7 @@ from torch import Tensor
 from .attribution.quadrature import quadrature
 from .attribution.selection import select_neurons
 from .errors import InvalidInputError, NumericalError
-from .hooks import HookList, _CountingHook, intervene, scale_attention
+from .hooks import CountingHook, HookList, intervene, scale_attention
 from .identities import Head, Synapse
 from .model import (
     answer_probability,
@@ -257,7 +257,7 @@ def select_synapses(
 # --------------------------------------------------------------------------------------------------
 
 
-class _GradTap(_CountingHook):
+class _GradTap(CountingHook):
     """Read-only hook: returns ``act + z`` with a zero leaf ``z`` so that ∂output/∂act can be read as z.grad."""
 
     kind = "tap"

@@ -51,7 +51,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from .errors import InvalidInputError
-from .hooks import HookList, _CountingHook, intervene
+from .hooks import CountingHook, HookList, intervene
 from .model import answer_probability, answer_token_id, check_model, n_layers, require_eval, tokenize_prompts
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ def _hook_name(kind: str, layer: int) -> str:
     return f"blocks.{layer}.{KINDS[kind]}"
 
 
-class NoiseHook(_CountingHook):
+class NoiseHook(CountingHook):
     """Adds ``noise[row % samples]`` ([samples, n_subject, d_model]) at the subject positions of every row."""
 
     kind = "noise"
@@ -99,7 +99,7 @@ class NoiseHook(_CountingHook):
         return act + add
 
 
-class RestoreHook(_CountingHook):
+class RestoreHook(CountingHook):
     """Replaces ``act[b, p]`` by ``clean[p]`` where ``mask[b, p]`` (a per-row clean-state restoration)."""
 
     kind = "restore"
