@@ -284,10 +284,25 @@ def test_float32_fast_equals_reference(arch):
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference")
     fast = attribute_neurons(model, PROMPTS, ANSWERS, **_fast_kw("hf"))
     auto = attribute_neurons(model, PROMPTS, ANSWERS)
-    assert auto.path == ("kv-hooked" if tl_major() < 4 else "full")  # tiny n_ctx: no room to pack
+    # n_ctx 32: the copies are spread over several packed rows of one batch
+    assert auto.path == ("kv-hooked" if tl_major() < 4 else "packed")
     assert _rel(auto.scores, ref.scores) <= 1e-3
     assert fast.scores.dtype == torch.float32
     assert _rel(fast.scores, ref.scores) <= 1e-3
+
+
+@pytest.mark.skipif(tl_major() < 4, reason="packing is the TL 4 bridge path")
+def test_packed_rows_and_no_room_fallback_equal_reference():
+    """A prompt one token short of n_ctx leaves room for 2 copies per packed row: "auto" takes the full path
+    then; forcing packing gives one row per two samples. Both equal the reference."""
+    model = _model("gpt2", "hf")
+    n_ctx = model.cfg.n_ctx
+    long_prompt = torch.arange(3, 3 + n_ctx - 1) % model.cfg.d_vocab  # n_ctx - 1 tokens: t = n_ctx - 2
+    ref = attribute_neurons(model, long_prompt, 5, steps=4, implementation="reference", prepend_bos=False)
+    auto = attribute_neurons(model, long_prompt, 5, steps=4, prepend_bos=False)
+    packed = attribute_neurons(model, long_prompt, 5, steps=4, prepend_bos=False, fast_path="kv")
+    assert auto.path == "full" and packed.path == "packed"
+    assert _rel(auto.scores, ref.scores) <= 1e-5 and _rel(packed.scores, ref.scores) <= 1e-5
 
 
 def test_full_fast_path_and_token_inputs_equal_reference():

@@ -173,7 +173,7 @@ def _normalise_inputs(
 
 
 _CLEAN_CHUNK = 16  # prompts per clean forward pass
-_MIN_PACKED_ROOM = 64  # "packed" only when the context has room for this many copies after the prompt
+_MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
 
 
 def _longest(model: Any, plist: list[Any], config: AttributionConfig) -> int:
@@ -324,44 +324,53 @@ class _FullEvaluator(_Evaluator):
 
 
 class _PackedEvaluator(_Evaluator):
-    """HF-backed bridges: one sequence = prompt prefix + one copy of the answer token per sample.
+    """HF-backed bridges: each sequence = prompt prefix + copies of the answer token, one copy per sample.
 
     A 4-D boolean attention mask lets every copy attend to the prefix and to itself only, and every copy gets
     the answer position's position id, so each copy computes exactly the clean last-token forward; the hook
-    at layer l overwrites the copies of layer-l samples. The prefix is computed once per forward pass.
+    at layer l overwrites the copies of layer-l samples. When the context cannot hold all copies after the
+    prefix (``n_ctx``), they are spread over several rows of one batch, each row repeating the prefix, so a
+    chunk is still one forward pass.
     """
 
     path = "packed"
 
     def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         S, t = x.shape[0], self.t
+        r = self.copies_per_row(S)
 
         def place(act: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
-            return act.index_put((torch.zeros_like(rows), rows + t), vals)
+            return act.index_put((rows // r, t + rows % r), vals)
 
-        logits = self._run(S, _row_hooks(self.prep.names, layer_of, x, place))
+        logits = self._run(S, r, _row_hooks(self.prep.names, layer_of, x, place))
         return self._finish(logits, x)
 
-    def _run(self, S: int, hooks: list[tuple[str, Any]]) -> Tensor:
+    def copies_per_row(self, S: int) -> int:
+        n_ctx = int(getattr(self.model.cfg, "n_ctx", 0) or 0)  # position tables are sized n_ctx
+        return max(1, min(S, n_ctx - self.t)) if n_ctx else S
+
+    def _run(self, S: int, r: int, hooks: list[tuple[str, Any]]) -> Tensor:
         t, dev = self.t, self.row.device
-        seq = torch.cat([self.row[:t], self.row[t:].expand(S)]).unsqueeze(0)
-        N = t + S
+        B, N = -(-S // r), t + r
+        seq = torch.cat([self.row[:t], self.row[t:].expand(r)]).unsqueeze(0).expand(B, N)
         allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
         allowed[:t, :t] = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
         allowed[t:, :t] = True
         diag = torch.arange(t, N, device=dev)
         allowed[diag, diag] = True
-        pos = torch.cat([torch.arange(t, device=dev), torch.full((S,), t, device=dev)]).unsqueeze(0)
+        pos = torch.cat([torch.arange(t, device=dev), torch.full((r,), t, device=dev)]).unsqueeze(0).expand(B, N)
+        mask = allowed[None, None].expand(B, 1, N, N)
         with self.model.hooks(fwd_hooks=hooks):
             try:
-                logits = self.model(seq, attention_mask=allowed[None, None], position_ids=pos)
+                logits = self.model(seq, attention_mask=mask, position_ids=pos)
             except Exception as exc:
                 if not self.checking:
                     raise
                 # on the validation chunk: a backend that rejects 4-D masks / position ids → fall back
                 logger.debug("packed forward raised %r", exc)
                 raise _PathMismatch(float("nan")) from exc
-        return logits[0, t:]
+        # copies past S in the last row are unedited answer-token copies: computed, then dropped
+        return logits[:, t:].reshape(B * r, -1)[:S]
 
 
 class _HookedKVEvaluator(_Evaluator):
@@ -520,10 +529,6 @@ def _run_prompt(
     layers_t = torch.tensor(prep.layers, dtype=torch.long, device=dev)
     nl = len(prep.layers)
     bs = _default_batch(config, ev.path, int(prep.last[i]) + 1, nl * J * K)
-    if ev.path == "packed":  # prefix + copies must fit the context (position tables are sized n_ctx)
-        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
-        if n_ctx:
-            bs = max(1, min(bs, n_ctx - int(prep.last[i]) - int(check)))
     integral = torch.zeros(nl * J, D, dtype=acc, device=dev)
     f0 = torch.zeros(nl * J, dtype=acc, device=dev)
     p0 = torch.zeros(nl * J, dtype=acc, device=dev)
@@ -656,8 +661,8 @@ def _attribute(
 ) -> NeuronAttribution:
     kind = "reference" if config.implementation == "reference" else _fast_kind(model, config)
     if kind == "packed" and config.fast_path == "auto":
-        # packing needs room in the context for the copies; with little room (tiny n_ctx, long prompts) the
-        # many small passes lose to the batched full path
+        # packing needs room in the context for the copies: with one or two copies per row (a prompt that
+        # nearly fills n_ctx) a packed row is as long as the full path's and gains nothing
         n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
         if n_ctx and n_ctx - _longest(model, plist, config) < _MIN_PACKED_ROOM:
             kind = "full"
