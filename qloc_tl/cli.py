@@ -265,8 +265,9 @@ def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], o
     figs.mkdir(parents=True, exist_ok=True)
     for m in cfg.methods:
         plot_cs_histogram(res, m, path=figs / f"cs_hist_{m}.png")
-    plot_relation_ki(res, path=figs / "ki_per_relation.png")
-    plot_threshold_sweep(res, path=figs / "threshold_sweep.png")
+    for kind in ("static", "otsu"):  # both splits: on a model where the static τ finds no K_I, Otsu's shows the tail
+        plot_relation_ki(res, kind, path=figs / f"ki_per_relation_{kind}.png")
+        plot_threshold_sweep(res, kind, path=figs / f"threshold_sweep_{kind}.png")
     _heatmaps(model, facts, res, settings, figs)
     return res
 
