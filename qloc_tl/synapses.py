@@ -43,11 +43,10 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -56,6 +55,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from .attribution.ig import _frozen_params
 from .attribution.quadrature import quadrature
 from .attribution.selection import select_neurons
 from .errors import InvalidInputError, NumericalError
@@ -269,19 +269,6 @@ class _GradTap(CountingHook):
     def apply(self, act: Tensor) -> Tensor:
         self.z = torch.zeros_like(act, requires_grad=True)
         return act + self.z
-
-
-@contextlib.contextmanager
-def _frozen_params(model: Any) -> Iterator[None]:
-    """Turn off ``requires_grad`` on every parameter for the duration (restored even on error)."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for p, _ in flags:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in flags:
-            p.requires_grad_(f)
 
 
 def _attattr_batched(
