@@ -176,15 +176,42 @@ def bench_model(
     device: str,
     eleuther: bool = True,
     ref_queries: int | None = None,
+    group_cap: int | None = None,
 ) -> dict[str, Any]:
     """Time per query of reference / fast / EleutherAI-style on ``n_queries`` random prompts of ``n_tok``
-    tokens (the slow two on the first ``ref_queries`` only, default all)."""
+    tokens (the slow two on the first ``ref_queries`` only, default all). ``group_cap``: at most this many
+    prompts per pass on the TL 4 blockwise path (default: the library's default for the device)."""
+    import qloc_tl.attribution.ig as ig
+
+    caps = dict(ig._GROUP_MAX)
+    try:
+        if group_cap is not None:
+            ig._GROUP_MAX.update(cpu=group_cap, other=group_cap)
+        return _bench_model(model, label, n_tok, n_queries, steps, repeats, device, eleuther, ref_queries)
+    finally:
+        ig._GROUP_MAX.update(caps)
+
+
+def _bench_model(
+    model: Any,
+    label: str,
+    n_tok: int,
+    n_queries: int,
+    steps: int,
+    repeats: int,
+    device: str,
+    eleuther: bool,
+    ref_queries: int | None,
+) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     V = model.cfg.d_vocab
     prompts = [torch.randint(3, V, (n_tok,), generator=g).to(device) for _ in range(n_queries)]
     answers = [int(torch.randint(3, V, (1,), generator=g)) for _ in range(n_queries)]
     nr = min(ref_queries or n_queries, n_queries)
     capabilities(model)  # the one-time, per-model backend probe (cached) is not part of a query's cost
+    if device == "cuda":  # kernels, allocator and autotuning warm up outside the timings
+        attribute_neurons(model, prompts[:2], answers[:2], steps=steps)
+        attribute_neurons(model, prompts[:1], answers[:1], steps=steps, implementation="reference")
     t_ref, ref = time_it(
         lambda: attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, implementation="reference"),
         repeats,
@@ -201,6 +228,7 @@ def bench_model(
         "ref_ms": 1000 * t_ref / nr,
         "fast_ms": fast_ms,
         "speedup": 1000 * t_ref / nr / fast_ms,
+        "queries_per_s": 1000 / fast_ms,
         "maxreldiff": rel_diff(fast.scores_batched[:nr], ref.scores_batched),
     }
     if eleuther:
@@ -224,7 +252,8 @@ def bench_model(
 def print_rows(rows: list[dict[str, Any]]) -> None:
     cols = [
         ("model", 22, "s"), ("backend", 34, "s"), ("path", 10, "s"), ("tokens", 6, "d"), ("queries", 7, "d"),
-        ("ref_ms", 10, ".1f"), ("fast_ms", 9, ".1f"), ("speedup", 8, ".1f"), ("maxreldiff", 10, ".1e"),
+        ("ref_ms", 10, ".1f"), ("fast_ms", 9, ".1f"), ("speedup", 8, ".1f"), ("queries_per_s", 13, ".1f"),
+        ("maxreldiff", 10, ".1e"),
         ("eleuther_ms", 11, ".1f"), ("vs_eleuther", 11, ".1f"), ("eleuther_reldiff", 16, ".1e"),
     ]  # fmt: skip
     print(" ".join(f"{c:>{w}}" for c, w, _ in cols))
@@ -303,23 +332,48 @@ def llama_random_model(device: str, dtype: torch.dtype = torch.bfloat16, **shape
 
 
 def run_cuda(args: argparse.Namespace) -> None:
-    if not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
-    model = llama_random_model("cuda", torch.bfloat16)
+    """GPU mode: GPT-2-small shape (throughput, goal ≥ 500 queries/s) and LLaMA-3-8B shape (goal ≤ 50 ms per
+    query, batch ≥ 32 queries), both in bf16, each with one prompt per pass and with the default number of
+    prompts per pass of the TL 4 blockwise path. ``--smoke`` runs the same code on tiny shapes (on the CPU
+    when no GPU is there), to check the script before a lent GPU's minutes are spent on it."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if not args.smoke and dev != "cuda":
+        raise SystemExit("--device cuda: no CUDA device is available (--smoke runs the tiny version on the CPU)")
+    if dev == "cpu":
+        torch.set_num_threads(1)
+    q = args.queries or (4 if args.smoke else 32)
+    ref_q = 2 if args.smoke else 4
+
+    def peak() -> None:
+        if dev == "cuda":
+            print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB", flush=True)
+            torch.cuda.reset_peak_memory_stats()
+
+    g2 = load(gpt2_eleuther_dir() if args.smoke else gpt2_small_dir(), torch.bfloat16, dev)
     rows = [
         bench_model(
-            "llama3-8b-shape bf16",
-            model,
-            args.tokens,
-            args.queries,
-            args.steps,
-            1,
-            "cuda",
-            eleuther=args.eleuther,
+            f"gpt2-small bf16 G={cap or 'auto'}", g2, args.tokens, 8 * q, args.steps, 1, dev,
+            eleuther=args.eleuther and cap is None, ref_queries=ref_q, group_cap=cap,
         )
-    ]
+        for cap in (1, None)
+    ]  # fmt: skip
     print_rows(rows)
-    print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    peak()
+    del g2
+    small = dict(
+        vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2,
+    )  # fmt: skip
+    model = llama_random_model(dev, torch.bfloat16, **(small if args.smoke else {}))
+    rows = [
+        bench_model(
+            f"llama3-8b bf16 G={cap or 'auto'}", model, args.tokens, q, args.steps, 1, dev,
+            eleuther=args.eleuther and cap is None, ref_queries=ref_q, group_cap=cap,
+        )
+        for cap in (1, None)
+    ]  # fmt: skip
+    print_rows(rows)
+    peak()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,13 +388,13 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=None, help="queries per model (default: 2 CPU, 32 CUDA)")
     ap.add_argument("--repeats", type=int, default=2, help="min over this many runs (CPU)")
     ap.add_argument("--no-eleuther", dest="eleuther", action="store_false")
+    ap.add_argument("--smoke", action="store_true", help="with --device cuda: tiny shapes, CPU if no GPU")
     ap.add_argument(
         "--no-builtin", dest="builtin", action="store_false", help="skip the built-in model (qloc_tl.zoo)"
     )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device == "cuda":
-        args.queries = args.queries or 32
         run_cuda(args)
         return
     torch.set_num_threads(1)

@@ -205,24 +205,29 @@ def test_toy_mask_bos_and_replacement_default(toy):
 def _expected_path(source: str) -> str:
     if tl_major() < 4:
         return "kv-hooked"
-    return "packed" if source == "hf" else "full"
+    return "blockwise" if source == "hf" else "full"
 
 
 def _fast_kw(source: str) -> dict:
-    # the tiny models' n_ctx = 32 leaves too little room for "auto" to pick "packed"; force the prefix-reuse
-    # path where the backend has one, so that it is what gets tested
-    return {"fast_path": "kv"} if _expected_path(source) != "full" else {}
+    # the tiny models' n_ctx = 32 cannot hold all samples of a prompt in one row, so "auto" would pick
+    # "packed" on TL 4; force the prefix-reusing path under test (blockwise then runs several chunks)
+    if _expected_path(source) == "full":
+        return {}
+    return {"fast_path": "kv" if tl_major() < 4 else "blockwise"}
 
 
-@pytest.mark.parametrize("arch, source", MODELS)
+_PACKED = [("gpt2", "hf", "packed"), ("llama", "hf", "packed")] if tl_major() >= 4 else []
+
+
+@pytest.mark.parametrize("arch, source, path", [(a, s, None) for a, s in MODELS] + _PACKED)
 @pytest.mark.parametrize("method", ["ig", "sig", "amig"])
-def test_fast_equals_reference_float64(arch, source, method):
+def test_fast_equals_reference_float64(arch, source, path, method):
     model = _model(arch, source)
     steps = 20 if method != "sig" else 6
     kw = dict(method=method, steps=steps)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference", **kw)
-    fast = attribute_neurons(model, PROMPTS, ANSWERS, **kw, **_fast_kw(source))
-    assert ref.path == "reference" and fast.path == _expected_path(source)
+    fast = attribute_neurons(model, PROMPTS, ANSWERS, **kw, **({"fast_path": path} if path else _fast_kw(source)))
+    assert ref.path == "reference" and fast.path == (path or _expected_path(source))
     assert fast.scores.shape == (3, model.cfg.n_layers, model.cfg.d_mlp)
     assert _rel(fast.scores, ref.scores) <= 1e-5
     for f in ("clean_prob", "baseline_prob", "completeness_delta", "activations"):
@@ -284,9 +289,14 @@ def test_float32_fast_equals_reference(arch):
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference")
     fast = attribute_neurons(model, PROMPTS, ANSWERS, **_fast_kw("hf"))
     auto = attribute_neurons(model, PROMPTS, ANSWERS)
-    # n_ctx 32: the copies are spread over several packed rows of one batch
+    # n_ctx 32: the 3 x 21 samples of a prompt do not fit one row, "auto" spreads them over packed rows
     assert auto.path == ("kv-hooked" if tl_major() < 4 else "packed")
     assert _rel(auto.scores, ref.scores) <= 1e-3
+    # 3 x 5 samples fit one row after the prompt: "auto" takes the blockwise path
+    ref5 = attribute_neurons(model, PROMPTS, ANSWERS, steps=4, implementation="reference")
+    auto5 = attribute_neurons(model, PROMPTS, ANSWERS, steps=4)
+    assert auto5.path == ("kv-hooked" if tl_major() < 4 else "blockwise")
+    assert _rel(auto5.scores, ref5.scores) <= 1e-3
     assert fast.scores.dtype == torch.float32
     assert _rel(fast.scores, ref.scores) <= 1e-3
 
@@ -303,6 +313,43 @@ def test_packed_rows_and_no_room_fallback_equal_reference():
     packed = attribute_neurons(model, long_prompt, 5, steps=4, prepend_bos=False, fast_path="kv")
     assert auto.path == "full" and packed.path == "packed"
     assert _rel(auto.scores, ref.scores) <= 1e-5 and _rel(packed.scores, ref.scores) <= 1e-5
+
+
+@pytest.mark.parametrize("arch, source", MODELS)
+@pytest.mark.parametrize("batch_size", [7, 1000])
+def test_layer_subsets_and_odd_chunks_equal_reference(arch, source, batch_size):
+    """Chunks that start above layer 0, mix layers, split a layer, or hold every sample (the blockwise paths
+    add each layer's samples at that layer's block), on a non-contiguous layer subset."""
+    model = _model(arch, source)
+    kw = dict(steps=5, rule="midpoint", layers=[2, 0])
+    ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], implementation="reference", **kw)
+    fast = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], batch_size=batch_size, **kw, **_fast_kw(source))
+    assert fast.path == _expected_path(source)
+    assert bool(fast.scores[:, 1].isnan().all()) and _rel(fast.scores[:, [0, 2]], ref.scores[:, [0, 2]]) <= 1e-6
+
+
+@pytest.mark.skipif(tl_major() < 4, reason="prompts share a pass on the TL 4 blockwise path")
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["ig", "amig"])
+def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, method, monkeypatch):
+    """Several prompts of different lengths in one blockwise pass (rows left-padded to the longest prefix;
+    the default on GPUs, forced here on the CPU) equal the reference and the one-prompt-per-pass run."""
+    model = _model(arch, "hf")
+    prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # 1-token prompt: an empty prefix
+    kw = dict(method=method, steps=4, rule="trapezoid")
+    ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
+    alone = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
+    monkeypatch.setitem(ig_module._GROUP_MAX, "cpu", 3)
+    calls = []
+    real = ig_module._run_group
+    monkeypatch.setattr(ig_module, "_run_group", lambda ev, idxs, *a: calls.append(idxs) or real(ev, idxs, *a))
+    shared = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
+    assert calls == [[0, 1, 2], [3]] and shared.path == "blockwise"
+    # HF LLaMA's RMSNorm computes in float32 even in a float64 model: rows of another length round differently
+    tol = 1e-9 if arch == "gpt2" else 1e-6
+    assert _rel(shared.scores, ref.scores) <= 1e-6 and _rel(shared.scores, alone.scores) <= tol
+    for f in ("baseline_prob", "completeness_delta"):
+        assert torch.allclose(getattr(shared, f), getattr(ref, f), rtol=1e-6, atol=1e-9), f
 
 
 def test_full_fast_path_and_token_inputs_equal_reference():

@@ -19,7 +19,7 @@ METHODS = ("ig", "sig", "amig")
 OBJECTIVES = ("prob", "logprob")
 MULTIPLY_BY = ("activation", "difference")
 IMPLEMENTATIONS = ("fast", "reference")
-FAST_PATHS = ("auto", "kv", "full")
+FAST_PATHS = ("auto", "kv", "blockwise", "packed", "full")
 
 
 def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
@@ -68,7 +68,7 @@ class AttributionConfig:
     show_progress: bool = False
     replacement_id: int | None = None
     mask_bos: bool = False
-    fast_path: Literal["auto", "kv", "full"] = "auto"
+    fast_path: Literal["auto", "kv", "blockwise", "packed", "full"] = "auto"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)

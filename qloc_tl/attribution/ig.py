@@ -173,6 +173,11 @@ def _normalise_inputs(
 
 
 _CLEAN_CHUNK = 16  # prompts per clean forward pass
+_BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the [S, d_vocab] logits and their gradient)
+_GROUP_LOGITS = 1 << 27  # TL 4 blockwise: prompts per pass while [prompts, samples, d_vocab] stays below this
+# ... and at most this many per device type: on CPU one prompt per pass is fastest (measured: GPT-2-small
+# shape, 4 prompts per pass 1.35x slower — the [G, S, d_vocab] element-wise work falls out of cache)
+_GROUP_MAX = {"cpu": 1, "other": 64}
 _MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
 
 
@@ -195,11 +200,12 @@ class _Prepared:
     clean_last_logits: Float[Tensor, "n d_vocab"]
     clean_obj: Tensor
     clean_prob: Tensor
-    resid_last: dict[int, Tensor]  # layer -> [n, d_model] resid_pre at the answer position (fast KV path)
+    resid_last: dict[int, Tensor]  # layer -> [n, d_model] resid_pre at the answer position (blockwise paths)
+    resid_rows: Tensor | None  # [n, pos, d_model] resid_pre of the lowest requested layer (bridge blockwise path)
 
 
 def _prepare(
-    model: Any, plist: list[Any], ids: list[int], config: AttributionConfig, want_resid: bool
+    model: Any, plist: list[Any], ids: list[int], config: AttributionConfig, want_resid: bool, want_rows: bool
 ) -> _Prepared:
     tokens, last = tokenize_prompts(model, plist, prepend_bos=config.prepend_bos)
     L = n_layers(model)
@@ -207,10 +213,10 @@ def _prepare(
     for l in layers:
         check_layer(model, l)
     names = {l: neuron_hook_name(model, l, config.site) for l in range(L)}
-    resid_names = {l: f"blocks.{l}.hook_resid_pre" for l in layers} if want_resid else {}
+    resid_names = {l: f"blocks.{l}.hook_resid_pre" for l in layers} if want_resid or want_rows else {}
     acc = _acc_dtype(model)
     answers = torch.tensor(ids, dtype=torch.long, device=tokens.device)
-    acts_l, resid_l, last_l = [], [], []
+    acts_l, resid_l, last_l, rows_l = [], [], [], []
     with torch.no_grad():
         for c0 in range(0, tokens.shape[0], _CLEAN_CHUNK):  # bounded [chunk, pos, d_vocab] logits
             toks, pos = tokens[c0 : c0 + _CLEAN_CHUNK], last[c0 : c0 + _CLEAN_CHUNK]
@@ -220,14 +226,17 @@ def _prepare(
             rows = torch.arange(toks.shape[0], device=toks.device)
             acts_l.append(torch.stack([cache[names[l]][rows, pos] for l in range(L)], dim=1))
             resid_l.append({l: cache[n][rows, pos] for l, n in resid_names.items()})
+            if want_rows:
+                rows_l.append(cache[resid_names[min(layers)]])
             last_l.append(logits[rows, pos])
             del logits, cache
         acts = torch.cat(acts_l)
         resid = {l: torch.cat([r[l] for r in resid_l]) for l in resid_names}
         clean_last = torch.cat(last_l)
+        resid_rows = torch.cat(rows_l) if want_rows else None
         obj, prob = _objective(clean_last, answers, config.objective, acc)
     _check_finite(clean_last, "clean logits", model)
-    return _Prepared(tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid)
+    return _Prepared(tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid, resid_rows)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -260,16 +269,19 @@ class _Evaluator:
     def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def _finish(self, logits_last: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        self.last_logits = logits_last.detach()  # read by the validation row of the main loop
+    def _finish(self, logits_last: Tensor, x: Tensor, inv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Objective, probability and gradient w.r.t. ``x`` of the samples; ``logits_last[inv]`` are the
+        samples' logits in the order of ``x`` when ``inv`` is given (the [S, d_vocab] logits are not
+        permuted: only the per-sample results are)."""
+        # the last sample's logits are read by the validation row of the main loop
+        self.last_row_logits = logits_last[-1 if inv is None else int(inv[-1])].detach()
         ans = self.prep.answers[self.i].expand(x.shape[0])
         obj, prob = _objective(logits_last, ans, self.config.objective, self.acc)
+        if inv is not None:
+            obj, prob = obj[inv], prob[inv]
         (g,) = torch.autograd.grad(obj.sum(), x)
         return obj.detach(), prob.detach(), g
 
-    def _rel_err(self, out: Tensor) -> float:
-        ref = self.prep.clean_last_logits[self.i].to(self.acc)
-        return float((out.to(self.acc) - ref).abs().max()) / (1.0 + float(ref.abs().max()))
 
 
 def _row_hooks(names: dict[int, str], layer_of: Tensor, x: Tensor, place: Any) -> list[tuple[str, Any]]:
@@ -349,9 +361,10 @@ class _PackedEvaluator(_Evaluator):
         n_ctx = int(getattr(self.model.cfg, "n_ctx", 0) or 0)  # position tables are sized n_ctx
         return max(1, min(S, n_ctx - self.t)) if n_ctx else S
 
-    def _run(self, S: int, r: int, hooks: list[tuple[str, Any]]) -> Tensor:
+    def layout(self, B: int, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(tokens [B, N], mask [B, 1, N, N], position ids [B, N])`` of ``B`` rows = prefix + ``r`` copies."""
         t, dev = self.t, self.row.device
-        B, N = -(-S // r), t + r
+        N = t + r
         seq = torch.cat([self.row[:t], self.row[t:].expand(r)]).unsqueeze(0).expand(B, N)
         allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
         allowed[:t, :t] = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
@@ -359,7 +372,12 @@ class _PackedEvaluator(_Evaluator):
         diag = torch.arange(t, N, device=dev)
         allowed[diag, diag] = True
         pos = torch.cat([torch.arange(t, device=dev), torch.full((r,), t, device=dev)]).unsqueeze(0).expand(B, N)
-        mask = allowed[None, None].expand(B, 1, N, N)
+        return seq, allowed[None, None].expand(B, 1, N, N), pos
+
+    def _run(self, S: int, r: int, hooks: list[tuple[str, Any]]) -> Tensor:
+        t = self.t
+        B = -(-S // r)
+        seq, mask, pos = self.layout(B, r)
         with self.model.hooks(fwd_hooks=hooks):
             try:
                 logits = self.model(seq, attention_mask=mask, position_ids=pos)
@@ -373,12 +391,235 @@ class _PackedEvaluator(_Evaluator):
         return logits[:, t:].reshape(B * r, -1)[:S]
 
 
+class _Abort(Exception):
+    """Raised by the pre-hook that captures block 0's call, to stop the probe forward there."""
+
+
+def _is_cache(v: Any) -> bool:
+    return any(c.__name__.endswith("Cache") for c in type(v).__mro__)
+
+
+@dataclass(frozen=True)
+class _Leaf:
+    value: Any
+    seq_dims: tuple[int, ...]  # dimensions indexed by sequence position (sliced to N)
+
+
+def _zip_map(a: Any, b: Any, fn: Any) -> Any:
+    """``fn(a_leaf, b_leaf)`` over two structures of nested tuples / lists / dicts of the same shape."""
+    if isinstance(a, (tuple, list)) and type(a) is type(b) and len(a) == len(b):
+        return type(a)(_zip_map(x, y, fn) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys():
+        return {k: _zip_map(a[k], b[k], fn) for k in a}
+    return fn(a, b)
+
+
+def _leaf_map(v: Any, fn: Any) -> Any:
+    if isinstance(v, _Leaf):
+        return fn(v)
+    if isinstance(v, (tuple, list)):
+        return type(v)(_leaf_map(e, fn) for e in v)
+    return {k: _leaf_map(e, fn) for k, e in v.items()}
+
+
+class _BlockCall:
+    """How the HF-backed bridge calls its blocks for the packed layout of any length ``N ≤ n_max``.
+
+    Block 0's call (positional args after the hidden states, and kwargs) is captured from two probe forwards
+    of the packed layout, of lengths ``n_max`` and ``n_max + 1``, each stopped at block 0 (embedding only).
+    The tensor dimensions that differ between the two are the sequence dimensions (mask rows and columns,
+    position ids, rotary cos/sin, cache positions); :meth:`at` slices them to the first ``N`` positions —
+    the packed layout of a shorter sequence. KV caches are dropped and ``use_cache`` is set to False. The
+    same call is assumed for every block; the validation row of the main loop checks the whole result.
+    """
+
+    def __init__(self, ev: _BlockwiseEvaluator, n_max: int) -> None:
+        a1, k1 = self._probe(ev, n_max)
+        a2, k2 = self._probe(ev, n_max + 1)
+        self.n_max = n_max
+
+        def leaf(u: Any, v: Any) -> _Leaf:
+            if not (isinstance(u, Tensor) and isinstance(v, Tensor)):
+                return _Leaf(u, ())
+            dims = tuple(d for d in range(u.dim()) if u.dim() == v.dim() and u.shape[d] != v.shape[d])
+            if u.dim() != v.dim() or any(u.shape[d] != n_max or v.shape[d] != n_max + 1 for d in dims):
+                raise _PathMismatch(float("nan"))  # not a per-position dimension: cannot slice it
+            return _Leaf(u, dims)
+
+        self.args = _zip_map(tuple(a1[1:]), tuple(a2[1:]), leaf)
+        self.kwargs = _zip_map(dict(k1), dict(k2), leaf)
+
+    @staticmethod
+    def _probe(ev: _BlockwiseEvaluator, N: int) -> tuple[tuple, dict]:
+        seq, mask, pos = ev.layout(N - ev.T)
+        got: dict[str, Any] = {}
+
+        def pre(mod: Any, args: tuple, kwargs: dict) -> None:
+            got["call"] = (args, kwargs)
+            raise _Abort
+
+        handle = ev.model.blocks[0].register_forward_pre_hook(pre, with_kwargs=True)
+        try:
+            with torch.no_grad():
+                ev.model(seq, attention_mask=mask, position_ids=pos)
+        except _Abort:
+            pass
+        finally:
+            handle.remove()
+        if "call" not in got:
+            raise _PathMismatch(float("nan"))
+        return got["call"]
+
+    def at(self, N: int) -> tuple[tuple, dict]:
+        def cut(leaf: _Leaf) -> Any:
+            if _is_cache(leaf.value):
+                return None
+            v = leaf.value
+            for d in leaf.seq_dims:
+                v = v.narrow(d, 0, N)
+            return v
+
+        args, kwargs = _leaf_map(self.args, cut), _leaf_map(self.kwargs, cut)
+        if "use_cache" in kwargs:
+            kwargs["use_cache"] = False
+        return args, kwargs
+
+
+class _BlockwiseEvaluator(_Evaluator):
+    """HF-backed bridges, blockwise, several prompts per pass (one row each).
+
+    Row g = the prompt's prefix, left-padded to the group's longest prefix T, then one copy of the answer
+    token per sample; a 4-D mask lets each copy see its row's prefix and itself (pads see only themselves)
+    and every copy gets the answer's position id. The rows are driven one block at a time through
+    ``model.blocks[j]`` (:class:`_BlockCall`): the copies of layer-l samples join every row at block l with
+    the clean residual entering it (``resid_last``), so no copy computes a layer below its own. The prefix
+    (the clean input of the lowest requested layer, ``resid_rows``) is recomputed per block, since the
+    bridges keep no KV cache; the logits are ``unembed(ln_final(·))`` of the copies only. All rows of a pass
+    hold the same samples (layer, path, step) of their prompts; a row holds at most ``n_ctx − T`` copies.
+    """
+
+    path = "blockwise"
+
+    def start_group(self, idxs: list[int]) -> None:
+        self.idxs = idxs
+        self.ts = [int(self.prep.last[i]) for i in idxs]
+        self.T = max(self.ts)
+        self._call: _BlockCall | None = None
+
+    def end_group(self) -> None:
+        self._call = None
+
+    def layout(self, r: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(tokens [G, N], mask [G, 1, N, N], position ids [G, N])``: the group's rows with ``r`` copies."""
+        G, T, dev = len(self.idxs), self.T, self.prep.tokens.device
+        N = T + r
+        seq = torch.empty(G, N, dtype=torch.long, device=dev)
+        allowed = torch.eye(N, dtype=torch.bool, device=dev).repeat(G, 1, 1)  # pads and copies see themselves
+        pos = torch.zeros(G, N, dtype=torch.long, device=dev)
+        for g, (i, t) in enumerate(zip(self.idxs, self.ts)):
+            row, off = self.prep.tokens[i], T - t
+            seq[g, :off] = row[0]  # padding: masked out, any token
+            seq[g, off:T] = row[:t]
+            seq[g, T:] = row[t]
+            allowed[g, off:T, off:T] = torch.ones(t, t, dtype=torch.bool, device=dev).tril()
+            allowed[g, T:, off:T] = True
+            pos[g, off:T] = torch.arange(t, device=dev)
+            pos[g, T:] = t
+        return seq, allowed.unsqueeze(1), pos
+
+    def evaluate_group(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``x [G, S, D]`` (the same samples ``layer_of [S]`` for every row) → objective, probability
+        ``[G, S]`` and the gradient ``[G, S, D]``; ``last_row_logits [G, d_vocab]`` of each row's last copy."""
+        order, counts = _layer_groups(layer_of)
+        try:
+            logits = self._logits(order, counts, x)  # [G, S, V], samples in layer order
+        except _PathMismatch:
+            raise
+        except Exception as exc:
+            if not self.checking:
+                raise
+            # on the validation chunk: a backend whose blocks cannot be driven this way → fall back
+            logger.debug("blockwise evaluation raised %r", exc)
+            raise _PathMismatch(float("nan")) from exc
+        inv = _inverse(order)
+        G, S, V = logits.shape
+        self.last_row_logits = logits[:, int(inv[-1])].detach()
+        ans = self.prep.answers[self.idxs].view(G, 1).expand(G, S).reshape(-1)
+        obj, prob = _objective(logits.reshape(G * S, V), ans, self.config.objective, self.acc)
+        obj, prob = obj.view(G, S)[:, inv], prob.view(G, S)[:, inv]
+        (g,) = torch.autograd.grad(obj.sum(), x)
+        return obj.detach(), prob.detach(), g
+
+    def _logits(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
+        model, T, S = self.model, self.T, x.shape[1]
+        if self._call is None or self._call.n_max < T + S:
+            self._call = _BlockCall(self, T + S)
+        hooks = _tail_hooks(self.prep.names, counts, x[:, order], dim=1)
+        idx = torch.tensor(self.idxs, device=x.device)
+        rows = self.prep.resid_rows[idx]  # [G, pos, d_model]
+        hidden = rows.new_zeros(len(self.idxs), T, rows.shape[-1])
+        for g, t in enumerate(self.ts):
+            hidden[g, T - t :] = rows[g, :t]
+        with model.hooks(fwd_hooks=hooks):
+            for j in range(min(self.prep.layers), n_layers(model)):
+                if j in counts:
+                    new = self.prep.resid_last[j][idx].unsqueeze(1).expand(-1, counts[j], -1)
+                    hidden = torch.cat([hidden, new], dim=1)
+                args, kwargs = self._call.at(hidden.shape[1])
+                out = model.blocks[j](hidden, *args, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
+            logits = model.unembed(model.ln_final(hidden[:, T:]))
+        if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
+            raise _PathMismatch(float("nan"))
+        return logits
+
+
+def _layer_groups(layer_of: Tensor) -> tuple[Tensor, dict[int, int]]:
+    """``(order, counts)``: a stable sort of the samples by layer and the number of samples per layer."""
+    order = torch.argsort(layer_of, stable=True)
+    ls, cs = torch.unique_consecutive(layer_of[order], return_counts=True)
+    return order, dict(zip(ls.tolist(), cs.tolist()))
+
+
+def _inverse(order: Tensor) -> Tensor:
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(order.numel(), device=order.device)
+    return inv
+
+
+class _TailHook:
+    """Overwrites the last entries of the batch (``dim`` 0: act ``[S_l, 1, D]``, vals ``[c, D]``) or of the
+    sequence (``dim`` 1: act ``[G, N_l, D]``, vals ``[G, c, D]``) with ``vals``; counts its calls."""
+
+    def __init__(self, vals: Tensor, dim: int) -> None:
+        self.vals, self.dim, self.calls = vals, dim, 0
+
+    def __call__(self, act: Tensor, hook: Any) -> Tensor:
+        self.calls += 1
+        v = self.vals.to(act.dtype)
+        if self.dim == 0:  # vals [c, D]
+            return torch.cat([act[: -v.shape[0]], v.unsqueeze(1)], dim=0)
+        return torch.cat([act[:, : -v.shape[1]], v], dim=1)  # vals [G, c, D]
+
+
+def _tail_hooks(names: dict[int, str], counts: dict[int, int], xs: Tensor, dim: int) -> list[tuple[str, _TailHook]]:
+    """Blockwise evaluation: the samples of layer l join the batch (``dim`` 0) or the sequence (``dim`` 1) at
+    block l, as its last ``counts[l]`` entries; the hook at layer l overwrites exactly those with their ``x``
+    (``xs`` sorted by layer: ``[S, D]`` for ``dim`` 0, ``[G, S, D]`` for ``dim`` 1)."""
+    hooks, s0 = [], 0
+    for l, c in counts.items():
+        hooks.append((names[l], _TailHook(xs[s0 : s0 + c] if dim == 0 else xs[:, s0 : s0 + c], dim)))
+        s0 += c
+    return hooks
+
+
 class _HookedKVEvaluator(_Evaluator):
-    """TL 3 HookedTransformer: the prompt prefix goes into a KV cache once per prompt; each chunk runs only the
-    last token, starting at the lowest layer ``a`` of its samples (``start_at_layer`` with the clean residual
-    of the answer position), with the cache expanded along the batch. Samples of layer l > a recompute layers
-    a..l−1 unchanged; one call per chunk keeps TL's per-call overhead (HT's unembed copies ``W_U.T`` on every
-    call) small."""
+    """TL 3 HookedTransformer, blockwise: the prompt prefix goes into a KV cache once per prompt; a chunk runs
+    only the last token, one block at a time (``start_at_layer=j, stop_at_layer=j + 1``, the cache expanded
+    along the batch). The samples of layer l join the batch at block l (the clean residual entering block l
+    at the answer position, ``resid_last``), so no sample computes a layer below its own, and the batch grows
+    as the chunk climbs. The unembedding is a plain ``resid @ W_U + b_U`` (HT's own copies ``W_U.T`` on every
+    call); the per-call validation row guards all of it."""
 
     path = "kv-hooked"
 
@@ -411,22 +652,31 @@ class _HookedKVEvaluator(_Evaluator):
                 e.past_values = src.past_values.expand(S, *src.past_values.shape[1:])
             c.previous_attention_mask = self.prefix.previous_attention_mask.expand(S, -1)
             c.freeze()
-            self._caches = {S: c}
+            self._caches[S] = c
         return c
 
-    def _run(self, start: int, S: int, hooks: list[tuple[str, Any]]) -> Tensor:
-        resid = self.prep.resid_last[start][self.i].view(1, 1, -1).expand(S, 1, -1)
-        with self.model.hooks(fwd_hooks=hooks):
-            logits = self.model(resid, start_at_layer=start, past_kv_cache=self._expanded(S))
-        return logits[:, -1]
+    def _unembed(self, resid: Tensor) -> Tensor:
+        model = self.model
+        if model.cfg.normalization_type is not None:
+            resid = model.ln_final(resid)
+        logits = resid @ model.W_U + model.b_U
+        cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
     def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        def place(act: Tensor, rows: Tensor, vals: Tensor) -> Tensor:
-            return act.index_put((rows, torch.zeros_like(rows)), vals)
-
-        start = int(layer_of.min())
-        logits_last = self._run(start, x.shape[0], _row_hooks(self.prep.names, layer_of, x, place))
-        return self._finish(logits_last, x)
+        order, counts = _layer_groups(layer_of)
+        resid: Tensor | None = None
+        with self.model.hooks(fwd_hooks=_tail_hooks(self.prep.names, counts, x[order], dim=0)):
+            for j in range(min(counts), n_layers(self.model)):
+                if j in counts:
+                    new = self.prep.resid_last[j][self.i].view(1, 1, -1).expand(counts[j], 1, -1)
+                    resid = new if resid is None else torch.cat([resid, new])
+                assert resid is not None
+                resid = self.model(
+                    resid, start_at_layer=j, stop_at_layer=j + 1, past_kv_cache=self._expanded(resid.shape[0])
+                )
+        assert resid is not None
+        return self._finish(self._unembed(resid[:, -1]), x, _inverse(order))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -434,27 +684,54 @@ class _HookedKVEvaluator(_Evaluator):
 # --------------------------------------------------------------------------------------------------
 
 
-# models on which the packed path failed validation (per mode): go straight to "full", warn once
+# models on which the blockwise / packed path failed validation (per mode): skip it next time, warn once
 _PACKED_FAILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+_BLOCKWISE_FAILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
 def _mode(model: Any) -> Any:
     return (getattr(model, "compatibility_mode", None), model_dtype(model), str(model_device(model)))
 
 
-def _fast_kind(model: Any, config: AttributionConfig) -> str:
-    """``"kv-hooked"``, ``"packed"`` or ``"full"`` for the fast implementation."""
-    if config.fast_path == "full":
+def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
+    """The fast implementation's path: ``"kv-hooked"``, ``"blockwise"``, ``"packed"`` or ``"full"``.
+
+    ``longest``: tokens of the longest prompt. On HF-backed bridges "auto" takes ``"blockwise"`` when all
+    samples of a prompt fit one packed row (``n_ctx``), else ``"packed"`` when the context has room for a
+    few copies, else ``"full"``; a path that failed validation on this model before is skipped.
+    """
+    fp = config.fast_path
+    if fp == "full":
         return "full"
     caps = capabilities(model)
     if caps.kv_cache == "hooked" and caps.start_at_layer == "fast":
+        if fp in ("blockwise", "packed"):
+            raise CapabilityError(
+                f"fast_path={fp!r} is a path of HF-backed TL 4 bridges; this {type(model).__name__} uses "
+                f"'kv-hooked' (fast_path='auto' or 'kv')"
+            )
         return "kv-hooked"
-    if caps.backend == "bridge" and _PACKED_FAILED.get(model) != _mode(model):
-        return "packed"  # validated on the first prompt; falls back to "full" when the backend ignores it
-    if config.fast_path == "kv":
+    if caps.backend == "bridge":
+        if fp in ("blockwise", "packed"):
+            return fp
+        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+        room = n_ctx - longest if n_ctx else 1 << 30  # copies that fit one row after the prompt, minus one
+        J = longest if config.method == "sig" else 1
+        samples = len(config.layers or range(n_layers(model))) * J * (config.steps + 1)
+        if _BLOCKWISE_FAILED.get(model) != _mode(model) and room >= min(samples, _BLOCKWISE_BATCH):
+            return "blockwise"
+        if _PACKED_FAILED.get(model) != _mode(model) and (fp == "kv" or room >= _MIN_PACKED_ROOM):
+            # with one or two copies per row (a prompt that nearly fills n_ctx) a packed row is as long as the
+            # full path's and gains nothing, so "auto" does not pack then
+            return "packed"
+    if fp == "kv":
         raise InvalidInputError(
             f"fast_path='kv' needs a HookedTransformer KV cache or an HF-backed bridge; this "
             f"{type(model).__name__} has neither — use fast_path='auto' or 'full'"
+        )
+    if fp in ("blockwise", "packed"):
+        raise CapabilityError(
+            f"fast_path={fp!r} needs an HF-backed TL 4 bridge; this {type(model).__name__} is not one"
         )
     return "full"
 
@@ -463,17 +740,22 @@ _EVALUATORS = {
     "reference": _ReferenceEvaluator,
     "full": _FullEvaluator,
     "packed": _PackedEvaluator,
+    "blockwise": _BlockwiseEvaluator,
     "kv-hooked": _HookedKVEvaluator,
 }
 
 
-def _default_batch(config: AttributionConfig, path: str, n_tok: int, samples: int) -> int:
+def _default_batch(model: Any, config: AttributionConfig, path: str, n_tok: int, samples: int) -> int:
+    if path == "blockwise":  # one packed row per chunk: the copies (and the validation row) after the prompt
+        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+        cap = max(1, n_ctx - n_tok) if n_ctx else 1 << 30
+        return max(1, min(config.batch_size or min(samples, _BLOCKWISE_BATCH), cap))
     if config.batch_size is not None:
         return config.batch_size
     if path == "reference":
         return config.steps
-    if path == "kv-hooked":  # one call per chunk; chunks start at their lowest layer
-        return max(1, min(samples, 128))
+    if path == "kv-hooked":  # blockwise: no sample computes a layer below its own, so chunks can be large
+        return max(1, min(samples, _BLOCKWISE_BATCH))
     if path == "packed":  # chunks of whole layers: backward stops at the chunk's lowest layer
         return max(1, min(samples, 128))
     return max(1, min(samples, 2048 // max(n_tok, 1)))
@@ -507,9 +789,9 @@ def _chunks(nl: int, block: int, bs: int, single_layer: bool) -> list[tuple[int,
     return out
 
 
-def _run_prompt(
-    ev: _Evaluator,
-    i: int,
+def _run_group(
+    ev: _Evaluator | _BlockwiseEvaluator,
+    idxs: list[int],
     prep: _Prepared,
     bases: Tensor,
     wbar: Tensor,
@@ -518,51 +800,78 @@ def _run_prompt(
     zero_k: int,
     check: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """All samples of prompt ``i``: returns ``(Σ_k w_k ∇F [nl·J, D], F(b) [nl·J], P(b) [nl·J])``.
+    """All samples of the prompts ``idxs`` (bases ``[G, J, L, D]``, clean activations ``[G, L, D]``; G > 1
+    only for the blockwise evaluator): returns ``(Σ_k w_k ∇F [G, nl·J, D], F(b) [G, nl·J], P(b) [G, nl·J])``.
 
-    With ``check``, the first chunk gets one extra unedited row (x = w̄ at the chunk's lowest layer) whose
-    logits must reproduce the clean logits; otherwise :class:`_PathMismatch` is raised.
+    With ``check``, the first chunk gets one extra unedited sample (x = w̄ at the chunk's lowest layer) per
+    prompt whose logits must reproduce the clean logits; otherwise :class:`_PathMismatch` is raised.
     """
     model, config = ev.model, ev.config
+    grouped = isinstance(ev, _BlockwiseEvaluator)
     acc, dev = alphas.dtype, alphas.device
-    J, K, D = bases.shape[0], alphas.shape[0], bases.shape[-1]
+    G, J, K, D = bases.shape[0], bases.shape[1], alphas.shape[0], bases.shape[-1]
+    assert grouped or G == 1
     layers_t = torch.tensor(prep.layers, dtype=torch.long, device=dev)
     nl = len(prep.layers)
-    bs = _default_batch(config, ev.path, int(prep.last[i]) + 1, nl * J * K)
-    integral = torch.zeros(nl * J, D, dtype=acc, device=dev)
-    f0 = torch.zeros(nl * J, dtype=acc, device=dev)
-    p0 = torch.zeros(nl * J, dtype=acc, device=dev)
-    ev.start_prompt(i)
+    bs = _default_batch(model, config, ev.path, int(prep.last[idxs].max()) + 1, nl * J * K)
+    integral = torch.zeros(G, nl * J, D, dtype=acc, device=dev)
+    f0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
+    p0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
+    if grouped:
+        ev.start_group(idxs)
+    else:
+        ev.start_prompt(idxs[0])
     try:
         for s0, s1 in _chunks(nl, J * K, bs, ev.single_layer_chunks):
             s_idx = torch.arange(s0, s1, device=dev)
             li, rest = s_idx // (J * K), s_idx % (J * K)
             j, k = rest // K, rest % K
             lay = layers_t[li]
-            b = bases[j, lay]  # [S, D]
-            x = b + alphas[k].unsqueeze(1) * (wbar[lay] - b)
+            b = bases[:, j, lay]  # [G, S, D]
+            x = b + alphas[k].view(1, -1, 1) * (wbar[:, lay] - b)
             if check:
                 lay = torch.cat([lay, lay.min().view(1)])
-                x = torch.cat([x, wbar[lay[-1]].unsqueeze(0)])
+                x = torch.cat([x, wbar[:, lay[-1]].unsqueeze(1)], dim=1)
             x = x.to(prep.acts.dtype).detach().requires_grad_(True)
             ev.checking = check
-            o, p, g = ev.evaluate(lay, x)
+            if grouped:
+                o, p, g = ev.evaluate_group(lay, x)
+            else:
+                o, p, g = (v.unsqueeze(0) for v in ev.evaluate(lay, x[0]))
             ev.checking = False
             if check:
-                err = ev._rel_err(ev.last_logits[-1])
-                if not err <= _tolerance(model_dtype(model)):  # NaN fails too
-                    raise _PathMismatch(err)
-                o, p, g, check = o[:-1], p[:-1], g[:-1], False
+                last = ev.last_row_logits.view(G, -1)
+                for r, i in enumerate(idxs):
+                    ref = prep.clean_last_logits[i].to(acc)
+                    err = float((last[r].to(acc) - ref).abs().max()) / (1.0 + float(ref.abs().max()))
+                    if not err <= _tolerance(model_dtype(model)):  # NaN fails too
+                        raise _PathMismatch(err)
+                o, p, g, check = o[:, :-1], p[:, :-1], g[:, :-1], False
                 lay = lay[:-1]
             _check_finite(g, f"gradients (layers {sorted(set(lay.tolist()))})", model)
             pj = li * J + j
-            integral.index_add_(0, pj, weights[k].unsqueeze(1) * g.to(acc))
+            integral.index_add_(1, pj, weights[k].view(1, -1, 1) * g.to(acc))
             z = k == zero_k
-            f0[pj[z]] = o[z].to(acc)
-            p0[pj[z]] = p[z].to(acc)
+            f0[:, pj[z]] = o[:, z].to(acc)
+            p0[:, pj[z]] = p[:, z].to(acc)
     finally:
-        ev.end_prompt()
+        if grouped:
+            ev.end_group()
+        else:
+            ev.end_prompt()
     return integral, f0, p0
+
+
+def _group_size(model: Any, config: AttributionConfig, kind: str, samples: int, left: int) -> int:
+    """Prompts per blockwise pass: bounded by ``_GROUP_LOGITS`` elements of the ``[G, S, d_vocab]`` logits
+    (S = the samples of a prompt in one pass) and ``_GROUP_MAX``; SIG prompts (one path per token: different
+    sample counts) go alone."""
+    if kind != "blockwise" or config.method == "sig":
+        return 1
+    S = min(samples, config.batch_size or _BLOCKWISE_BATCH)
+    g = _GROUP_LOGITS // max(1, S * int(model.cfg.d_vocab))
+    cap = _GROUP_MAX["cpu" if model_device(model).type == "cpu" else "other"]
+    return max(1, min(left, g, cap))
 
 
 def attribute_neurons(
@@ -607,18 +916,21 @@ def attribute_neurons(
         objective: ``"prob"`` (default, softmax probability of the answer) or ``"logprob"``.
         multiply_by: ``"difference"`` (w̄ − b; default for IG/SIG) or ``"activation"`` (w̄; default for AMIG).
         layers: layers to attribute (default all); the others are NaN in the result.
-        batch_size: samples per forward pass (default: ``steps`` for the reference; 128 samples of whole
-            layers for the fast paths, ``2048 // n_tokens`` rows for the full path).
+        batch_size: samples per pass (default: ``steps`` for the reference; up to 512 for the blockwise
+            paths — ``"blockwise"`` never more than fit one row after the prompt, ``n_ctx − n_tokens`` —; 128
+            samples of whole layers for ``"packed"``; ``2048 // n_tokens`` rows for ``"full"``).
         prepend_bos: passed to TL tokenisation of string prompts (``None`` = the model's default).
         multi_token: ``"error"`` (default) or ``"first"`` for answers that are several tokens.
         implementation: ``"fast"`` (default) or ``"reference"``.
         show_progress: a tqdm bar over prompts.
         replacement_id: SIG/AMIG replacement token (default: the tokenizer's EOS).
         mask_bos: SIG/AMIG: also mask a leading BOS token (default False).
-        fast_path: ``"auto"`` (default: ``"kv-hooked"`` on HookedTransformer, ``"packed"`` on HF-backed bridges
-            when the context has room for ≥ 64 copies after the prompt, else ``"full"``), ``"kv"`` (require a
-            prefix-reusing path — KV cache or packed — and raise :class:`~qloc_tl.errors.CapabilityError` if it
-            fails validation) or ``"full"`` (batched full sequences).
+        fast_path: ``"auto"`` (default: ``"kv-hooked"`` on HookedTransformer; on HF-backed bridges
+            ``"blockwise"`` when all samples of a prompt fit one row of ``n_ctx`` after it, else ``"packed"``
+            when ≥ 3 copies fit, else ``"full"``), ``"kv"`` (require a prefix-reusing path — the KV cache, or
+            blockwise/packed — and raise :class:`~qloc_tl.errors.CapabilityError` if it fails validation),
+            ``"blockwise"`` / ``"packed"`` (that bridge path exactly, same error) or ``"full"`` (batched full
+            sequences).
 
     Returns:
         A :class:`~qloc_tl.attribution.NeuronAttribution`.
@@ -656,17 +968,47 @@ def attribute_neurons(
         return _attribute(model, plist, ids, single, config)
 
 
+_VALIDATED_PATHS = ("kv-hooked", "blockwise", "packed")
+
+
+def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float) -> str:
+    """After ``kind`` failed validation: the next path to try ("blockwise" → "packed" → "full"), or
+    :class:`CapabilityError` when the user asked for a prefix-reusing path."""
+    if config.fast_path != "auto":
+        raise CapabilityError(
+            f"fast_path={config.fast_path!r}: the {kind} path does not reproduce the clean logits on this model "
+            f"(relative error {err:.2e}); use fast_path='auto' or 'full'"
+        ) from None
+    if kind == "blockwise":
+        _BLOCKWISE_FAILED[model] = _mode(model)
+        nxt = "packed" if _PACKED_FAILED.get(model) != _mode(model) else "full"
+    else:
+        if kind == "packed":
+            _PACKED_FAILED[model] = _mode(model)
+        nxt = "full"
+    # one warning per model: when the last prefix-reusing path fails (a native bridge fails them all)
+    logger.log(
+        logging.WARNING if nxt == "full" else logging.INFO,
+        "the %s fast path does not reproduce the clean logits on this %s (relative error %.2e; e.g. a native "
+        "bridge ignores 4-D attention masks); using the %s path",
+        kind,
+        type(model).__name__,
+        err,
+        "batched full-sequence" if nxt == "full" else nxt,
+    )
+    return nxt
+
+
 def _attribute(
     model: Any, plist: list[Any], ids: list[int], single: bool, config: AttributionConfig
 ) -> NeuronAttribution:
-    kind = "reference" if config.implementation == "reference" else _fast_kind(model, config)
-    if kind == "packed" and config.fast_path == "auto":
-        # packing needs room in the context for the copies: with one or two copies per row (a prompt that
-        # nearly fills n_ctx) a packed row is as long as the full path's and gains nothing
-        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
-        if n_ctx and n_ctx - _longest(model, plist, config) < _MIN_PACKED_ROOM:
-            kind = "full"
-    prep = _prepare(model, plist, ids, config, want_resid=kind == "kv-hooked")
+    if config.implementation == "reference":
+        kind = "reference"
+    else:
+        kind = _fast_kind(model, config, _longest(model, plist, config))
+    prep = _prepare(
+        model, plist, ids, config, want_resid=kind in ("kv-hooked", "blockwise"), want_rows=kind == "blockwise"
+    )
     ev: _Evaluator = _EVALUATORS[kind](model, prep, config)
     n, L, D = prep.acts.shape
     acc = _acc_dtype(model)
@@ -690,48 +1032,44 @@ def _attribute(
 
     from tqdm.auto import tqdm
 
-    for i in tqdm(range(n), disable=not config.show_progress, desc=f"{config.method} attribution"):
-        t = int(prep.last[i])
-        row = prep.tokens[i, : t + 1]
-        wbar = prep.acts[i].to(acc)  # [L, D]
+    def bases_of(i: int) -> Tensor:
         if config.method == "ig":
             assert fixed is not None
-            bases = fixed.unsqueeze(0).to(acc)  # [1, L, D]
-        else:
-            chunk = 1 if kind == "reference" else 64
-            masked = masked_token_baselines(model, row, layer_names, config, chunk=chunk).to(acc)  # [J, L, D]
-            bases = masked if config.method == "sig" else masked.mean(0, keepdim=True)
-        J = bases.shape[0]
-        check = kind in ("kv-hooked", "packed") and not validated  # once per call, on the first prompt
+            return fixed.unsqueeze(0).to(acc)  # [1, L, D]
+        row = prep.tokens[i, : int(prep.last[i]) + 1]
+        chunk = 1 if kind == "reference" else 64
+        masked = masked_token_baselines(model, row, layer_names, config, chunk=chunk).to(acc)  # [J, L, D]
+        return masked if config.method == "sig" else masked.mean(0, keepdim=True)
+
+    bar = tqdm(total=n, disable=not config.show_progress, desc=f"{config.method} attribution")
+    done = 0
+    while done < n:
+        K = alphas.shape[0]
+        G = _group_size(model, config, kind, nl * K, n - done)
+        idxs = list(range(done, done + G))
+        bases = torch.stack([bases_of(i) for i in idxs])  # [G, J, L, D]
+        wbar = prep.acts[idxs].to(acc)  # [G, L, D]
+        check = kind in _VALIDATED_PATHS and not validated  # once per call, on the first pass
         try:
-            integral, f0, p0 = _run_prompt(ev, i, prep, bases, wbar, alphas, weights, zero_k, check)
+            integral, f0, p0 = _run_group(ev, idxs, prep, bases, wbar, alphas, weights, zero_k, check)
         except _PathMismatch as exc:
-            if config.fast_path == "kv":
-                raise CapabilityError(
-                    f"fast_path='kv': the {kind} path does not reproduce the clean logits on this model "
-                    f"(relative error {exc.err:.2e}); use fast_path='auto' or 'full'"
-                ) from None
-            logger.warning(
-                "the %s fast path does not reproduce the clean logits on this %s (relative error %.2e; e.g. a "
-                "native bridge ignores 4-D attention masks); using the batched full-sequence path",
-                kind,
-                type(model).__name__,
-                exc.err,
-            )
-            if kind == "packed":
-                _PACKED_FAILED[model] = _mode(model)
-            kind = "full"
-            ev = _FullEvaluator(model, prep, config)
-            integral, f0, p0 = _run_prompt(ev, i, prep, bases, wbar, alphas, weights, zero_k, False)
+            kind = _fall_back(model, config, kind, exc.err)
+            ev = _EVALUATORS[kind](model, prep, config)
+            continue  # the same prompts again, on the next path
         validated = True
-        integral = integral.view(nl, J, D)
-        w = wbar[layers_t].unsqueeze(1)  # [nl, 1, D]
-        mult = (w - bases[:, layers_t].transpose(0, 1)) if config.multiply_by == "difference" else w
-        sc = (mult * integral).mean(1)  # [nl, D]
-        scores[i, layers_t] = sc
-        base_obj[i, layers_t] = f0.view(nl, J).mean(1)
-        base_prob[i, layers_t] = p0.view(nl, J).mean(1)
-        delta[i, layers_t] = sc.sum(-1) - (prep.clean_obj[i].to(acc) - base_obj[i, layers_t])
+        J = bases.shape[1]
+        for r, i in enumerate(idxs):
+            integ = integral[r].view(nl, J, D)
+            w = wbar[r, layers_t].unsqueeze(1)  # [nl, 1, D]
+            mult = (w - bases[r][:, layers_t].transpose(0, 1)) if config.multiply_by == "difference" else w
+            sc = (mult * integ).mean(1)  # [nl, D]
+            scores[i, layers_t] = sc
+            base_obj[i, layers_t] = f0[r].view(nl, J).mean(1)
+            base_prob[i, layers_t] = p0[r].view(nl, J).mean(1)
+            delta[i, layers_t] = sc.sum(-1) - (prep.clean_obj[i].to(acc) - base_obj[i, layers_t])
+        done += G
+        bar.update(G)
+    bar.close()
     _check_finite(scores[:, layers_t], "attribution scores", model)
     return NeuronAttribution(
         scores_batched=scores,

@@ -42,7 +42,8 @@ class NeuronAttribution:
         positions: ``[n]`` index of the answer position (last real prompt token) in each prompt.
         n_tokens: ``[n]`` prompt lengths in tokens.
         config: the :class:`AttributionConfig`.
-        path: which engine produced the numbers (``"reference"``, ``"kv-hooked"``, ``"kv-hf"``, ``"full"``).
+        path: which engine produced the numbers (``"reference"``, ``"kv-hooked"``, ``"blockwise"``, ``"packed"``,
+            ``"full"``; see the engines section of the attribution docs).
         single: whether this is a single-prompt result (``scores`` is 2-D).
     """
 
