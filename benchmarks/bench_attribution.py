@@ -183,13 +183,13 @@ def bench_model(
     prompts per pass on the TL 4 blockwise path (default: the library's default for the device)."""
     import qloc_tl.attribution.ig as ig
 
-    caps = dict(ig._GROUP_MAX)
+    cap = ig._GROUP_MAX
     try:
         if group_cap is not None:
-            ig._GROUP_MAX.update(cpu=group_cap, other=group_cap)
+            ig._GROUP_MAX = group_cap
         return _bench_model(model, label, n_tok, n_queries, steps, repeats, device, eleuther, ref_queries)
     finally:
-        ig._GROUP_MAX.update(caps)
+        ig._GROUP_MAX = cap
 
 
 def _bench_model(

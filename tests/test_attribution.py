@@ -24,7 +24,7 @@ from torch import nn
 from qloc_tl.attribution import NeuronAttribution, attribute_neurons, select_neurons
 from qloc_tl.attribution import ig as ig_module
 from qloc_tl.attribution.quadrature import quadrature
-from qloc_tl.errors import InvalidInputError, NumericalError, UnsupportedModelError
+from qloc_tl.errors import CapabilityError, InvalidInputError, NumericalError, UnsupportedModelError
 from qloc_tl.hooks import set_neurons
 from qloc_tl.identities import Neuron
 from qloc_tl.model import tl_major
@@ -209,11 +209,9 @@ def _expected_path(source: str) -> str:
 
 
 def _fast_kw(source: str) -> dict:
-    # the tiny models' n_ctx = 32 cannot hold all samples of a prompt in one row, so "auto" would pick
-    # "packed" on TL 4; force the prefix-reusing path under test (blockwise then runs several chunks)
-    if _expected_path(source) == "full":
-        return {}
-    return {"fast_path": "kv" if tl_major() < 4 else "blockwise"}
+    # require the prefix-reusing path under test: a silent fallback would fail the path assertions anyway,
+    # this makes it an error with the reason
+    return {} if _expected_path(source) == "full" else {"fast_path": "kv"}
 
 
 _PACKED = [("gpt2", "hf", "packed"), ("llama", "hf", "packed")] if tl_major() >= 4 else []
@@ -287,32 +285,37 @@ def test_sites_and_objectives_fast_equals_reference(arch, source, site, objectiv
 def test_float32_fast_equals_reference(arch):
     model = _model(arch, "hf", torch.float32)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference")
-    fast = attribute_neurons(model, PROMPTS, ANSWERS, **_fast_kw("hf"))
     auto = attribute_neurons(model, PROMPTS, ANSWERS)
-    # n_ctx 32: the 3 x 21 samples of a prompt do not fit one row, "auto" spreads them over packed rows
-    assert auto.path == ("kv-hooked" if tl_major() < 4 else "packed")
+    assert auto.path == ("kv-hooked" if tl_major() < 4 else "blockwise")
+    assert auto.scores.dtype == torch.float32
     assert _rel(auto.scores, ref.scores) <= 1e-3
-    # 3 x 5 samples fit one row after the prompt: "auto" takes the blockwise path
-    ref5 = attribute_neurons(model, PROMPTS, ANSWERS, steps=4, implementation="reference")
-    auto5 = attribute_neurons(model, PROMPTS, ANSWERS, steps=4)
-    assert auto5.path == ("kv-hooked" if tl_major() < 4 else "blockwise")
-    assert _rel(auto5.scores, ref5.scores) <= 1e-3
-    assert fast.scores.dtype == torch.float32
-    assert _rel(fast.scores, ref.scores) <= 1e-3
+    if tl_major() >= 4:
+        packed = attribute_neurons(model, PROMPTS, ANSWERS, fast_path="packed")
+        assert packed.path == "packed" and _rel(packed.scores, ref.scores) <= 1e-3
 
 
-@pytest.mark.skipif(tl_major() < 4, reason="packing is the TL 4 bridge path")
-def test_packed_rows_and_no_room_fallback_equal_reference():
-    """A prompt one token short of n_ctx leaves room for 2 copies per packed row: "auto" takes the full path
-    then; forcing packing gives one row per two samples. Both equal the reference."""
+@pytest.mark.skipif(tl_major() < 4, reason="blockwise and packing are TL 4 bridge paths")
+def test_rows_longer_than_n_ctx_and_packing_without_room_equal_reference():
+    """A prompt one token short of n_ctx: the blockwise row (prompt + 3 x 5 copies) is longer than n_ctx,
+    which the explicit position ids allow; packing has room for 2 copies per row ("auto" would not pack
+    then: the fallback after blockwise is the full path) and gives one row per two samples. All equal the
+    reference."""
     model = _model("gpt2", "hf")
     n_ctx = model.cfg.n_ctx
     long_prompt = torch.arange(3, 3 + n_ctx - 1) % model.cfg.d_vocab  # n_ctx - 1 tokens: t = n_ctx - 2
-    ref = attribute_neurons(model, long_prompt, 5, steps=4, implementation="reference", prepend_bos=False)
-    auto = attribute_neurons(model, long_prompt, 5, steps=4, prepend_bos=False)
-    packed = attribute_neurons(model, long_prompt, 5, steps=4, prepend_bos=False, fast_path="kv")
-    assert auto.path == "full" and packed.path == "packed"
+    kw = dict(steps=4, prepend_bos=False)
+    ref = attribute_neurons(model, long_prompt, 5, implementation="reference", **kw)
+    auto = attribute_neurons(model, long_prompt, 5, **kw)
+    packed = attribute_neurons(model, long_prompt, 5, fast_path="packed", **kw)
+    assert auto.path == "blockwise" and packed.path == "packed"
     assert _rel(auto.scores, ref.scores) <= 1e-5 and _rel(packed.scores, ref.scores) <= 1e-5
+    assert ig_module._fast_kind(model, ig_module.AttributionConfig(), n_ctx - 1) == "blockwise"
+    ig_module._BLOCKWISE_FAILED[model] = ig_module._mode(model)
+    try:  # after blockwise failed on this model: no room to pack -> full; room -> packed
+        assert ig_module._fast_kind(model, ig_module.AttributionConfig(), n_ctx - 1) == "full"
+        assert ig_module._fast_kind(model, ig_module.AttributionConfig(), 10) == "packed"
+    finally:
+        del ig_module._BLOCKWISE_FAILED[model]
 
 
 @pytest.mark.parametrize("arch, source", MODELS)
@@ -328,18 +331,49 @@ def test_layer_subsets_and_odd_chunks_equal_reference(arch, source, batch_size):
     assert bool(fast.scores[:, 1].isnan().all()) and _rel(fast.scores[:, [0, 2]], ref.scores[:, [0, 2]]) <= 1e-6
 
 
+@pytest.mark.skipif(tl_major() < 4, reason="blockwise is a TL 4 bridge path")
+def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
+    """Sabotage the rotary angle of the last position of the full blockwise row only, in the blocks where
+    the row has all its copies (as a backend that cared about the sequence index would): the validation
+    copy at the chunk's highest layer is that position, so "blockwise" is refused and "auto" falls back to
+    the packed path, which equals the reference. (A validation copy at the lowest layer only would miss
+    it.)"""
+    model = tiny_model("llama", source="hf", dtype=torch.float64)  # fresh: the fallback memo is per model
+    real_at = ig_module._BlockCall.at
+
+    def at(self, length):
+        args, kwargs = real_at(self, length)
+        cos, sin = kwargs["position_embeddings"]
+        cos = cos.clone()
+        if length == self.n_max:
+            cos[:, -1] = cos[:, 0]
+        kwargs["position_embeddings"] = (cos, sin)
+        return args, kwargs
+
+    monkeypatch.setattr(ig_module._BlockCall, "at", at)
+    kw = dict(steps=4, layers=[0, 2])
+    ref = attribute_neurons(model, PROMPTS[0], ANSWERS[0], implementation="reference", **kw)
+    with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
+        attribute_neurons(model, PROMPTS[0], ANSWERS[0], fast_path="blockwise", **kw)
+    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+        auto = attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)
+    assert auto.path == "packed" and _rel(auto.scores[[0, 2]], ref.scores[[0, 2]]) <= 1e-6
+    assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
+
+
 @pytest.mark.skipif(tl_major() < 4, reason="prompts share a pass on the TL 4 blockwise path")
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 @pytest.mark.parametrize("method", ["ig", "amig"])
 def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, method, monkeypatch):
-    """Several prompts of different lengths in one blockwise pass (rows left-padded to the longest prefix;
-    the default on GPUs, forced here on the CPU) equal the reference and the one-prompt-per-pass run."""
+    """Several prompts of different lengths in one blockwise pass (rows left-padded to the longest prefix)
+    equal the reference and the one-prompt-per-pass run."""
     model = _model(arch, "hf")
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # 1-token prompt: an empty prefix
     kw = dict(method=method, steps=4, rule="trapezoid")
     ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
+    monkeypatch.setattr(ig_module, "_GROUP_MAX", 1)
     alone = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
-    monkeypatch.setitem(ig_module._GROUP_MAX, "cpu", 3)
+    monkeypatch.setattr(ig_module, "_GROUP_MAX", 3)
     calls = []
     real = ig_module._run_group
     monkeypatch.setattr(ig_module, "_run_group", lambda ev, idxs, *a: calls.append(idxs) or real(ev, idxs, *a))
@@ -350,6 +384,23 @@ def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, method, monkeypa
     assert _rel(shared.scores, ref.scores) <= 1e-6 and _rel(shared.scores, alone.scores) <= tol
     for f in ("baseline_prob", "completeness_delta"):
         assert torch.allclose(getattr(shared, f), getattr(ref, f), rtol=1e-6, atol=1e-9), f
+
+
+def test_prompts_per_pass_policy():
+    """Hand computation of the CPU budget (2**23 logits elements, at most 64 prompts; SIG and other paths:
+    one prompt per pass)."""
+    fake = SimpleNamespace(cfg=SimpleNamespace(d_vocab=50257), parameters=lambda: iter([torch.zeros(1)]))
+    ig_cfg, sig_cfg = ig_module.AttributionConfig(), ig_module.AttributionConfig(method="sig")
+    size = ig_module._group_size
+    assert size(fake, ig_cfg, "blockwise", 12 * 20, 100) == 1  # GPT-2-small: 240 x 50257 > 2**23
+    assert size(fake, ig_cfg, "blockwise", 4 * 20, 100) == 2  # 4 layers: 2**23 // (80 x 50257) = 2
+    fake.cfg.d_vocab = 3607
+    assert size(fake, ig_cfg, "blockwise", 84, 100) == 2**23 // (84 * 3607) == 27
+    assert size(fake, ig_cfg, "blockwise", 84, 5) == 5  # no more than are left
+    fake.cfg.d_vocab = 96
+    assert size(fake, ig_cfg, "blockwise", 63, 1000) == 64
+    assert size(fake, sig_cfg, "blockwise", 63, 1000) == 1
+    assert size(fake, ig_cfg, "packed", 63, 1000) == size(fake, ig_cfg, "kv-hooked", 63, 1000) == 1
 
 
 def test_full_fast_path_and_token_inputs_equal_reference():

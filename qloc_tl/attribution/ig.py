@@ -174,10 +174,12 @@ def _normalise_inputs(
 
 _CLEAN_CHUNK = 16  # prompts per clean forward pass
 _BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the [S, d_vocab] logits and their gradient)
-_GROUP_LOGITS = 1 << 27  # TL 4 blockwise: prompts per pass while [prompts, samples, d_vocab] stays below this
-# ... and at most this many per device type: on CPU one prompt per pass is fastest (measured: GPT-2-small
-# shape, 4 prompts per pass 1.35x slower — the [G, S, d_vocab] element-wise work falls out of cache)
-_GROUP_MAX = {"cpu": 1, "other": 64}
+# TL 4 blockwise: prompts per pass (at most _GROUP_MAX) while the [prompts, samples, d_vocab] logits stay below
+# this many elements, per device type. CPU (measured, one thread): small models gain (built-in model IG 26 ->
+# 15 ms/query with 16 prompts per pass, tiny GPT-2 19 -> 4 ms with 64), the GPT-2-small shape loses (4 prompts
+# per pass 1.35x slower: the element-wise work on [G, S, d_vocab] falls out of cache), hence a small budget
+_GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
+_GROUP_MAX = 64
 _MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
 
 
@@ -273,8 +275,9 @@ class _Evaluator:
         """Objective, probability and gradient w.r.t. ``x`` of the samples; ``logits_last[inv]`` are the
         samples' logits in the order of ``x`` when ``inv`` is given (the [S, d_vocab] logits are not
         permuted: only the per-sample results are)."""
-        # the last sample's logits are read by the validation row of the main loop
-        self.last_row_logits = logits_last[-1 if inv is None else int(inv[-1])].detach()
+        # the last two samples' logits are read by the validation of the main loop
+        tail = torch.arange(x.shape[0], device=x.device)[-2:]
+        self.tail_logits = logits_last[tail if inv is None else inv[tail]].detach()
         ans = self.prep.answers[self.i].expand(x.shape[0])
         obj, prob = _objective(logits_last, ans, self.config.objective, self.acc)
         if inv is not None:
@@ -495,7 +498,9 @@ class _BlockwiseEvaluator(_Evaluator):
     the clean residual entering it (``resid_last``), so no copy computes a layer below its own. The prefix
     (the clean input of the lowest requested layer, ``resid_rows``) is recomputed per block, since the
     bridges keep no KV cache; the logits are ``unembed(ln_final(·))`` of the copies only. All rows of a pass
-    hold the same samples (layer, path, step) of their prompts; a row holds at most ``n_ctx − T`` copies.
+    hold the same samples (layer, path, step) of their prompts. A row may be longer than ``n_ctx``: position
+    ids are explicit and no copy's exceeds the prompt's; the validation copy is the last of its row, the
+    farthest along the sequence, so a backend that cares about the sequence length fails validation.
     """
 
     path = "blockwise"
@@ -529,7 +534,8 @@ class _BlockwiseEvaluator(_Evaluator):
 
     def evaluate_group(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``x [G, S, D]`` (the same samples ``layer_of [S]`` for every row) → objective, probability
-        ``[G, S]`` and the gradient ``[G, S, D]``; ``last_row_logits [G, d_vocab]`` of each row's last copy."""
+        ``[G, S]`` and the gradient ``[G, S, D]``; ``tail_logits [G, 2, d_vocab]`` of each row's last two
+        samples."""
         order, counts = _layer_groups(layer_of)
         try:
             logits = self._logits(order, counts, x)  # [G, S, V], samples in layer order
@@ -543,7 +549,7 @@ class _BlockwiseEvaluator(_Evaluator):
             raise _PathMismatch(float("nan")) from exc
         inv = _inverse(order)
         G, S, V = logits.shape
-        self.last_row_logits = logits[:, int(inv[-1])].detach()
+        self.tail_logits = logits[:, inv[-2:]].detach()
         ans = self.prep.answers[self.idxs].view(G, 1).expand(G, S).reshape(-1)
         obj, prob = _objective(logits.reshape(G * S, V), ans, self.config.objective, self.acc)
         obj, prob = obj.view(G, S)[:, inv], prob.view(G, S)[:, inv]
@@ -696,9 +702,9 @@ def _mode(model: Any) -> Any:
 def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
     """The fast implementation's path: ``"kv-hooked"``, ``"blockwise"``, ``"packed"`` or ``"full"``.
 
-    ``longest``: tokens of the longest prompt. On HF-backed bridges "auto" takes ``"blockwise"`` when all
-    samples of a prompt fit one packed row (``n_ctx``), else ``"packed"`` when the context has room for a
-    few copies, else ``"full"``; a path that failed validation on this model before is skipped.
+    ``longest``: tokens of the longest prompt. On HF-backed bridges "auto" takes ``"blockwise"``, else
+    (after it failed validation on this model) ``"packed"`` when the context has room for a few copies,
+    else ``"full"``.
     """
     fp = config.fast_path
     if fp == "full":
@@ -714,12 +720,10 @@ def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
     if caps.backend == "bridge":
         if fp in ("blockwise", "packed"):
             return fp
+        if _BLOCKWISE_FAILED.get(model) != _mode(model):
+            return "blockwise"
         n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
         room = n_ctx - longest if n_ctx else 1 << 30  # copies that fit one row after the prompt, minus one
-        J = longest if config.method == "sig" else 1
-        samples = len(config.layers or range(n_layers(model))) * J * (config.steps + 1)
-        if _BLOCKWISE_FAILED.get(model) != _mode(model) and room >= min(samples, _BLOCKWISE_BATCH):
-            return "blockwise"
         if _PACKED_FAILED.get(model) != _mode(model) and (fp == "kv" or room >= _MIN_PACKED_ROOM):
             # with one or two copies per row (a prompt that nearly fills n_ctx) a packed row is as long as the
             # full path's and gains nothing, so "auto" does not pack then
@@ -745,16 +749,12 @@ _EVALUATORS = {
 }
 
 
-def _default_batch(model: Any, config: AttributionConfig, path: str, n_tok: int, samples: int) -> int:
-    if path == "blockwise":  # one packed row per chunk: the copies (and the validation row) after the prompt
-        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
-        cap = max(1, n_ctx - n_tok) if n_ctx else 1 << 30
-        return max(1, min(config.batch_size or min(samples, _BLOCKWISE_BATCH), cap))
+def _default_batch(config: AttributionConfig, path: str, n_tok: int, samples: int) -> int:
     if config.batch_size is not None:
         return config.batch_size
     if path == "reference":
         return config.steps
-    if path == "kv-hooked":  # blockwise: no sample computes a layer below its own, so chunks can be large
+    if path in ("kv-hooked", "blockwise"):  # no sample computes a layer below its own: chunks can be large
         return max(1, min(samples, _BLOCKWISE_BATCH))
     if path == "packed":  # chunks of whole layers: backward stops at the chunk's lowest layer
         return max(1, min(samples, 128))
@@ -803,8 +803,9 @@ def _run_group(
     """All samples of the prompts ``idxs`` (bases ``[G, J, L, D]``, clean activations ``[G, L, D]``; G > 1
     only for the blockwise evaluator): returns ``(Σ_k w_k ∇F [G, nl·J, D], F(b) [G, nl·J], P(b) [G, nl·J])``.
 
-    With ``check``, the first chunk gets one extra unedited sample (x = w̄ at the chunk's lowest layer) per
-    prompt whose logits must reproduce the clean logits; otherwise :class:`_PathMismatch` is raised.
+    With ``check``, the first chunk gets one or two extra unedited samples per prompt (x = w̄ at the chunk's
+    lowest and highest layer) whose logits must reproduce the clean logits; otherwise :class:`_PathMismatch`
+    is raised.
     """
     model, config = ev.model, ev.config
     grouped = isinstance(ev, _BlockwiseEvaluator)
@@ -813,7 +814,7 @@ def _run_group(
     assert grouped or G == 1
     layers_t = torch.tensor(prep.layers, dtype=torch.long, device=dev)
     nl = len(prep.layers)
-    bs = _default_batch(model, config, ev.path, int(prep.last[idxs].max()) + 1, nl * J * K)
+    bs = _default_batch(config, ev.path, int(prep.last[idxs].max()) + 1, nl * J * K)
     integral = torch.zeros(G, nl * J, D, dtype=acc, device=dev)
     f0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
     p0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
@@ -829,9 +830,13 @@ def _run_group(
             lay = layers_t[li]
             b = bases[:, j, lay]  # [G, S, D]
             x = b + alphas[k].view(1, -1, 1) * (wbar[:, lay] - b)
-            if check:
-                lay = torch.cat([lay, lay.min().view(1)])
-                x = torch.cat([x, wbar[:, lay[-1]].unsqueeze(1)], dim=1)
+            n_check = 0
+            if check:  # unedited samples at the chunk's lowest layer (through every block the chunk runs) and
+                # at its highest (blockwise: the last copy of the sequence, the farthest from the prefix)
+                extra = torch.unique(torch.stack([lay.min(), lay.max()]))
+                n_check = extra.numel()
+                lay = torch.cat([lay, extra])
+                x = torch.cat([x, wbar[:, extra]], dim=1)
             x = x.to(prep.acts.dtype).detach().requires_grad_(True)
             ev.checking = check
             if grouped:
@@ -840,14 +845,13 @@ def _run_group(
                 o, p, g = (v.unsqueeze(0) for v in ev.evaluate(lay, x[0]))
             ev.checking = False
             if check:
-                last = ev.last_row_logits.view(G, -1)
-                for r, i in enumerate(idxs):
-                    ref = prep.clean_last_logits[i].to(acc)
-                    err = float((last[r].to(acc) - ref).abs().max()) / (1.0 + float(ref.abs().max()))
-                    if not err <= _tolerance(model_dtype(model)):  # NaN fails too
-                        raise _PathMismatch(err)
-                o, p, g, check = o[:, :-1], p[:, :-1], g[:, :-1], False
-                lay = lay[:-1]
+                got = ev.tail_logits.reshape(G, -1, ev.tail_logits.shape[-1])[:, -n_check:].to(acc)
+                ref = prep.clean_last_logits[idxs].to(acc).unsqueeze(1)  # [G, 1, V]
+                err = float(((got - ref).abs().amax(-1) / (1.0 + ref.abs().amax(-1))).max())
+                if not err <= _tolerance(model_dtype(model)):  # NaN fails too
+                    raise _PathMismatch(err)
+                o, p, g, check = o[:, :-n_check], p[:, :-n_check], g[:, :-n_check], False
+                lay = lay[:-n_check]
             _check_finite(g, f"gradients (layers {sorted(set(lay.tolist()))})", model)
             pj = li * J + j
             integral.index_add_(1, pj, weights[k].view(1, -1, 1) * g.to(acc))
@@ -863,15 +867,14 @@ def _run_group(
 
 
 def _group_size(model: Any, config: AttributionConfig, kind: str, samples: int, left: int) -> int:
-    """Prompts per blockwise pass: bounded by ``_GROUP_LOGITS`` elements of the ``[G, S, d_vocab]`` logits
-    (S = the samples of a prompt in one pass) and ``_GROUP_MAX``; SIG prompts (one path per token: different
-    sample counts) go alone."""
+    """Prompts per blockwise pass: bounded by ``_GROUP_LOGITS`` elements (per device type) of the
+    ``[G, S, d_vocab]`` logits (S = the samples of a prompt in one pass) and ``_GROUP_MAX``; SIG prompts (one
+    path per token: different sample counts) go alone."""
     if kind != "blockwise" or config.method == "sig":
         return 1
     S = min(samples, config.batch_size or _BLOCKWISE_BATCH)
-    g = _GROUP_LOGITS // max(1, S * int(model.cfg.d_vocab))
-    cap = _GROUP_MAX["cpu" if model_device(model).type == "cpu" else "other"]
-    return max(1, min(left, g, cap))
+    budget = _GROUP_LOGITS["cpu" if model_device(model).type == "cpu" else "other"]
+    return max(1, min(left, budget // max(1, S * int(model.cfg.d_vocab)), _GROUP_MAX))
 
 
 def attribute_neurons(
