@@ -84,6 +84,22 @@ def gpt2_eleuther_dir() -> Path:
     return _hf_dir("gpt2-4l-128", cfg)
 
 
+def gpt2_eleuther_small_vocab_dir() -> Path:
+    """The same 4-layer, d_model-128 GPT-2 with the tiny tokenizer's vocabulary: no 50 257-way unembedding,
+    so per-pass overheads dominate (the regime where several prompts per pass pay off most)."""
+    from transformers import GPT2Config
+
+    from qloc_tl.testing import tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    cfg = GPT2Config(
+        vocab_size=len(tok), n_positions=256, n_embd=128, n_layer=4, n_head=4, n_inner=512,
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+    )  # fmt: skip
+    return _hf_dir("gpt2-4l-128-tinyvocab", cfg)
+
+
 def llama_small_dir() -> Path:
     from transformers import LlamaConfig
 
@@ -407,6 +423,8 @@ def main() -> None:
     rows.append(bench_model("tiny gpt2 (hf) 16tok", tiny, 16, 4, args.steps, args.repeats, "cpu"))
     el = load(gpt2_eleuther_dir())
     rows.append(bench_model("gpt2 4L d128 5tok", el, 5, 4, args.steps, args.repeats, "cpu"))
+    el_small = load(gpt2_eleuther_small_vocab_dir())
+    rows.append(bench_model("4L d128 V96 5tok x32", el_small, 5, 32, args.steps, args.repeats, "cpu", ref_queries=4))
     print_rows(rows)
     rows = []
     if not args.quick:
