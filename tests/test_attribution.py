@@ -361,34 +361,36 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
     assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
 
 
-@pytest.mark.skipif(tl_major() < 4, reason="prompts share a pass on the TL 4 blockwise path")
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch, source", MODELS)
 @pytest.mark.parametrize("method", ["ig", "amig"])
-def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, method, monkeypatch):
-    """Several prompts of different lengths in one blockwise pass (rows left-padded to the longest prefix)
-    equal the reference and the one-prompt-per-pass run."""
-    model = _model(arch, "hf")
+def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method, monkeypatch):
+    """Several prompts of different lengths in one blockwise pass (TL 4: rows left-padded to the longest
+    prefix; TL 3: one KV cache of left-padded prefixes) equal the reference and the one-prompt-per-pass
+    run."""
+    if _expected_path(source) == "full":
+        pytest.skip("native TL 4 bridges take the full path")
+    model = _model(arch, source)
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # 1-token prompt: an empty prefix
     kw = dict(method=method, steps=4, rule="trapezoid")
     ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
     monkeypatch.setattr(ig_module, "_GROUP_MAX", 1)
-    alone = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
+    alone = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
     monkeypatch.setattr(ig_module, "_GROUP_MAX", 3)
     calls = []
     real = ig_module._run_group
     monkeypatch.setattr(ig_module, "_run_group", lambda ev, idxs, *a: calls.append(idxs) or real(ev, idxs, *a))
-    shared = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
-    assert calls == [[0, 1, 2], [3]] and shared.path == "blockwise"
+    shared = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
+    assert calls == [[0, 1, 2], [3]] and shared.path == _expected_path(source)
     # HF LLaMA's RMSNorm computes in float32 even in a float64 model: rows of another length round differently
-    tol = 1e-9 if arch == "gpt2" else 1e-6
+    tol = 1e-9 if (arch, source) != ("llama", "hf") else 1e-6
     assert _rel(shared.scores, ref.scores) <= 1e-6 and _rel(shared.scores, alone.scores) <= tol
     for f in ("baseline_prob", "completeness_delta"):
         assert torch.allclose(getattr(shared, f), getattr(ref, f), rtol=1e-6, atol=1e-9), f
 
 
 def test_prompts_per_pass_policy():
-    """Hand computation of the CPU budget (2**23 logits elements, at most 64 prompts; SIG and other paths:
-    one prompt per pass)."""
+    """Hand computation of the CPU budget (2**23 logits elements, at most 64 prompts; SIG and the packed and
+    full paths: one prompt per pass)."""
     fake = SimpleNamespace(cfg=SimpleNamespace(d_vocab=50257), parameters=lambda: iter([torch.zeros(1)]))
     ig_cfg, sig_cfg = ig_module.AttributionConfig(), ig_module.AttributionConfig(method="sig")
     size = ig_module._group_size
@@ -400,7 +402,8 @@ def test_prompts_per_pass_policy():
     fake.cfg.d_vocab = 96
     assert size(fake, ig_cfg, "blockwise", 63, 1000) == 64
     assert size(fake, sig_cfg, "blockwise", 63, 1000) == 1
-    assert size(fake, ig_cfg, "packed", 63, 1000) == size(fake, ig_cfg, "kv-hooked", 63, 1000) == 1
+    assert size(fake, ig_cfg, "kv-hooked", 63, 1000) == 64  # TL 3's blockwise path groups too
+    assert size(fake, ig_cfg, "packed", 63, 1000) == size(fake, ig_cfg, "full", 63, 1000) == 1
 
 
 def test_full_fast_path_and_token_inputs_equal_reference():

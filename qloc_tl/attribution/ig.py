@@ -620,45 +620,52 @@ def _tail_hooks(names: dict[int, str], counts: dict[int, int], xs: Tensor, dim: 
 
 
 class _HookedKVEvaluator(_Evaluator):
-    """TL 3 HookedTransformer, blockwise: the prompt prefix goes into a KV cache once per prompt; a chunk runs
-    only the last token, one block at a time (``start_at_layer=j, stop_at_layer=j + 1``, the cache expanded
-    along the batch). The samples of layer l join the batch at block l (the clean residual entering block l
-    at the answer position, ``resid_last``), so no sample computes a layer below its own, and the batch grows
-    as the chunk climbs. The unembedding is a plain ``resid @ W_U + b_U`` (HT's own copies ``W_U.T`` on every
-    call); the per-call validation row guards all of it."""
+    """TL 3 HookedTransformer, blockwise, several prompts per pass.
+
+    The prompts' prefixes go into one KV cache, left-padded to the longest (TL's ``attention_mask`` handles
+    positions and masking); a chunk runs only the answer token, one block at a time (``start_at_layer=j,
+    stop_at_layer=j + 1``, each row with its prompt's cache entry and ``attention_mask``). The samples of
+    layer l join the batch at block l (the clean residual entering block l at the answer position,
+    ``resid_last``), so no sample computes a layer below its own, and the batch grows as the chunk climbs.
+    The unembedding is a plain ``resid @ W_U + b_U`` (HT's own copies ``W_U.T`` on every call); the
+    validation samples guard all of it."""
 
     path = "kv-hooked"
 
-    def start_prompt(self, i: int) -> None:
-        super().start_prompt(i)
-        model, t = self.model, self.t
-        self.prefix = hooked_kv_cache(model, 1)
-        if t > 0:
+    def start_group(self, idxs: list[int]) -> None:
+        model, prep = self.model, self.prep
+        self.idxs = idxs
+        ts = [int(prep.last[i]) for i in idxs]
+        G, T, dev = len(idxs), max(ts), prep.tokens.device
+        self.prefix = hooked_kv_cache(model, G)
+        toks = torch.zeros(G, T, dtype=torch.long, device=dev)
+        mask = torch.zeros(G, T, dtype=torch.long, device=dev)
+        for g, (i, t) in enumerate(zip(idxs, ts)):
+            toks[g] = prep.tokens[i, 0]  # padding: masked out, any token
+            toks[g, T - t :] = prep.tokens[i, :t]
+            mask[g, T - t :] = 1
+        if T > 0:
             with torch.no_grad():
-                mask = torch.ones(1, t, dtype=torch.long, device=self.row.device)
-                model(
-                    self.row[:t].unsqueeze(0),
-                    past_kv_cache=self.prefix,
-                    attention_mask=mask,
-                    return_type=None,
-                )
+                model(toks, past_kv_cache=self.prefix, attention_mask=mask, return_type=None)
         self.prefix.freeze()
-        self._caches: dict[int, Any] = {}
+        self.mask = mask
 
-    def end_prompt(self) -> None:
+    def end_group(self) -> None:
         self.prefix = None
-        self._caches = {}
 
-    def _expanded(self, S: int) -> Any:
-        c = self._caches.get(S)
-        if c is None:
-            c = hooked_kv_cache(self.model, S)
-            for e, src in zip(c.entries, self.prefix.entries):
-                e.past_keys = src.past_keys.expand(S, *src.past_keys.shape[1:])
-                e.past_values = src.past_values.expand(S, *src.past_values.shape[1:])
-            c.previous_attention_mask = self.prefix.previous_attention_mask.expand(S, -1)
-            c.freeze()
-            self._caches[S] = c
+    def _cache(self, j: int, rows: Tensor) -> Any:
+        """A frozen cache whose block-``j`` entry holds, per batch row, its prompt's prefix (``rows``: the
+        prompt of each row); the other blocks' entries are not read by a one-block call."""
+        R = rows.shape[0]
+        c = hooked_kv_cache(self.model, R)
+        src = self.prefix.entries[j]
+        if len(self.idxs) == 1:  # one prompt: views, no copies
+            keys = src.past_keys.expand(R, *src.past_keys.shape[1:])
+            values = src.past_values.expand(R, *src.past_values.shape[1:])
+        else:
+            keys, values = src.past_keys.index_select(0, rows), src.past_values.index_select(0, rows)
+        c.entries[j].past_keys, c.entries[j].past_values = keys, values
+        c.freeze()
         return c
 
     def _unembed(self, resid: Tensor) -> Tensor:
@@ -669,20 +676,45 @@ class _HookedKVEvaluator(_Evaluator):
         cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def evaluate_group(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """As :meth:`_BlockwiseEvaluator.evaluate_group`; batch rows are (layer group, prompt, sample)."""
+        G, S, dev = x.shape[0], x.shape[1], x.device
         order, counts = _layer_groups(layer_of)
+        xs = x[:, order]  # [G, S, D], samples in layer order
+        hooks, s0 = [], 0
+        row_of = torch.empty(G, S, dtype=torch.long, device=dev)  # batch row of (prompt, sorted sample)
+        for l, c in counts.items():
+            hooks.append((self.prep.names[l], _TailHook(xs[:, s0 : s0 + c].reshape(G * c, -1), 0)))
+            row_of[:, s0 : s0 + c] = G * s0 + torch.arange(G * c, device=dev).view(G, c)
+            s0 += c
+        idx = torch.tensor(self.idxs, device=dev)
         resid: Tensor | None = None
-        with self.model.hooks(fwd_hooks=_tail_hooks(self.prep.names, counts, x[order], dim=0)):
+        prompt_of = torch.empty(0, dtype=torch.long, device=dev)  # prompt (0..G-1) of each batch row
+        with self.model.hooks(fwd_hooks=hooks):
             for j in range(min(counts), n_layers(self.model)):
                 if j in counts:
-                    new = self.prep.resid_last[j][self.i].view(1, 1, -1).expand(counts[j], 1, -1)
+                    c = counts[j]
+                    new = self.prep.resid_last[j][idx].unsqueeze(1).expand(-1, c, -1).reshape(G * c, 1, -1)
                     resid = new if resid is None else torch.cat([resid, new])
+                    prompt_of = torch.cat([prompt_of, torch.arange(G, device=dev).repeat_interleave(c)])
                 assert resid is not None
+                ones = torch.ones(resid.shape[0], 1, dtype=self.mask.dtype, device=dev)
                 resid = self.model(
-                    resid, start_at_layer=j, stop_at_layer=j + 1, past_kv_cache=self._expanded(resid.shape[0])
+                    resid,
+                    start_at_layer=j,
+                    stop_at_layer=j + 1,
+                    past_kv_cache=self._cache(j, prompt_of),
+                    attention_mask=torch.cat([self.mask[prompt_of], ones], dim=1),
                 )
         assert resid is not None
-        return self._finish(self._unembed(resid[:, -1]), x, _inverse(order))
+        logits = self._unembed(resid[:, -1])  # [rows, V]
+        inv = _inverse(order)
+        rows = row_of[:, inv]  # [G, S]: the batch row of each sample, in x's order
+        self.tail_logits = logits[rows[:, -2:]].detach()
+        obj, prob = _objective(logits, self.prep.answers[idx][prompt_of], self.config.objective, self.acc)
+        obj, prob = obj[rows], prob[rows]
+        (g,) = torch.autograd.grad(obj.sum(), x)
+        return obj.detach(), prob.detach(), g
 
 
 # --------------------------------------------------------------------------------------------------
@@ -790,7 +822,7 @@ def _chunks(nl: int, block: int, bs: int, single_layer: bool) -> list[tuple[int,
 
 
 def _run_group(
-    ev: _Evaluator | _BlockwiseEvaluator,
+    ev: _Evaluator | _BlockwiseEvaluator | _HookedKVEvaluator,
     idxs: list[int],
     prep: _Prepared,
     bases: Tensor,
@@ -801,14 +833,14 @@ def _run_group(
     check: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """All samples of the prompts ``idxs`` (bases ``[G, J, L, D]``, clean activations ``[G, L, D]``; G > 1
-    only for the blockwise evaluator): returns ``(Σ_k w_k ∇F [G, nl·J, D], F(b) [G, nl·J], P(b) [G, nl·J])``.
+    only for the blockwise evaluators): returns ``(Σ_k w_k ∇F [G, nl·J, D], F(b) [G, nl·J], P(b) [G, nl·J])``.
 
     With ``check``, the first chunk gets one or two extra unedited samples per prompt (x = w̄ at the chunk's
     lowest and highest layer) whose logits must reproduce the clean logits; otherwise :class:`_PathMismatch`
     is raised.
     """
     model, config = ev.model, ev.config
-    grouped = isinstance(ev, _BlockwiseEvaluator)
+    grouped = isinstance(ev, (_BlockwiseEvaluator, _HookedKVEvaluator))
     acc, dev = alphas.dtype, alphas.device
     G, J, K, D = bases.shape[0], bases.shape[1], alphas.shape[0], bases.shape[-1]
     assert grouped or G == 1
@@ -867,10 +899,10 @@ def _run_group(
 
 
 def _group_size(model: Any, config: AttributionConfig, kind: str, samples: int, left: int) -> int:
-    """Prompts per blockwise pass: bounded by ``_GROUP_LOGITS`` elements (per device type) of the
+    """Prompts per pass of the blockwise paths (TL 4 ``"blockwise"``, TL 3 ``"kv-hooked"``): bounded by ``_GROUP_LOGITS`` elements (per device type) of the
     ``[G, S, d_vocab]`` logits (S = the samples of a prompt in one pass) and ``_GROUP_MAX``; SIG prompts (one
     path per token: different sample counts) go alone."""
-    if kind != "blockwise" or config.method == "sig":
+    if kind not in ("blockwise", "kv-hooked") or config.method == "sig":
         return 1
     S = min(samples, config.batch_size or _BLOCKWISE_BATCH)
     budget = _GROUP_LOGITS["cpu" if model_device(model).type == "cpu" else "other"]
