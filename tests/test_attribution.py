@@ -388,6 +388,33 @@ def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method, 
         assert torch.allclose(getattr(shared, f), getattr(ref, f), rtol=1e-6, atol=1e-9), f
 
 
+@pytest.mark.parametrize("arch, source", MODELS)
+def test_masked_baselines_of_several_prompts_equal_one_at_a_time(arch, source):
+    """The masked variants of prompts of different lengths share right-padded passes; each prompt's
+    baselines equal a hand loop over its variants (one forward each, no padding)."""
+    from qloc_tl.attribution.baselines import masked_token_baselines_many
+
+    model = _model(arch, source)
+    rows = [model.to_tokens(p)[0] for p in PROMPTS]
+    cfg = ig_module.AttributionConfig(method="amig")
+    names = {l: f"blocks.{l}.mlp.hook_post" for l in (0, 2)}
+    many = masked_token_baselines_many(model, rows, names, cfg, chunk=4)  # chunks cut across prompts
+    eos = model.tokenizer.eos_token_id
+    # HF LLaMA's RMSNorm computes in float32 even in a float64 model: batch rows of another length round
+    # differently
+    tol = 1e-12 if (arch, source) != ("llama", "hf") else 1e-6
+    for row, got in zip(rows, many):
+        positions = [j for j in range(len(row)) if not (j == 0 and int(row[0]) == model.tokenizer.bos_token_id)]
+        assert got.shape == (len(positions), model.cfg.n_layers, model.cfg.d_mlp)
+        for k, j in enumerate(positions):
+            v = row.clone()
+            v[j] = eos
+            _, cache = model.run_with_cache(v.unsqueeze(0), names_filter=list(names.values()))
+            for l, name in names.items():
+                assert _rel(got[k, l], cache[name][0, -1]) <= tol
+        assert bool((got[:, 1] == 0).all())  # layers not asked for stay 0
+
+
 def test_prompts_per_pass_policy():
     """Hand computation of the CPU budget (2**23 logits elements, at most 64 prompts; SIG and the packed and
     full paths: one prompt per pass)."""

@@ -23,7 +23,13 @@ from .config import AttributionConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["replacement_token_id", "masked_positions", "masked_token_baselines", "fixed_baseline"]
+__all__ = [
+    "replacement_token_id",
+    "masked_positions",
+    "masked_token_baselines",
+    "masked_token_baselines_many",
+    "fixed_baseline",
+]
 
 
 def replacement_token_id(model: Any, config: AttributionConfig) -> int:
@@ -79,22 +85,46 @@ def masked_token_baselines(
             ``n_layers = cfg.n_layers`` rows, unset layers are 0.
         chunk: how many masked variants to run per forward pass.
     """
+    return masked_token_baselines_many(model, [row], hook_names, config, chunk=chunk)[0]
+
+
+@torch.no_grad()
+def masked_token_baselines_many(
+    model: Any,
+    rows: list[Tensor],
+    hook_names: dict[int, str],
+    config: AttributionConfig,
+    chunk: int = 64,
+) -> list[Float[Tensor, "n_masked n_layers d_mlp"]]:
+    """:func:`masked_token_baselines` of several prompts, their masked variants sharing forward passes
+    (right-padded: in a causal model the tokens after a prompt's answer position do not change it)."""
     rid = replacement_token_id(model, config)
-    positions = masked_positions(model, row, config)
-    variants = masked_variants(row, positions, rid)
-    L, t = int(model.cfg.n_layers), int(row.shape[0]) - 1
+    variants, ends = [], []
+    for row in rows:
+        variants.append(masked_variants(row, masked_positions(model, row, config), rid))
+        ends.append(int(row.shape[0]) - 1)
+    n_var = [v.shape[0] for v in variants]
+    width = max(v.shape[1] for v in variants)
+    # padding: the prompt's answer-position token (any real token would do; not BOS, which some tokenizers
+    # also use as pad)
+    flat = torch.cat(
+        [torch.nn.functional.pad(v, (0, width - v.shape[1]), value=int(r[-1])) for v, r in zip(variants, rows)]
+    )
+    at = torch.tensor([e for e, k in zip(ends, n_var) for _ in range(k)], device=flat.device)  # answer positions
+    L = int(model.cfg.n_layers)
     names = list(hook_names.values())
     out = None
-    for s in range(0, variants.shape[0], chunk):
-        v = variants[s : s + chunk]
+    for s in range(0, flat.shape[0], chunk):
+        v = flat[s : s + chunk]
         _, cache = model.run_with_cache(v, names_filter=names)
         if out is None:
             d = cache[names[0]].shape[-1]
-            out = torch.zeros(variants.shape[0], L, d, dtype=cache[names[0]].dtype, device=v.device)
+            out = torch.zeros(flat.shape[0], L, d, dtype=cache[names[0]].dtype, device=v.device)
+        r = torch.arange(v.shape[0], device=v.device)
         for l, name in hook_names.items():
-            out[s : s + v.shape[0], l] = cache[name][:, t]
+            out[s : s + v.shape[0], l] = cache[name][r, at[s : s + v.shape[0]]]
     assert out is not None
-    return out
+    return list(out.split(n_var))
 
 
 def fixed_baseline(baseline: Any, n_layers: int, d_mlp: int, like: Tensor) -> Float[Tensor, "n_layers d_mlp"]:

@@ -76,7 +76,7 @@ from ..model import (
     require_eval,
     tokenize_prompts,
 )
-from .baselines import fixed_baseline, masked_token_baselines
+from .baselines import fixed_baseline, masked_token_baselines_many
 from .config import AttributionConfig
 from .quadrature import quadrature
 from .results import NeuronAttribution
@@ -1067,14 +1067,17 @@ def _attribute(
 
     from tqdm.auto import tqdm
 
-    def bases_of(i: int) -> Tensor:
+    def bases_of(idxs: list[int]) -> Tensor:
+        """``[G, J, L, D]`` baselines of the prompts ``idxs`` (J = 1 except for SIG, whose G is 1)."""
         if config.method == "ig":
             assert fixed is not None
-            return fixed.unsqueeze(0).to(acc)  # [1, L, D]
-        row = prep.tokens[i, : int(prep.last[i]) + 1]
+            return fixed.to(acc).expand(len(idxs), 1, L, D)
+        rows = [prep.tokens[i, : int(prep.last[i]) + 1] for i in idxs]
         chunk = 1 if kind == "reference" else 64
-        masked = masked_token_baselines(model, row, layer_names, config, chunk=chunk).to(acc)  # [J, L, D]
-        return masked if config.method == "sig" else masked.mean(0, keepdim=True)
+        masked = masked_token_baselines_many(model, rows, layer_names, config, chunk=chunk)  # [J_g, L, D] each
+        if config.method == "sig":
+            return torch.stack([m.to(acc) for m in masked])
+        return torch.stack([m.to(acc).mean(0, keepdim=True) for m in masked])
 
     bar = tqdm(total=n, disable=not config.show_progress, desc=f"{config.method} attribution")
     done = 0
@@ -1082,7 +1085,7 @@ def _attribute(
         K = alphas.shape[0]
         G = _group_size(model, config, kind, nl * K, n - done)
         idxs = list(range(done, done + G))
-        bases = torch.stack([bases_of(i) for i in idxs])  # [G, J, L, D]
+        bases = bases_of(idxs)  # [G, J, L, D]
         wbar = prep.acts[idxs].to(acc)  # [G, L, D]
         check = kind in _VALIDATED_PATHS and not validated  # once per call, on the first pass
         try:
