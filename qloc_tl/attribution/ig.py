@@ -1006,9 +1006,9 @@ def attribute_neurons(
 _VALIDATED_PATHS = ("kv-hooked", "blockwise", "packed")
 
 
-def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float) -> str:
-    """After ``kind`` failed validation: the next path to try ("blockwise" → "packed" → "full"), or
-    :class:`CapabilityError` when the user asked for a prefix-reusing path."""
+def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float, longest: int) -> str:
+    """After ``kind`` failed validation: the next path to try ("blockwise" → "packed" when the context has
+    room → "full"), or :class:`CapabilityError` when the user asked for a prefix-reusing path."""
     if config.fast_path != "auto":
         raise CapabilityError(
             f"fast_path={config.fast_path!r}: the {kind} path does not reproduce the clean logits on this model "
@@ -1016,7 +1016,7 @@ def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float) -> 
         ) from None
     if kind == "blockwise":
         _BLOCKWISE_FAILED[model] = _mode(model)
-        nxt = "packed" if _PACKED_FAILED.get(model) != _mode(model) else "full"
+        nxt = _fast_kind(model, config, longest)  # "packed" or "full" now
     else:
         if kind == "packed":
             _PACKED_FAILED[model] = _mode(model)
@@ -1037,10 +1037,8 @@ def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float) -> 
 def _attribute(
     model: Any, plist: list[Any], ids: list[int], single: bool, config: AttributionConfig
 ) -> NeuronAttribution:
-    if config.implementation == "reference":
-        kind = "reference"
-    else:
-        kind = _fast_kind(model, config, _longest(model, plist, config))
+    longest = _longest(model, plist, config)
+    kind = "reference" if config.implementation == "reference" else _fast_kind(model, config, longest)
     prep = _prepare(
         model, plist, ids, config, want_resid=kind in ("kv-hooked", "blockwise"), want_rows=kind == "blockwise"
     )
@@ -1079,35 +1077,34 @@ def _attribute(
             return torch.stack([m.to(acc) for m in masked])
         return torch.stack([m.to(acc).mean(0, keepdim=True) for m in masked])
 
-    bar = tqdm(total=n, disable=not config.show_progress, desc=f"{config.method} attribution")
-    done = 0
-    while done < n:
-        K = alphas.shape[0]
-        G = _group_size(model, config, kind, nl * K, n - done)
-        idxs = list(range(done, done + G))
-        bases = bases_of(idxs)  # [G, J, L, D]
-        wbar = prep.acts[idxs].to(acc)  # [G, L, D]
-        check = kind in _VALIDATED_PATHS and not validated  # once per call, on the first pass
-        try:
-            integral, f0, p0 = _run_group(ev, idxs, prep, bases, wbar, alphas, weights, zero_k, check)
-        except _PathMismatch as exc:
-            kind = _fall_back(model, config, kind, exc.err)
-            ev = _EVALUATORS[kind](model, prep, config)
-            continue  # the same prompts again, on the next path
-        validated = True
-        J = bases.shape[1]
-        for r, i in enumerate(idxs):
-            integ = integral[r].view(nl, J, D)
-            w = wbar[r, layers_t].unsqueeze(1)  # [nl, 1, D]
-            mult = (w - bases[r][:, layers_t].transpose(0, 1)) if config.multiply_by == "difference" else w
-            sc = (mult * integ).mean(1)  # [nl, D]
-            scores[i, layers_t] = sc
-            base_obj[i, layers_t] = f0[r].view(nl, J).mean(1)
-            base_prob[i, layers_t] = p0[r].view(nl, J).mean(1)
-            delta[i, layers_t] = sc.sum(-1) - (prep.clean_obj[i].to(acc) - base_obj[i, layers_t])
-        done += G
-        bar.update(G)
-    bar.close()
+    with tqdm(total=n, disable=not config.show_progress, desc=f"{config.method} attribution") as bar:
+        done = 0
+        while done < n:
+            K = alphas.shape[0]
+            G = _group_size(model, config, kind, nl * K, n - done)
+            idxs = list(range(done, done + G))
+            bases = bases_of(idxs)  # [G, J, L, D]
+            wbar = prep.acts[idxs].to(acc)  # [G, L, D]
+            check = kind in _VALIDATED_PATHS and not validated  # once per call, on the first pass
+            try:
+                integral, f0, p0 = _run_group(ev, idxs, prep, bases, wbar, alphas, weights, zero_k, check)
+            except _PathMismatch as exc:
+                kind = _fall_back(model, config, kind, exc.err, longest)
+                ev = _EVALUATORS[kind](model, prep, config)
+                continue  # the same prompts again, on the next path
+            validated = True
+            J = bases.shape[1]
+            for r, i in enumerate(idxs):
+                integ = integral[r].view(nl, J, D)
+                w = wbar[r, layers_t].unsqueeze(1)  # [nl, 1, D]
+                mult = (w - bases[r][:, layers_t].transpose(0, 1)) if config.multiply_by == "difference" else w
+                sc = (mult * integ).mean(1)  # [nl, D]
+                scores[i, layers_t] = sc
+                base_obj[i, layers_t] = f0[r].view(nl, J).mean(1)
+                base_prob[i, layers_t] = p0[r].view(nl, J).mean(1)
+                delta[i, layers_t] = sc.sum(-1) - (prep.clean_obj[i].to(acc) - base_obj[i, layers_t])
+            done += G
+            bar.update(G)
     _check_finite(scores[:, layers_t], "attribution scores", model)
     return NeuronAttribution(
         scores_batched=scores,
