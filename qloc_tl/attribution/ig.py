@@ -174,10 +174,11 @@ def _normalise_inputs(
 
 _CLEAN_CHUNK = 16  # prompts per clean forward pass
 _BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the [S, d_vocab] logits and their gradient)
-# TL 4 blockwise: prompts per pass (at most _GROUP_MAX) while the [prompts, samples, d_vocab] logits stay below
-# this many elements, per device type. CPU (measured, one thread): small models gain (built-in model IG 26 ->
-# 15 ms/query with 16 prompts per pass, tiny GPT-2 19 -> 4 ms with 64), the GPT-2-small shape loses (4 prompts
-# per pass 1.35x slower: the element-wise work on [G, S, d_vocab] falls out of cache), hence a small budget
+# blockwise paths (TL 4 and TL 3): prompts per pass (at most _GROUP_MAX) while the [prompts, samples, d_vocab]
+# logits stay below this many elements, per device type. CPU (measured on TL 4, one thread): small models gain
+# (built-in model IG 26 -> 15 ms/query with 16 prompts per pass, tiny GPT-2 19 -> 4 ms with 64), the
+# GPT-2-small shape loses (4 prompts per pass 1.35x slower: the element-wise work on [G, S, d_vocab] falls out
+# of cache), hence a small budget
 _GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 _GROUP_MAX = 64
 _MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
@@ -271,17 +272,24 @@ class _Evaluator:
     def evaluate(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def _finish(self, logits_last: Tensor, x: Tensor, inv: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """Objective, probability and gradient w.r.t. ``x`` of the samples; ``logits_last[inv]`` are the
-        samples' logits in the order of ``x`` when ``inv`` is given (the [S, d_vocab] logits are not
-        permuted: only the per-sample results are)."""
-        # the last two samples' logits are read by the validation of the main loop
-        tail = torch.arange(x.shape[0], device=x.device)[-2:]
-        self.tail_logits = logits_last[tail if inv is None else inv[tail]].detach()
+    def _finish(self, logits_last: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Objective, probability and gradient w.r.t. ``x`` of the samples (``logits_last [S, d_vocab]`` in
+        the order of ``x``)."""
+        self.tail_logits = logits_last[-2:].detach()  # read by the validation of the main loop
         ans = self.prep.answers[self.i].expand(x.shape[0])
         obj, prob = _objective(logits_last, ans, self.config.objective, self.acc)
-        if inv is not None:
-            obj, prob = obj[inv], prob[inv]
+        (g,) = torch.autograd.grad(obj.sum(), x)
+        return obj.detach(), prob.detach(), g
+
+    def _finish_group(
+        self, logits: Tensor, answers: Tensor, rows: Tensor, x: Tensor
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_finish` of a group pass: ``logits [R, d_vocab]`` of the pass's rows (in whatever order the
+        pass produced them), ``answers [R]`` their answer ids, ``rows [G, S]`` the row of each sample of
+        ``x [G, S, D]``; the [R, d_vocab] logits are not permuted, only the per-sample results."""
+        self.tail_logits = logits[rows[:, -2:]].detach()  # [G, 2, d_vocab], read by the validation
+        obj, prob = _objective(logits, answers, self.config.objective, self.acc)
+        obj, prob = obj[rows], prob[rows]
         (g,) = torch.autograd.grad(obj.sum(), x)
         return obj.detach(), prob.detach(), g
 
@@ -547,14 +555,10 @@ class _BlockwiseEvaluator(_Evaluator):
             # on the validation chunk: a backend whose blocks cannot be driven this way → fall back
             logger.debug("blockwise evaluation raised %r", exc)
             raise _PathMismatch(float("nan")) from exc
-        inv = _inverse(order)
         G, S, V = logits.shape
-        self.tail_logits = logits[:, inv[-2:]].detach()
-        ans = self.prep.answers[self.idxs].view(G, 1).expand(G, S).reshape(-1)
-        obj, prob = _objective(logits.reshape(G * S, V), ans, self.config.objective, self.acc)
-        obj, prob = obj.view(G, S)[:, inv], prob.view(G, S)[:, inv]
-        (g,) = torch.autograd.grad(obj.sum(), x)
-        return obj.detach(), prob.detach(), g
+        rows = S * torch.arange(G, device=x.device).unsqueeze(1) + _inverse(order)  # row g*S + sorted index
+        answers = self.prep.answers[self.idxs].repeat_interleave(S)
+        return self._finish_group(logits.reshape(G * S, V), answers, rows, x)
 
     def _logits(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
         model, T, S = self.model, self.T, x.shape[1]
@@ -594,8 +598,9 @@ def _inverse(order: Tensor) -> Tensor:
 
 
 class _TailHook:
-    """Overwrites the last entries of the batch (``dim`` 0: act ``[S_l, 1, D]``, vals ``[c, D]``) or of the
-    sequence (``dim`` 1: act ``[G, N_l, D]``, vals ``[G, c, D]``) with ``vals``; counts its calls."""
+    """Overwrites the last entries of the batch (``dim`` 0: act ``[R_l, 1, D]``, the ``G·c`` rows
+    prompt-major) or of the sequence (``dim`` 1: act ``[G, N_l, D]``) with ``vals [G, c, D]``; counts its
+    calls."""
 
     def __init__(self, vals: Tensor, dim: int) -> None:
         self.vals, self.dim, self.calls = vals, dim, 0
@@ -603,18 +608,19 @@ class _TailHook:
     def __call__(self, act: Tensor, hook: Any) -> Tensor:
         self.calls += 1
         v = self.vals.to(act.dtype)
-        if self.dim == 0:  # vals [c, D]
-            return torch.cat([act[: -v.shape[0]], v.unsqueeze(1)], dim=0)
-        return torch.cat([act[:, : -v.shape[1]], v], dim=1)  # vals [G, c, D]
+        if self.dim == 0:
+            v = v.reshape(-1, 1, v.shape[-1])
+            return torch.cat([act[: -v.shape[0]], v], dim=0)
+        return torch.cat([act[:, : -v.shape[1]], v], dim=1)
 
 
 def _tail_hooks(names: dict[int, str], counts: dict[int, int], xs: Tensor, dim: int) -> list[tuple[str, _TailHook]]:
     """Blockwise evaluation: the samples of layer l join the batch (``dim`` 0) or the sequence (``dim`` 1) at
     block l, as its last ``counts[l]`` entries; the hook at layer l overwrites exactly those with their ``x``
-    (``xs`` sorted by layer: ``[S, D]`` for ``dim`` 0, ``[G, S, D]`` for ``dim`` 1)."""
+    (``xs [G, S, D]`` sorted by layer)."""
     hooks, s0 = [], 0
     for l, c in counts.items():
-        hooks.append((names[l], _TailHook(xs[s0 : s0 + c] if dim == 0 else xs[:, s0 : s0 + c], dim)))
+        hooks.append((names[l], _TailHook(xs[:, s0 : s0 + c], dim)))
         s0 += c
     return hooks
 
@@ -680,11 +686,10 @@ class _HookedKVEvaluator(_Evaluator):
         """As :meth:`_BlockwiseEvaluator.evaluate_group`; batch rows are (layer group, prompt, sample)."""
         G, S, dev = x.shape[0], x.shape[1], x.device
         order, counts = _layer_groups(layer_of)
-        xs = x[:, order]  # [G, S, D], samples in layer order
-        hooks, s0 = [], 0
+        hooks = _tail_hooks(self.prep.names, counts, x[:, order], dim=0)
         row_of = torch.empty(G, S, dtype=torch.long, device=dev)  # batch row of (prompt, sorted sample)
-        for l, c in counts.items():
-            hooks.append((self.prep.names[l], _TailHook(xs[:, s0 : s0 + c].reshape(G * c, -1), 0)))
+        s0 = 0
+        for c in counts.values():
             row_of[:, s0 : s0 + c] = G * s0 + torch.arange(G * c, device=dev).view(G, c)
             s0 += c
         idx = torch.tensor(self.idxs, device=dev)
@@ -708,13 +713,7 @@ class _HookedKVEvaluator(_Evaluator):
                 )
         assert resid is not None
         logits = self._unembed(resid[:, -1])  # [rows, V]
-        inv = _inverse(order)
-        rows = row_of[:, inv]  # [G, S]: the batch row of each sample, in x's order
-        self.tail_logits = logits[rows[:, -2:]].detach()
-        obj, prob = _objective(logits, self.prep.answers[idx][prompt_of], self.config.objective, self.acc)
-        obj, prob = obj[rows], prob[rows]
-        (g,) = torch.autograd.grad(obj.sum(), x)
-        return obj.detach(), prob.detach(), g
+        return self._finish_group(logits, self.prep.answers[idx][prompt_of], row_of[:, _inverse(order)], x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -899,9 +898,10 @@ def _run_group(
 
 
 def _group_size(model: Any, config: AttributionConfig, kind: str, samples: int, left: int) -> int:
-    """Prompts per pass of the blockwise paths (TL 4 ``"blockwise"``, TL 3 ``"kv-hooked"``): bounded by ``_GROUP_LOGITS`` elements (per device type) of the
-    ``[G, S, d_vocab]`` logits (S = the samples of a prompt in one pass) and ``_GROUP_MAX``; SIG prompts (one
-    path per token: different sample counts) go alone."""
+    """Prompts per pass of the blockwise paths (TL 4 ``"blockwise"``, TL 3 ``"kv-hooked"``): bounded by
+    ``_GROUP_LOGITS`` elements (per device type) of the ``[G, S, d_vocab]`` logits (S = the samples of a
+    prompt in one pass) and ``_GROUP_MAX``; SIG prompts (one path per token: different sample counts) go
+    alone."""
     if kind not in ("blockwise", "kv-hooked") or config.method == "sig":
         return 1
     S = min(samples, config.batch_size or _BLOCKWISE_BATCH)
@@ -951,18 +951,18 @@ def attribute_neurons(
         objective: ``"prob"`` (default, softmax probability of the answer) or ``"logprob"``.
         multiply_by: ``"difference"`` (w̄ − b; default for IG/SIG) or ``"activation"`` (w̄; default for AMIG).
         layers: layers to attribute (default all); the others are NaN in the result.
-        batch_size: samples per pass (default: ``steps`` for the reference; up to 512 for the blockwise
-            paths — ``"blockwise"`` never more than fit one row after the prompt, ``n_ctx − n_tokens`` —; 128
-            samples of whole layers for ``"packed"``; ``2048 // n_tokens`` rows for ``"full"``).
+        batch_size: samples of a prompt per pass (default: ``steps`` for the reference; up to 512 for the
+            blockwise paths; 128 samples of whole layers for ``"packed"``; ``2048 // n_tokens`` rows for
+            ``"full"``).
         prepend_bos: passed to TL tokenisation of string prompts (``None`` = the model's default).
         multi_token: ``"error"`` (default) or ``"first"`` for answers that are several tokens.
         implementation: ``"fast"`` (default) or ``"reference"``.
         show_progress: a tqdm bar over prompts.
         replacement_id: SIG/AMIG replacement token (default: the tokenizer's EOS).
         mask_bos: SIG/AMIG: also mask a leading BOS token (default False).
-        fast_path: ``"auto"`` (default: ``"kv-hooked"`` on HookedTransformer; on HF-backed bridges
-            ``"blockwise"`` when all samples of a prompt fit one row of ``n_ctx`` after it, else ``"packed"``
-            when ≥ 3 copies fit, else ``"full"``), ``"kv"`` (require a prefix-reusing path — the KV cache, or
+        fast_path: ``"auto"`` (default: ``"kv-hooked"`` on HookedTransformer, ``"blockwise"`` on HF-backed
+            bridges; after a failed validation ``"packed"`` when ≥ 3 copies fit after the prompt, else
+            ``"full"``), ``"kv"`` (require a prefix-reusing path — the KV cache, or
             blockwise/packed — and raise :class:`~qloc_tl.errors.CapabilityError` if it fails validation),
             ``"blockwise"`` / ``"packed"`` (that bridge path exactly, same error) or ``"full"`` (batched full
             sequences).
