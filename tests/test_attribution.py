@@ -433,6 +433,30 @@ def test_prompts_per_pass_policy():
     assert size(fake, ig_cfg, "packed", 63, 1000) == size(fake, ig_cfg, "full", 63, 1000) == 1
 
 
+def test_prompts_per_pass_policy_with_the_unembedding_sweep():
+    """On CPU with a plain float32 unembedding (no [samples, d_vocab] logits): prompts join a pass while
+    samples x d_model x d_mlp stays within 4e8, at most 32 (and at most _GROUP_MAX); not on a GPU."""
+    def fake(d_model, mlp, V, device="cpu"):
+        W_U = torch.zeros(1, 1).expand(d_model, V)  # the right shape and dtype, no memory
+        return SimpleNamespace(
+            cfg=SimpleNamespace(d_vocab=V, d_model=d_model, d_mlp=mlp), W_U=W_U, b_U=None,
+            parameters=lambda: iter([torch.zeros(1, device=device)]),
+        )  # fmt: skip
+
+    ig_cfg, sig_cfg = ig_module.AttributionConfig(), ig_module.AttributionConfig(method="sig")
+    size = ig_module._group_size
+    assert size(fake(768, 3072, 50257), ig_cfg, "blockwise", 12 * 21, 100) == 1  # 5.9e8 > 4e8
+    assert size(fake(512, 1408, 32000), ig_cfg, "kv-hooked", 8 * 21, 100) == int(4e8 // (168 * 512 * 1408)) == 3
+    assert size(fake(128, 512, 50257), ig_cfg, "blockwise", 4 * 21, 100) == 32  # 72 by work, capped
+    assert size(fake(128, 512, 50257), ig_cfg, "blockwise", 4 * 21, 7) == 7  # no more than are left
+    assert size(fake(128, 512, 50257), sig_cfg, "blockwise", 4 * 21, 100) == 1
+    low = fake(128, 512, 50257)
+    low.W_U = low.W_U.to(torch.bfloat16)  # no sweep: the logits budget, 2**23 // (84 x 50257) = 1
+    assert size(low, ig_cfg, "blockwise", 4 * 21, 100) == 1
+    meta = fake(128, 512, 50257, device="meta")  # not CPU: the logits budget of "other" devices, 2**27
+    assert size(meta, ig_cfg, "blockwise", 4 * 21, 100) == 2**27 // (84 * 50257) == 31
+
+
 def test_full_fast_path_and_token_inputs_equal_reference():
     model = _model("gpt2", "hf")
     toks = [model.to_tokens(p)[0] for p in PROMPTS]
@@ -615,15 +639,19 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
     calls = {"n": 0}
-    real = ig_module._objective
 
-    def boom(*a, **k):
-        calls["n"] += 1
-        if calls["n"] > 1:  # the clean pass succeeds, the first attribution chunk fails
-            raise RuntimeError("injected failure")
-        return real(*a, **k)
+    def boom(real):
+        def f(*a, **k):
+            calls["n"] += 1
+            if calls["n"] > 1:  # the clean pass succeeds, the first attribution chunk fails
+                raise RuntimeError("injected failure")
+            return real(*a, **k)
 
-    monkeypatch.setattr(ig_module, "_objective", boom)
+        return f
+
+    # the objective of the samples: from logits, or (CPU blockwise paths) by the unembedding sweep
+    monkeypatch.setattr(ig_module, "_objective", boom(ig_module._objective))
+    monkeypatch.setattr(ig_module, "answer_objective", boom(ig_module.answer_objective))
     with pytest.raises(RuntimeError, match="injected"):
         attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags

@@ -80,6 +80,7 @@ from .baselines import fixed_baseline, masked_token_baselines_many
 from .config import AttributionConfig
 from .quadrature import quadrature
 from .results import NeuronAttribution
+from .unembed import answer_objective, linear_unembedding
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +126,16 @@ def _objective(
     lp_y = lp.gather(-1, answers.view(-1, 1)).squeeze(-1)
     prob = lp_y.exp()
     return (prob if objective == "prob" else lp_y), prob
+
+
+def _sweep_unembedding(model: Any) -> tuple[Tensor, Tensor | None] | None:
+    """``(W_U, b_U)`` when the grouped paths compute the objective with
+    :func:`~qloc_tl.attribution.unembed.answer_objective` (on CPU, with a plain float32/float64
+    unembedding); ``None`` when they materialise the logits (on a GPU its blocks of 256 × 1024 would be
+    launch-bound; not measured there)."""
+    if model_device(model).type != "cpu":
+        return None
+    return linear_unembedding(model)
 
 
 def _check_finite(t: Tensor, what: str, model: Any) -> None:
@@ -174,11 +185,17 @@ def _normalise_inputs(
 
 _CLEAN_CHUNK = 16  # prompts per clean forward pass
 _BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the [S, d_vocab] logits and their gradient)
-# blockwise paths (TL 4 and TL 3): prompts per pass (at most _GROUP_MAX) while the [prompts, samples, d_vocab]
-# logits stay below this many elements, per device type. CPU (measured on TL 4, one thread): small models gain
-# (built-in model IG 26 -> 15 ms/query with 16 prompts per pass, tiny GPT-2 19 -> 4 ms with 64), the
-# GPT-2-small shape loses (4 prompts per pass 1.35x slower: the element-wise work on [G, S, d_vocab] falls out
-# of cache), hence a small budget
+# blockwise paths (TL 4 and TL 3): prompts per pass. Measured on TL 4, one CPU thread (2026-11-26):
+# * with the unembedding sweep (CPU, float32/64: no [samples, d_vocab] logits) the per-pass overhead is what
+#   grouping saves, so prompts join a pass while its samples · d_model · d_mlp stays below _GROUP_WORK, at most
+#   _GROUP_MAX_SWEEP: 4-layer d128 GPT-2 with V 50257, 73 -> 54 ms/query (1 -> 16 prompts per pass); built-in
+#   model 36 -> 17 ms (1 -> 16), 18.5 ms with 32; LLaMA 8L d512 579 -> 427 ms (1 -> 2), 419 ms with 4; the
+#   GPT-2-small shape (6e8 per prompt) gains nothing (1 853 / 2 013 / 1 914 ms with 1 / 2 / 4);
+# * otherwise (GPU, low precision) while the [prompts, samples, d_vocab] logits stay below _GROUP_LOGITS
+#   elements, at most _GROUP_MAX (on CPU, before the sweep: GPT-2-small with 4 prompts per pass was 1.35x
+#   slower, the element-wise work on [G, S, d_vocab] falling out of cache).
+_GROUP_WORK = 4e8
+_GROUP_MAX_SWEEP = 32
 _GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 _GROUP_MAX = 64
 _MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
@@ -282,16 +299,36 @@ class _Evaluator:
         return obj.detach(), prob.detach(), g
 
     def _finish_group(
-        self, logits: Tensor, answers: Tensor, rows: Tensor, x: Tensor
+        self, final: Tensor, answers: Tensor, rows: Tensor, x: Tensor
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_finish` of a group pass: ``logits [R, d_vocab]`` of the pass's rows (in whatever order the
-        pass produced them), ``answers [R]`` their answer ids, ``rows [G, S]`` the row of each sample of
-        ``x [G, S, D]``; the [R, d_vocab] logits are not permuted, only the per-sample results."""
-        self.tail_logits = logits[rows[:, -2:]].detach()  # [G, 2, d_vocab], read by the validation
-        obj, prob = _objective(logits, answers, self.config.objective, self.acc)
+        """:meth:`_finish` of a group pass: ``final [R, d_model]``, the normalised final residual
+        (``ln_final``'s output) of the pass's rows in whatever order the pass produced them, ``answers [R]``
+        their answer ids, ``rows [G, S]`` the row of each sample of ``x [G, S, D]``; only the per-sample
+        results are permuted.
+
+        On CPU with a plain float32/float64 unembedding (:func:`_sweep_unembedding`) the objective is
+        computed without materialising the ``[R, d_vocab]`` logits
+        (:func:`~qloc_tl.attribution.unembed.answer_objective`); the validation's tail logits are then
+        ``final @ W_U + b_U`` of those rows, so the validation also checks that the model's logits are that
+        map. Otherwise the logits come from :meth:`_logits_of`."""
+        lin = _sweep_unembedding(self.model)
+        if lin is None:
+            logits = self._logits_of(final)
+            self.tail_logits = logits[rows[:, -2:]].detach()  # [G, 2, d_vocab], read by the validation
+            obj, prob = _objective(logits, answers, self.config.objective, self.acc)
+        else:
+            W_U, b_U = lin
+            with torch.no_grad():
+                tail = final[rows[:, -2:]].to(W_U.dtype) @ W_U
+                self.tail_logits = tail if b_U is None else tail + b_U
+            obj, prob = answer_objective(final, W_U, b_U, answers, self.config.objective)
         obj, prob = obj[rows], prob[rows]
         (g,) = torch.autograd.grad(obj.sum(), x)
         return obj.detach(), prob.detach(), g
+
+    def _logits_of(self, final: Tensor) -> Tensor:
+        """Logits ``[R, d_vocab]`` from the normalised final residual (the grouped evaluators)."""
+        return self.model.unembed(final)
 
 
 
@@ -546,7 +583,7 @@ class _BlockwiseEvaluator(_Evaluator):
         samples."""
         order, counts = _layer_groups(layer_of)
         try:
-            logits = self._logits(order, counts, x)  # [G, S, V], samples in layer order
+            final = self._final(order, counts, x)  # [G, S, d_model], samples in layer order
         except _PathMismatch:
             raise
         except Exception as exc:
@@ -555,12 +592,12 @@ class _BlockwiseEvaluator(_Evaluator):
             # on the validation chunk: a backend whose blocks cannot be driven this way → fall back
             logger.debug("blockwise evaluation raised %r", exc)
             raise _PathMismatch(float("nan")) from exc
-        G, S, V = logits.shape
+        G, S, d = final.shape
         rows = S * torch.arange(G, device=x.device).unsqueeze(1) + _inverse(order)  # row g*S + sorted index
         answers = self.prep.answers[self.idxs].repeat_interleave(S)
-        return self._finish_group(logits.reshape(G * S, V), answers, rows, x)
+        return self._finish_group(final.reshape(G * S, d), answers, rows, x)
 
-    def _logits(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
+    def _final(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
         model, T, S = self.model, self.T, x.shape[1]
         if self._call is None or self._call.n_max < T + S:
             self._call = _BlockCall(self, T + S)
@@ -578,10 +615,10 @@ class _BlockwiseEvaluator(_Evaluator):
                 args, kwargs = self._call.at(hidden.shape[1])
                 out = model.blocks[j](hidden, *args, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
-            logits = model.unembed(model.ln_final(hidden[:, T:]))
+            final = model.ln_final(hidden[:, T:])
         if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
             raise _PathMismatch(float("nan"))
-        return logits
+        return final
 
 
 def _layer_groups(layer_of: Tensor) -> tuple[Tensor, dict[int, int]]:
@@ -674,11 +711,9 @@ class _HookedKVEvaluator(_Evaluator):
         c.freeze()
         return c
 
-    def _unembed(self, resid: Tensor) -> Tensor:
+    def _logits_of(self, final: Tensor) -> Tensor:
         model = self.model
-        if model.cfg.normalization_type is not None:
-            resid = model.ln_final(resid)
-        logits = resid @ model.W_U + model.b_U
+        logits = final @ model.W_U + model.b_U
         cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
@@ -712,8 +747,10 @@ class _HookedKVEvaluator(_Evaluator):
                     attention_mask=torch.cat([self.mask[prompt_of], ones], dim=1),
                 )
         assert resid is not None
-        logits = self._unembed(resid[:, -1])  # [rows, V]
-        return self._finish_group(logits, self.prep.answers[idx][prompt_of], row_of[:, _inverse(order)], x)
+        final = resid[:, -1]
+        if self.model.cfg.normalization_type is not None:
+            final = self.model.ln_final(final)
+        return self._finish_group(final, self.prep.answers[idx][prompt_of], row_of[:, _inverse(order)], x)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -898,13 +935,17 @@ def _run_group(
 
 
 def _group_size(model: Any, config: AttributionConfig, kind: str, samples: int, left: int) -> int:
-    """Prompts per pass of the blockwise paths (TL 4 ``"blockwise"``, TL 3 ``"kv-hooked"``): bounded by
-    ``_GROUP_LOGITS`` elements (per device type) of the ``[G, S, d_vocab]`` logits (S = the samples of a
-    prompt in one pass) and ``_GROUP_MAX``; SIG prompts (one path per token: different sample counts) go
-    alone."""
+    """Prompts per pass of the blockwise paths (TL 4 ``"blockwise"``, TL 3 ``"kv-hooked"``; S = the samples
+    of a prompt in one pass): with the unembedding sweep, while ``G · S · d_model · d_mlp ≤ _GROUP_WORK``, at
+    most ``_GROUP_MAX_SWEEP`` (and ``_GROUP_MAX``); otherwise bounded by ``_GROUP_LOGITS`` elements (per device type) of the
+    ``[G, S, d_vocab]`` logits and ``_GROUP_MAX``. SIG prompts (one path per token: different sample counts)
+    go alone."""
     if kind not in ("blockwise", "kv-hooked") or config.method == "sig":
         return 1
     S = min(samples, config.batch_size or _BLOCKWISE_BATCH)
+    if _sweep_unembedding(model) is not None:
+        work = S * int(model.cfg.d_model) * d_mlp(model)
+        return max(1, min(left, int(_GROUP_WORK // work), _GROUP_MAX_SWEEP, _GROUP_MAX))
     budget = _GROUP_LOGITS["cpu" if model_device(model).type == "cpu" else "other"]
     return max(1, min(left, budget // max(1, S * int(model.cfg.d_vocab)), _GROUP_MAX))
 
