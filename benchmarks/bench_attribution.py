@@ -13,7 +13,9 @@ their ratios and the max relative difference of the scores (fast vs reference, a
 ``rule="eleuther"`` run, which computes the same quantity).
 
 Timing: CPU time of the calling thread (``time.thread_time``) with ``torch.set_num_threads(1)``, min over
-``--repeats`` runs — the machines this was written on are shared and noisy, wall time is not reliable there.
+``--repeats`` rounds, each round timing reference, fast and EleutherAI-style in turn (a slow spell of the
+shared machine then hits all three, which keeps the ratios steadier) — the machines this was written on are
+shared and noisy, wall time is not reliable there.
 On ``--device cuda`` wall time with ``torch.cuda.synchronize`` is used instead.
 
 Usage::
@@ -167,14 +169,18 @@ def _timer(device: str):
     return time.thread_time
 
 
-def time_it(fn: Any, repeats: int, device: str) -> tuple[float, Any]:
+def time_interleaved(fns: list[Any], repeats: int, device: str) -> tuple[list[float], list[Any]]:
+    """Min time over ``repeats`` rounds of each of ``fns``, run in turn within each round (so a slow spell
+    of the shared machine hits all of them, not one; the ratios are steadier than with back-to-back
+    repeats), and the last result of each."""
     now = _timer(device)
-    best, result = float("inf"), None
+    best, results = [float("inf")] * len(fns), [None] * len(fns)
     for _ in range(repeats):
-        t0 = now()
-        result = fn()
-        best = min(best, now() - t0)
-    return best, result
+        for i, fn in enumerate(fns):
+            t0 = now()
+            results[i] = fn()
+            best[i] = min(best[i], now() - t0)
+    return best, results
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -228,12 +234,19 @@ def _bench_model(
     if device == "cuda":  # kernels, allocator and autotuning warm up outside the timings
         attribute_neurons(model, prompts[:2], answers[:2], steps=steps)
         attribute_neurons(model, prompts[:1], answers[:1], steps=steps, implementation="reference")
-    t_ref, ref = time_it(
+    fns = [
         lambda: attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, implementation="reference"),
-        repeats,
-        device,
-    )
-    t_fast, fast = time_it(lambda: attribute_neurons(model, prompts, answers, steps=steps), repeats, device)
+        lambda: attribute_neurons(model, prompts, answers, steps=steps),
+    ]
+    if eleuther:
+        fns.append(
+            lambda: [
+                eleuther_get_scores(model, p.unsqueeze(0), a, steps=steps)
+                for p, a in zip(prompts[:nr], answers[:nr])
+            ]
+        )
+    times, results = time_interleaved(fns, repeats, device)
+    (t_ref, t_fast), (ref, fast) = times[:2], results[:2]
     fast_ms = 1000 * t_fast / n_queries
     row: dict[str, Any] = {
         "model": label,
@@ -248,14 +261,7 @@ def _bench_model(
         "maxreldiff": rel_diff(fast.scores_batched[:nr], ref.scores_batched),
     }
     if eleuther:
-        t_el, el = time_it(
-            lambda: [
-                eleuther_get_scores(model, p.unsqueeze(0), a, steps=steps)
-                for p, a in zip(prompts[:nr], answers[:nr])
-            ],
-            repeats,
-            device,
-        )
+        t_el, el = times[2], results[2]
         ours_el = attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, rule="eleuther")
         row.update(
             eleuther_ms=1000 * t_el / nr,

@@ -31,18 +31,24 @@ Engines (``implementation=``):
 * ``"fast"`` (default) — the answer position is the last token, and in a causal model every earlier
   position's keys/values are unchanged when layer l's neurons at t change, so only position t has to be
   recomputed per sample. Samples of several layers share one pass (a hook per layer overwrites its rows).
-  Three paths, picked per backend and validated once per call against the clean logits (on a mismatch: a
-  logged warning and the full path):
+  Four paths, picked per backend and validated once per call against the clean logits (unedited samples at
+  the first chunk's lowest and highest layer; on a mismatch the next path, with one warning on reaching
+  ``"full"``):
 
-  - ``"kv-hooked"`` (TL 3 ``HookedTransformer``): the prefix is run once into TL's KV cache (batch 1); each
-    chunk runs the last token only, the cache expanded along the batch, starting at the chunk's lowest layer
-    (``start_at_layer`` with the clean residual of position t), so lower layers are skipped too.
-  - ``"packed"`` (HF-backed TL 4 ``TransformerBridge``): TL 4.3 bridges do not fill a ``past_key_values``
-    cache (their attention looks the cache up under a kwarg name that transformers 5 no longer uses), so
-    instead one sequence holds the prefix followed by one copy of the answer token per sample, with a 4-D
-    attention mask (each copy sees the prefix and itself) and the answer position's position id for every
-    copy. The prefix is computed once per pass; the copies are exactly the clean last-token computation.
+  - ``"kv-hooked"`` (TL 3 ``HookedTransformer``, :class:`_HookedKVEvaluator`): blockwise. The prefixes of
+    the prompts of a pass go once into TL's KV cache; then one block per call on the answer token only
+    (``start_at_layer=j, stop_at_layer=j + 1``), the samples of layer l joining the batch at block l with the
+    clean residual of position t, so no sample computes a layer below its own.
+  - ``"blockwise"`` (HF-backed TL 4 ``TransformerBridge``, :class:`_BlockwiseEvaluator`): the same schedule
+    driven through ``model.blocks[j]`` on packed rows (a prompt's prefix, then one copy of the answer token
+    per sample, a 4-D mask and explicit position ids; the block call is captured by :class:`_BlockCall`).
+    TL 4.3 bridges keep no KV cache, so the prefix is recomputed at each block.
+  - ``"packed"`` (fallback on HF-backed bridges): the packed rows through the bridge's normal forward.
   - ``"full"`` (fallback: native bridges, which ignore 4-D masks): rows of the repeated prompt, batched.
+
+  On the CPU the blockwise paths compute the objective and its gradient from the final residual without
+  materialising the ``[samples, d_vocab]`` logits (:func:`~qloc_tl.attribution.unembed.answer_objective`,
+  a blocked sweep over the vocabulary) when the unembedding is a plain float32/float64 affine map.
 
 Parameters are frozen (``requires_grad_(False)``) for the duration of the call and restored afterwards; all
 hooks are scoped with TL's ``model.hooks(...)`` and removed even on error.
@@ -184,7 +190,7 @@ def _normalise_inputs(
 
 
 _CLEAN_CHUNK = 16  # prompts per clean forward pass
-_BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the [S, d_vocab] logits and their gradient)
+_BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the activations and, without the sweep, the logits)
 # blockwise paths (TL 4 and TL 3): prompts per pass. Measured on TL 4, one CPU thread (2026-11-26):
 # * with the unembedding sweep (CPU, float32/64: no [samples, d_vocab] logits) the per-pass overhead is what
 #   grouping saves, so prompts join a pass while its samples · d_model · d_mlp stays below _GROUP_WORK, at most
