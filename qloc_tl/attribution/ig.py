@@ -337,7 +337,6 @@ class _Evaluator:
         return self.model.unembed(final)
 
 
-
 def _row_hooks(names: dict[int, str], layer_of: Tensor, x: Tensor, place: Any) -> list[tuple[str, Any]]:
     """One hook per layer present in ``layer_of``; ``place(act, rows, values)`` writes the rows' values."""
     hooks = []
@@ -943,9 +942,9 @@ def _run_group(
 def _group_size(model: Any, config: AttributionConfig, kind: str, samples: int, left: int) -> int:
     """Prompts per pass of the blockwise paths (TL 4 ``"blockwise"``, TL 3 ``"kv-hooked"``; S = the samples
     of a prompt in one pass): with the unembedding sweep, while ``G · S · d_model · d_mlp ≤ _GROUP_WORK``, at
-    most ``_GROUP_MAX_SWEEP`` (and ``_GROUP_MAX``); otherwise bounded by ``_GROUP_LOGITS`` elements (per device type) of the
-    ``[G, S, d_vocab]`` logits and ``_GROUP_MAX``. SIG prompts (one path per token: different sample counts)
-    go alone."""
+    most ``_GROUP_MAX_SWEEP`` (and ``_GROUP_MAX``); otherwise bounded by ``_GROUP_LOGITS`` elements (per
+    device type) of the ``[G, S, d_vocab]`` logits and ``_GROUP_MAX``. SIG prompts (one path per token:
+    different sample counts) go alone."""
     if kind not in ("blockwise", "kv-hooked") or config.method == "sig":
         return 1
     S = min(samples, config.batch_size or _BLOCKWISE_BATCH)

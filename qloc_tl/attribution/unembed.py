@@ -26,6 +26,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from ..errors import InvalidInputError
+
 __all__ = ["answer_objective", "linear_unembedding"]
 
 # block of the sweep: rows × vocabulary columns (about 1 MB of float32 logits: stays in a core's L2 cache)
@@ -120,9 +122,9 @@ def answer_objective(
     float rounding, with memory ``O(rows · d_model)`` instead of ``O(rows · d_vocab)``.
     """
     if objective not in ("prob", "logprob"):
-        raise ValueError(f"objective must be 'prob' or 'logprob', got {objective!r}")
+        raise InvalidInputError(f"objective must be 'prob' or 'logprob', got {objective!r}")
     if resid.dim() != 2 or resid.shape[1] != W_U.shape[0] or answers.shape != resid.shape[:1]:
-        raise ValueError(
+        raise InvalidInputError(
             f"answer_objective: resid [rows, d_model], W_U [d_model, d_vocab], answers [rows]; got "
             f"{tuple(resid.shape)}, {tuple(W_U.shape)}, {tuple(answers.shape)}"
         )
