@@ -314,9 +314,9 @@ class _Evaluator:
 
         On CPU with a plain float32/float64 unembedding (:func:`_sweep_unembedding`) the objective is
         computed without materialising the ``[R, d_vocab]`` logits
-        (:func:`~qloc_tl.attribution.unembed.answer_objective`); the validation's tail logits are then
-        ``final @ W_U + b_U`` of those rows, so the validation also checks that the model's logits are that
-        map. Otherwise the logits come from :meth:`_logits_of`."""
+        (:func:`~qloc_tl.attribution.unembed.answer_objective`); the validation's tail logits (computed only
+        while checking) are then ``final @ W_U + b_U`` of those rows, so the validation also checks that the
+        model's logits are that map. Otherwise the logits come from :meth:`_logits_of`."""
         lin = _sweep_unembedding(self.model)
         if lin is None:
             logits = self._logits_of(final)
@@ -324,9 +324,10 @@ class _Evaluator:
             obj, prob = _objective(logits, answers, self.config.objective, self.acc)
         else:
             W_U, b_U = lin
-            with torch.no_grad():
-                tail = final[rows[:, -2:]].to(W_U.dtype) @ W_U
-                self.tail_logits = tail if b_U is None else tail + b_U
+            if self.checking:  # the tail logits are read only by the validation
+                with torch.no_grad():
+                    tail = final[rows[:, -2:]].to(W_U.dtype) @ W_U
+                    self.tail_logits = tail if b_U is None else tail + b_U
             obj, prob = answer_objective(final, W_U, b_U, answers, self.config.objective)
         obj, prob = obj[rows], prob[rows]
         (g,) = torch.autograd.grad(obj.sum(), x)
@@ -675,8 +676,9 @@ class _HookedKVEvaluator(_Evaluator):
     stop_at_layer=j + 1``, each row with its prompt's cache entry and ``attention_mask``). The samples of
     layer l join the batch at block l (the clean residual entering block l at the answer position,
     ``resid_last``), so no sample computes a layer below its own, and the batch grows as the chunk climbs.
-    The unembedding is a plain ``resid @ W_U + b_U`` (HT's own copies ``W_U.T`` on every call); the
-    validation samples guard all of it."""
+    The objective comes from ``ln_final`` of the answer token by the unembedding sweep on the CPU, else from
+    the logits ``final @ W_U + b_U`` (HT's own ``unembed`` copies ``W_U.T`` on every call); the validation
+    samples guard all of it."""
 
     path = "kv-hooked"
 
