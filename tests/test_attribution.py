@@ -636,6 +636,8 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
     params = list(model.parameters())
     params[0].requires_grad_(False)
     flags = [p.requires_grad for p in params]
+    # the model's own modules and activation functions (the fast paths swap in a fused tanh-GELU)
+    own = [id(m) for m in model.modules()] + [id(vars(m).get("act_fn")) for m in model.modules()]
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
     calls = {"n": 0}
@@ -655,6 +657,7 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
     with pytest.raises(RuntimeError, match="injected"):
         attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
+    assert [id(m) for m in model.modules()] + [id(vars(m).get("act_fn")) for m in model.modules()] == own
     params[0].requires_grad_(True)
 
 

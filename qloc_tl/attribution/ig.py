@@ -50,8 +50,13 @@ Engines (``implementation=``):
   materialising the ``[samples, d_vocab]`` logits (:func:`~qloc_tl.attribution.unembed.answer_objective`,
   a blocked sweep over the vocabulary) when the unembedding is a plain float32/float64 affine map.
 
+  The fast paths also compute a tanh-GELU (``gelu_new``: GPT-2 and its family) with torch's fused kernel
+  instead of the model's op-by-op formula (:mod:`~qloc_tl.attribution.fused`; the same function, rounding
+  differences only); the reference runs the model's own modules untouched.
+
 Parameters are frozen (``requires_grad_(False)``) for the duration of the call and restored afterwards; all
-hooks are scoped with TL's ``model.hooks(...)`` and removed even on error.
+hooks are scoped with TL's ``model.hooks(...)`` and removed even on error, and swapped activations are put
+back.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ from ..model import (
 )
 from .baselines import fixed_baseline, masked_token_baselines_many
 from .config import AttributionConfig
+from .fused import fused_activations
 from .quadrature import quadrature
 from .results import NeuronAttribution
 from .unembed import answer_objective, linear_unembedding
@@ -1047,7 +1053,8 @@ def attribute_neurons(
     )
     d_mlp(model)
     plist, ids, single = _normalise_inputs(model, prompts, answers, config)
-    with _frozen_params(model):
+    fused = fused_activations(model) if config.implementation == "fast" else contextlib.nullcontext()
+    with _frozen_params(model), fused:
         return _attribute(model, plist, ids, single, config)
 
 
