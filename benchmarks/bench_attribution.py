@@ -7,15 +7,22 @@ For each model it prints the time per query of
 * ``eleuther``   — a plain re-implementation of EleutherAI ``knowledge-neurons`` ``get_scores`` semantics:
   per layer, one baseline forward to read the activations, then ``steps / batch_size`` full forward+backward
   passes over the prompt repeated ``batch_size`` times, activations at the last position replaced by
-  ``linspace(0, 1, steps)·w̄`` (parameters left trainable, as in that code); scores = Σ grads · w̄ / steps;
+  ``linspace(0, 1, steps)·w̄`` (parameters left trainable, as in that code); scores = Σ grads · w̄ / steps.
+  It runs through the TL model under test (``mlp.hook_post``);
+* ``eleuther_hf`` — the same loop as that package really runs it: on the plain HF GPT-2 module (loaded
+  separately from the same directory, no TL in between), its activations read and replaced at the output of
+  ``mlp.c_fc`` (TL's ``hook_pre``). GPT-2 rows loaded from a directory only (not the LLaMA row, which that
+  package does not support). This is the fair comparator: a TL bridge or HookedTransformer adds per-call
+  overhead of its own to the loop above;
 
-their ratios and the max relative difference of the scores (fast vs reference, and eleuther vs our
-``rule="eleuther"`` run, which computes the same quantity).
+their ratios and the max relative difference of the scores (fast vs reference; eleuther vs our
+``rule="eleuther"`` run and eleuther_hf vs our ``rule="eleuther", site="pre"`` run, which compute the same
+quantities).
 
 Timing: CPU time of the calling thread (``time.thread_time``) with ``torch.set_num_threads(1)``, min over
-``--repeats`` rounds, each round timing reference, fast and EleutherAI-style in turn (a slow spell of the
-shared machine then hits all three, which keeps the ratios steadier) — the machines this was written on are
-shared and noisy, wall time is not reliable there.
+``--repeats`` rounds, each round timing reference, fast and the EleutherAI-style loops in turn (a slow
+spell of the shared machine then hits all of them, which keeps the ratios steadier) — the machines this was
+written on are shared and noisy, wall time is not reliable there.
 On ``--device cuda`` wall time with ``torch.cuda.synchronize`` is used instead.
 
 Usage::
@@ -153,6 +160,61 @@ def eleuther_get_scores(
     return torch.stack(out)
 
 
+def eleuther_hf_get_scores(
+    hf: Any, tokens: torch.Tensor, target: int, steps: int = 20, batch_size: int = 10
+) -> torch.Tensor:
+    """``KnowledgeNeurons.get_scores`` as that code runs it: on the plain HF GPT-2 module, no TL in between.
+
+    Per layer: one grad-enabled baseline forward reading ``transformer.h[l].mlp.c_fc``'s output at the last
+    position (the pre-activation: TL's ``hook_pre``), then ``steps / batch_size`` forwards of the prompt
+    repeated ``batch_size`` times with that output's last position replaced by ``linspace(0, 1, steps)·w̄``,
+    and ``torch.autograd.grad`` of the unbound answer probabilities; scores = Σ grads · w̄ / steps.
+    ``[n_layers, d_mlp]`` for one prompt ``tokens`` [1, P]."""
+    out = []
+    mask = torch.ones_like(tokens)
+    for block in hf.transformer.h:
+        fc = block.mlp.c_fc
+        got: dict[str, torch.Tensor] = {}
+
+        def read(m: Any, i: Any, o: torch.Tensor, got: dict[str, torch.Tensor] = got) -> None:
+            got["w"] = o[:, -1, :]
+
+        handle = fc.register_forward_hook(read)
+        try:
+            hf(input_ids=tokens, attention_mask=mask)
+        finally:
+            handle.remove()
+        base = got["w"]  # [1, d_mlp]
+        scaled = base.repeat(steps, 1) * torch.linspace(0, 1, steps, dtype=base.dtype)[:, None]
+        scaled.requires_grad_(True)
+        grads = []
+        for bw in scaled.chunk(steps // batch_size):
+
+            def patch(m: Any, i: Any, o: torch.Tensor, bw: torch.Tensor = bw) -> torch.Tensor:
+                o[:, -1, :] = bw
+                return o
+
+            handle = fc.register_forward_hook(patch)
+            try:
+                logits = hf(
+                    input_ids=tokens.repeat(batch_size, 1), attention_mask=mask.repeat(batch_size, 1)
+                ).logits
+            finally:
+                handle.remove()
+            probs = torch.softmax(logits[:, -1, :], dim=-1)
+            (g,) = torch.autograd.grad(torch.unbind(probs[:, target]), bw)
+            grads.append(g.sum(0))
+        out.append(torch.stack(grads).sum(0) * base.squeeze(0) / steps)
+    return torch.stack(out).detach()
+
+
+def load_plain_hf(path: Path) -> Any:
+    """The HF model of ``path`` itself (float32, eval mode), for :func:`eleuther_hf_get_scores`."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, torch_dtype=torch.float32).eval()
+
+
 # --------------------------------------------------------------------------------------------------
 # timing
 # --------------------------------------------------------------------------------------------------
@@ -199,17 +261,20 @@ def bench_model(
     eleuther: bool = True,
     ref_queries: int | None = None,
     group_cap: int | None = None,
+    hf_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Time per query of reference / fast / EleutherAI-style on ``n_queries`` random prompts of ``n_tok``
     tokens (the slow two on the first ``ref_queries`` only, default all). ``group_cap``: at most this many
-    prompts per pass on the TL 4 blockwise path (default: the library's default for the device)."""
+    prompts per pass on the TL 4 blockwise path (default: the library's default for the device). ``hf_dir``:
+    the HF GPT-2 directory ``model`` was loaded from; the EleutherAI loop is then also timed on the plain HF
+    model (:func:`eleuther_hf_get_scores`)."""
     import qloc_tl.attribution.ig as ig
 
     cap = ig._GROUP_MAX
     try:
         if group_cap is not None:
             ig._GROUP_MAX = group_cap
-        return _bench_model(model, label, n_tok, n_queries, steps, repeats, device, eleuther, ref_queries)
+        return _bench_model(model, label, n_tok, n_queries, steps, repeats, device, eleuther, ref_queries, hf_dir)
     finally:
         ig._GROUP_MAX = cap
 
@@ -224,6 +289,7 @@ def _bench_model(
     device: str,
     eleuther: bool,
     ref_queries: int | None,
+    hf_dir: Path | None = None,
 ) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     V = model.cfg.d_vocab
@@ -243,6 +309,13 @@ def _bench_model(
             lambda: [
                 eleuther_get_scores(model, p.unsqueeze(0), a, steps=steps)
                 for p, a in zip(prompts[:nr], answers[:nr])
+            ]
+        )
+    hf = load_plain_hf(hf_dir) if (eleuther and hf_dir is not None and device == "cpu") else None
+    if hf is not None:
+        fns.append(
+            lambda: [
+                eleuther_hf_get_scores(hf, p.unsqueeze(0), a, steps=steps) for p, a in zip(prompts[:nr], answers[:nr])
             ]
         )
     times, results = time_interleaved(fns, repeats, device)
@@ -268,6 +341,14 @@ def _bench_model(
             vs_eleuther=1000 * t_el / nr / fast_ms,
             eleuther_reldiff=rel_diff(ours_el.scores_batched, torch.stack([s.double() for s in el])),
         )
+    if hf is not None:
+        t_hf, el_hf = times[3], results[3]
+        ours_pre = attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, rule="eleuther", site="pre")
+        row.update(
+            eleuther_hf_ms=1000 * t_hf / nr,
+            vs_eleuther_hf=1000 * t_hf / nr / fast_ms,
+            eleuther_hf_reldiff=rel_diff(ours_pre.scores_batched, torch.stack([s.double() for s in el_hf])),
+        )
     return row
 
 
@@ -277,6 +358,7 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         ("ref_ms", 10, ".1f"), ("fast_ms", 9, ".1f"), ("speedup", 8, ".1f"), ("queries_per_s", 13, ".1f"),
         ("maxreldiff", 10, ".1e"),
         ("eleuther_ms", 11, ".1f"), ("vs_eleuther", 11, ".1f"), ("eleuther_reldiff", 16, ".1e"),
+        ("eleuther_hf_ms", 14, ".1f"), ("vs_eleuther_hf", 14, ".1f"), ("eleuther_hf_reldiff", 19, ".1e"),
     ]  # fmt: skip
     print(" ".join(f"{c:>{w}}" for c, w, _ in cols))
     for r in rows:
@@ -427,15 +509,24 @@ def main() -> None:
     tiny = tiny_model("gpt2", source="hf")
     rows.append(bench_model("tiny gpt2 (hf) 5tok", tiny, 5, 4, args.steps, args.repeats, "cpu"))
     rows.append(bench_model("tiny gpt2 (hf) 16tok", tiny, 16, 4, args.steps, args.repeats, "cpu"))
-    el = load(gpt2_eleuther_dir())
-    rows.append(bench_model("gpt2 4L d128 5tok", el, 5, 4, args.steps, args.repeats, "cpu"))
-    el_small = load(gpt2_eleuther_small_vocab_dir())
-    rows.append(bench_model("4L d128 V96 5tok x32", el_small, 5, 32, args.steps, args.repeats, "cpu", ref_queries=4))
+    el_dir, el_small_dir = gpt2_eleuther_dir(), gpt2_eleuther_small_vocab_dir()
+    rows.append(
+        bench_model("gpt2 4L d128 5tok", load(el_dir), 5, 4, args.steps, args.repeats, "cpu", hf_dir=el_dir)
+    )
+    rows.append(
+        bench_model(
+            "4L d128 V96 5tok x32", load(el_small_dir), 5, 32, args.steps, args.repeats, "cpu", ref_queries=4,
+            hf_dir=el_small_dir,
+        )
+    )  # fmt: skip
     print_rows(rows)
     rows = []
     if not args.quick:
         rows.append(
-            bench_model("gpt2-small shape", load(gpt2_small_dir()), args.tokens, q, args.steps, 1, "cpu")
+            bench_model(
+                "gpt2-small shape", load(gpt2_small_dir()), args.tokens, q, args.steps, 1, "cpu",
+                hf_dir=gpt2_small_dir(),
+            )  # fmt: skip
         )
         print_rows(rows)
         rows = [bench_model("llama 8L d512", load(llama_small_dir()), args.tokens, q, args.steps, 1, "cpu")]
@@ -443,7 +534,7 @@ def main() -> None:
         rows = []
     if args.builtin:
         try:
-            from qloc_tl.zoo import load_builtin_model
+            from qloc_tl.zoo import builtin_model_dir, load_builtin_model
         except ImportError:
             print("built-in model: qloc_tl.zoo.load_builtin_model is not available; skipped")
             return
@@ -453,7 +544,9 @@ def main() -> None:
             print(f"built-in model: not loadable ({exc}); skipped")
             return
         n_tok = min(12, int(model.cfg.n_ctx) - 1)
-        print_rows([bench_model("builtin", model, n_tok, 4, args.steps, args.repeats, "cpu")])
+        print_rows(
+            [bench_model("builtin", model, n_tok, 4, args.steps, args.repeats, "cpu", hf_dir=builtin_model_dir())]
+        )
 
 
 if __name__ == "__main__":
