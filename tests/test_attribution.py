@@ -27,7 +27,7 @@ from qloc_tl.attribution.quadrature import quadrature
 from qloc_tl.errors import CapabilityError, InvalidInputError, NumericalError, UnsupportedModelError
 from qloc_tl.hooks import set_neurons
 from qloc_tl.identities import Neuron
-from qloc_tl.model import tl_major
+from qloc_tl.model import capabilities, tl_major
 from qloc_tl.testing import tiny_model
 
 PROMPTS = ["alice was born in", "the capital of france is the city of", "bob speaks"]
@@ -672,3 +672,64 @@ def test_native_bridge_falls_back_with_one_warning(caplog, monkeypatch):
     assert sum("falls back" in m or "full-sequence" in m for m in caplog.messages) == 1
     with pytest.raises(Exception, match="fast_path='kv'"):
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
+
+
+def _spy_run_with_cache(model, monkeypatch) -> list:
+    seen: list = []
+    real = model.run_with_cache
+
+    def spy(*a, **k):
+        seen.append(k.get("return_type", "logits"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(model, "run_with_cache", spy)
+    return seen
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="the kv-hooked path is TL 3 HookedTransformer's")
+def test_kv_hooked_clean_pass_skips_the_own_unembedding_only_after_checking_it(monkeypatch):
+    model = tiny_model("gpt2", dtype=torch.float64)  # fresh: the check is remembered per unembed module
+    capabilities(model)  # the one-time backend probe runs the model too
+    seen = _spy_run_with_cache(model, monkeypatch)
+    first = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
+    assert seen == ["logits"] and ig_module._AFFINE_UNEMBED[model.unembed] is True
+    seen.clear()
+    res = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
+    assert seen == [None] and res.path == "kv-hooked"  # no logits: the answer position's by the map
+    ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=3, implementation="reference")
+    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-10
+    assert _rel(res.scores_batched, first.scores_batched) <= 1e-12
+    # the clean probability against the model's own forward
+    for i, p in enumerate(PROMPTS):
+        with torch.no_grad():
+            own = model(model.to_tokens(p))[0, -1].softmax(-1)[int(res.answer_ids[i])]
+        assert float(res.clean_prob[i]) == pytest.approx(float(own), rel=1e-12)
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="the kv-hooked path is TL 3 HookedTransformer's")
+def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(monkeypatch, caplog):
+    model = tiny_model("gpt2", dtype=torch.float64)
+    base = type(model.unembed)
+
+    class Doubled(base):  # logits 2·(r @ W_U + b_U): not the map the fast path computes
+        def forward(self, residual):
+            return 2 * super().forward(residual)
+
+    model.unembed.__class__ = Doubled
+    seen = _spy_run_with_cache(model, monkeypatch)
+    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+        res = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
+    assert ig_module._AFFINE_UNEMBED[model.unembed] is False
+    assert res.path == "full"  # the kv-hooked path cannot reproduce these logits: fell back
+    seen.clear()
+    attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
+    assert None not in seen  # never skipped for this module
+    ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, implementation="reference")
+    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-10
+    # and an unembedding with a PyTorch hook is never checked nor skipped
+    model2 = tiny_model("gpt2", dtype=torch.float64)
+    model2.unembed.register_forward_hook(lambda m, i, o: None)
+    seen2 = _spy_run_with_cache(model2, monkeypatch)
+    attribute_neurons(model2, PROMPTS[:2], ANSWERS[:2], steps=3)
+    attribute_neurons(model2, PROMPTS[:2], ANSWERS[:2], steps=3)
+    assert None not in seen2 and model2.unembed not in ig_module._AFFINE_UNEMBED

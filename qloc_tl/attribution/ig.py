@@ -236,9 +236,49 @@ class _Prepared:
     resid_rows: Tensor | None  # [n, pos, d_model] resid_pre of the lowest requested layer (bridge blockwise path)
 
 
+# unembedding modules (HookedTransformer ``model.unembed``) whose model's logits were found equal to
+# ``ln_final(resid) @ W_U + b_U`` (True) or not (False) on a first kv-hooked call; see :func:`_prepare`
+_AFFINE_UNEMBED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def _affine_unembed_key(model: Any) -> Any:
+    """The module the check of :func:`_prepare` is remembered for, or ``None`` (never skip the model's own
+    unembedding) when it carries PyTorch hooks or an instance-level ``forward``."""
+    mod = getattr(model, "unembed", None)
+    if not isinstance(mod, torch.nn.Module) or "forward" in vars(mod):
+        return None
+    if any(getattr(mod, h, None) for h in ("_forward_hooks", "_forward_pre_hooks")):
+        return None
+    return mod
+
+
+def _last_logits_by_map(model: Any, resid_post: Tensor, unembed: tuple[Tensor, Tensor | None]) -> Tensor:
+    """``ln_final(resid_post) @ W_U + b_U`` for ``resid_post [R, d_model]`` (the last block's output)."""
+    final = model.ln_final(resid_post) if model.cfg.normalization_type is not None else resid_post
+    W_U, b_U = unembed
+    return final.to(W_U.dtype) @ W_U + (b_U if b_U is not None else 0.0)
+
+
 def _prepare(
-    model: Any, plist: list[Any], ids: list[int], config: AttributionConfig, want_resid: bool, want_rows: bool
+    model: Any,
+    plist: list[Any],
+    ids: list[int],
+    config: AttributionConfig,
+    want_resid: bool,
+    want_rows: bool,
+    unembed: tuple[Tensor, Tensor | None] | None = None,
 ) -> _Prepared:
+    """The clean pass: tokens, clean activations, answer-position logits and objective, and the residuals the
+    blockwise paths start from.
+
+    ``unembed`` (``(W_U, b_U)``, TL 3 kv-hooked path with the CPU sweep only): the clean logits at the answer
+    position are then ``ln_final(resid_post) @ W_U + b_U`` of that position alone, and the model's own
+    unembedding — all positions, and in HookedTransformer a ``W_U.T.contiguous()`` copy per call (≈ 0.2 s on
+    GPT-2 small) — is skipped. That this map *is* the model's unembedding is checked against the model's own
+    logits on the first such call, and remembered per ``model.unembed`` module (a replaced module is checked
+    again; one with PyTorch hooks or an overridden ``forward`` always keeps the plain clean pass, as does a
+    model that fails the check).
+    """
     tokens, last = tokenize_prompts(model, plist, prepend_bos=config.prepend_bos)
     L = n_layers(model)
     layers = list(config.layers) if config.layers is not None else list(range(L))
@@ -246,21 +286,40 @@ def _prepare(
         check_layer(model, l)
     names = {l: neuron_hook_name(model, l, config.site) for l in range(L)}
     resid_names = {l: f"blocks.{l}.hook_resid_pre" for l in layers} if want_resid or want_rows else {}
+    key = _affine_unembed_key(model) if unembed is not None else None
+    if key is None or _AFFINE_UNEMBED.get(key) is False:
+        unembed = None
+    final_name = f"blocks.{L - 1}.hook_resid_post"
+    extra = [final_name] if unembed is not None else []
     acc = _acc_dtype(model)
     answers = torch.tensor(ids, dtype=torch.long, device=tokens.device)
     acts_l, resid_l, last_l, rows_l = [], [], [], []
     with torch.no_grad():
         for c0 in range(0, tokens.shape[0], _CLEAN_CHUNK):  # bounded [chunk, pos, d_vocab] logits
             toks, pos = tokens[c0 : c0 + _CLEAN_CHUNK], last[c0 : c0 + _CLEAN_CHUNK]
+            skip = unembed is not None and _AFFINE_UNEMBED.get(key) is True
             logits, cache = model.run_with_cache(
-                toks, names_filter=list(names.values()) + list(resid_names.values())
+                toks,
+                names_filter=list(names.values()) + list(resid_names.values()) + extra,
+                **({"return_type": None} if skip else {}),
             )
             rows = torch.arange(toks.shape[0], device=toks.device)
             acts_l.append(torch.stack([cache[names[l]][rows, pos] for l in range(L)], dim=1))
             resid_l.append({l: cache[n][rows, pos] for l, n in resid_names.items()})
             if want_rows:
                 rows_l.append(cache[resid_names[min(layers)]])
-            last_l.append(logits[rows, pos])
+            if unembed is not None:
+                by_map = _last_logits_by_map(model, cache[final_name][rows, pos], unembed)
+                if not skip:  # the first call on this model: is the map the model's own unembedding?
+                    own = logits[rows, pos].to(by_map.dtype)
+                    err = float(((by_map - own).abs().amax(-1) / (1.0 + own.abs().amax(-1))).max())
+                    _AFFINE_UNEMBED[key] = ok = err <= _tolerance(model_dtype(model))
+                    if not ok:
+                        logger.info("clean logits: the model's unembedding is not ln_final(r) @ W_U + b_U")
+                        by_map, unembed, extra = own, None, []
+                last_l.append(by_map)
+            else:
+                last_l.append(logits[rows, pos])
             del logits, cache
         acts = torch.cat(acts_l)
         resid = {l: torch.cat([r[l] for r in resid_l]) for l in resid_names}
@@ -1095,7 +1154,13 @@ def _attribute(
     longest = _longest(model, plist, config)
     kind = "reference" if config.implementation == "reference" else _fast_kind(model, config, longest)
     prep = _prepare(
-        model, plist, ids, config, want_resid=kind in ("kv-hooked", "blockwise"), want_rows=kind == "blockwise"
+        model,
+        plist,
+        ids,
+        config,
+        want_resid=kind in ("kv-hooked", "blockwise"),
+        want_rows=kind == "blockwise",
+        unembed=_sweep_unembedding(model) if kind == "kv-hooked" else None,
     )
     ev: _Evaluator = _EVALUATORS[kind](model, prep, config)
     n, L, D = prep.acts.shape
