@@ -733,3 +733,17 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
     attribute_neurons(model2, PROMPTS[:2], ANSWERS[:2], steps=3)
     attribute_neurons(model2, PROMPTS[:2], ANSWERS[:2], steps=3)
     assert None not in seen2 and model2.unembed not in ig_module._AFFINE_UNEMBED
+    # a TL hook on unembed.hook_out added after the check: the clean pass goes back to the model's own logits,
+    # so the kv-hooked path (which cannot see that hook) fails validation and falls back
+    model3 = tiny_model("gpt2", dtype=torch.float64)
+    attribute_neurons(model3, PROMPTS[:2], ANSWERS[:2], steps=3)
+    assert ig_module._AFFINE_UNEMBED[model3.unembed] is True
+    seen3 = _spy_run_with_cache(model3, monkeypatch)
+    model3.add_hook("unembed.hook_out", lambda logits, hook: logits * 2)
+    try:
+        res3 = attribute_neurons(model3, PROMPTS[:2], ANSWERS[:2], steps=3)
+        ref3 = attribute_neurons(model3, PROMPTS[:2], ANSWERS[:2], steps=3, implementation="reference")
+    finally:
+        model3.reset_hooks()
+    assert None not in seen3 and res3.path == "full"
+    assert _rel(res3.scores_batched, ref3.scores_batched) <= 1e-10

@@ -243,12 +243,14 @@ _AFFINE_UNEMBED: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionar
 
 def _affine_unembed_key(model: Any) -> Any:
     """The module the check of :func:`_prepare` is remembered for, or ``None`` (never skip the model's own
-    unembedding) when it carries PyTorch hooks or an instance-level ``forward``."""
+    unembedding) when it or one of its hook points (``unembed.hook_in`` / ``hook_out``) carries a hook, or it
+    has an instance-level ``forward``."""
     mod = getattr(model, "unembed", None)
     if not isinstance(mod, torch.nn.Module) or "forward" in vars(mod):
         return None
-    if any(getattr(mod, h, None) for h in ("_forward_hooks", "_forward_pre_hooks")):
-        return None
+    for m in mod.modules():
+        if any(getattr(m, h, None) for h in ("_forward_hooks", "_forward_pre_hooks")):
+            return None
     return mod
 
 
@@ -276,8 +278,8 @@ def _prepare(
     unembedding — all positions, and in HookedTransformer a ``W_U.T.contiguous()`` copy per call (≈ 0.2 s on
     GPT-2 small) — is skipped. That this map *is* the model's unembedding is checked against the model's own
     logits on the first such call, and remembered per ``model.unembed`` module (a replaced module is checked
-    again; one with PyTorch hooks or an overridden ``forward`` always keeps the plain clean pass, as does a
-    model that fails the check).
+    again; one with a hook, also on ``unembed.hook_out``, or an overridden ``forward`` always keeps the plain
+    clean pass, as does a model that fails the check).
     """
     tokens, last = tokenize_prompts(model, plist, prepend_bos=config.prepend_bos)
     L = n_layers(model)
