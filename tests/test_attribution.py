@@ -638,8 +638,11 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
     flags = [p.requires_grad for p in params]
     # the model's own modules and activation functions (the fast paths swap in a fused tanh-GELU)
     own = [id(m) for m in model.modules()] + [id(vars(m).get("act_fn")) for m in model.modules()]
+    # and its parameter objects and their storage (the TL 3 fast paths re-lay out some weights)
+    own_params = [(n, id(p), p.data_ptr(), p.stride()) for n, p in model.named_parameters()]
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
+    assert [(n, id(p), p.data_ptr(), p.stride()) for n, p in model.named_parameters()] == own_params
     calls = {"n": 0}
 
     def boom(real):
@@ -658,6 +661,7 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
         attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
     assert [id(m) for m in model.modules()] + [id(vars(m).get("act_fn")) for m in model.modules()] == own
+    assert [(n, id(p), p.data_ptr(), p.stride()) for n, p in model.named_parameters()] == own_params
     params[0].requires_grad_(True)
 
 

@@ -11,7 +11,7 @@ import pytest
 MODULES = [
     "qloc_tl", "qloc_tl.identities", "qloc_tl.hooks", "qloc_tl.model", "qloc_tl.facts", "qloc_tl.attribution",
     "qloc_tl.attribution.quadrature", "qloc_tl.attribution.selection", "qloc_tl.attribution.unembed",
-    "qloc_tl.attribution.fused",
+    "qloc_tl.attribution.fused", "qloc_tl.attribution.layout",
     "qloc_tl.consistency", "qloc_tl.mapping", "qloc_tl.synapses", "qloc_tl.dynamic", "qloc_tl.tracing",
     "qloc_tl.views", "qloc_tl.query_localization", "qloc_tl.editing", "qloc_tl.zoo", "qloc_tl.datasets",
     "qloc_tl.loading", "qloc_tl.store", "qloc_tl.testing", "qloc_tl.errors", "qloc_tl.report", "qloc_tl.cli",

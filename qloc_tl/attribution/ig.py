@@ -52,11 +52,14 @@ Engines (``implementation=``):
 
   The fast paths also compute a tanh-GELU (``gelu_new``: GPT-2 and its family) with torch's fused kernel
   instead of the model's op-by-op formula (:mod:`~qloc_tl.attribution.fused`; the same function, rounding
-  differences only); the reference runs the model's own modules untouched.
+  differences only), and on TL 3 ``HookedTransformer`` (CPU) store the attention and gated-MLP weights in
+  the order the components multiply by, so their per-call rearrangement copies become views
+  (:mod:`~qloc_tl.attribution.layout`; bitwise the same results). The reference runs the model's own modules
+  untouched.
 
 Parameters are frozen (``requires_grad_(False)``) for the duration of the call and restored afterwards; all
-hooks are scoped with TL's ``model.hooks(...)`` and removed even on error, and swapped activations are put
-back.
+hooks are scoped with TL's ``model.hooks(...)`` and removed even on error, and swapped activations and
+weights are put back.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ from ..model import (
 from .baselines import fixed_baseline, masked_token_baselines_many
 from .config import AttributionConfig
 from .fused import fused_activations
+from .layout import matmul_ready_weights
 from .quadrature import quadrature
 from .results import NeuronAttribution
 from .unembed import answer_objective, linear_unembedding
@@ -1114,8 +1118,10 @@ def attribute_neurons(
     )
     d_mlp(model)
     plist, ids, single = _normalise_inputs(model, prompts, answers, config)
-    fused = fused_activations(model) if config.implementation == "fast" else contextlib.nullcontext()
-    with _frozen_params(model), fused:
+    fast = config.implementation == "fast"
+    fused = fused_activations(model) if fast else contextlib.nullcontext()
+    laid_out = matmul_ready_weights(model) if fast else contextlib.nullcontext()
+    with _frozen_params(model), fused, laid_out:
         return _attribute(model, plist, ids, single, config)
 
 
