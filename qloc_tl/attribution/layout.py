@@ -18,8 +18,10 @@ kv-hooked path, measured.
 the **same values** whose storage is already in the rearranged order: the parameter keeps its shape
 (``[head, d_model, d_head]`` and so on), it is a permuted view of a contiguous tensor, so the component's
 own rearrangement becomes a view and ``F.linear`` multiplies by the same numbers in the same order (the
-results are bitwise identical; the tests check it). On exit, also on error, the original parameter objects
-are put back: identity, storage and ``requires_grad`` are as before.
+results are bitwise identical in TL's default attention and MLP code paths; the tests check it; the
+optional ``use_split_qkv_input`` / ``use_attn_result`` einsum paths get the same values in a different
+memory order, equal up to rounding). On exit, also on error, the original parameter objects are put back:
+identity, storage and ``requires_grad`` are as before.
 
 What is swapped: only modules whose type is exactly one of those TL 3 components (a subclass may compute
 differently), with no 4-bit weights, no forward override and no hooks of their own; only on the CPU (on a
