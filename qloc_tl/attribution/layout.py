@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .fused import _has_hooks
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["matmul_ready_weights", "MAX_BYTES"]
@@ -81,11 +83,7 @@ def _swappable(module: torch.nn.Module) -> bool:
     cfg = getattr(module, "cfg", None)
     if cfg is not None and getattr(cfg, "load_in_4bit", False):
         return False
-    if "forward" in vars(module):
-        return False
-    return not any(
-        getattr(module, h, None) for h in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks")
-    )
+    return "forward" not in vars(module) and not _has_hooks(module)
 
 
 @contextlib.contextmanager
