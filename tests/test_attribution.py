@@ -333,20 +333,22 @@ def test_layer_subsets_and_odd_chunks_equal_reference(arch, source, batch_size):
 
 @pytest.mark.skipif(tl_major() < 4, reason="blockwise is a TL 4 bridge path")
 def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
-    """Sabotage the rotary angle of the last position of the full blockwise row only, in the blocks where
-    the row has all its copies (as a backend that cared about the sequence index would): the validation
-    copy at the chunk's highest layer is that position, so "blockwise" is refused and "auto" falls back to
-    the packed path, which equals the reference. (A validation copy at the lowest layer only would miss
-    it.)"""
+    """Sabotage the rotary angles of the blockwise rows from position P on (as a backend that cared about the
+    sequence index would), P = the prefix + the 5 copies of layer 0 (4 samples and its validation copy).
+    With the MLP-out shortcut, the farthest entry at block 2 is the probe of layer 2: it fails, and the call
+    runs again without the shortcut. There the copies of layer 2 join at block 2 from position P on; the
+    validation copy at the chunk's highest layer is the last of them, so "blockwise" is refused and "auto"
+    falls back to the packed path, which equals the reference. (A validation copy at the lowest layer only,
+    at position P - 1, would miss it.)"""
     model = tiny_model("llama", source="hf", dtype=torch.float64)  # fresh: the fallback memo is per model
     real_at = ig_module._BlockCall.at
+    P = len(model.to_tokens(PROMPTS[0])[0]) - 1 + 5
 
     def at(self, length):
         args, kwargs = real_at(self, length)
         cos, sin = kwargs["position_embeddings"]
         cos = cos.clone()
-        if length == self.n_max:
-            cos[:, -1] = cos[:, 0]
+        cos[:, P:] = cos[:, :1]
         kwargs["position_embeddings"] = (cos, sin)
         return args, kwargs
 
@@ -359,6 +361,7 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
         auto = attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)
     assert auto.path == "packed" and _rel(auto.scores[[0, 2]], ref.scores[[0, 2]]) <= 1e-6
     assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
+    assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
 
 
 @pytest.mark.parametrize("arch, source", MODELS)
@@ -751,3 +754,106 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
         model3.reset_hooks()
     assert None not in seen3 and res3.path == "full"
     assert _rel(res3.scores_batched, ref3.scores_batched) <= 1e-10
+
+
+# ------------------------------------------------------------------------------------------------
+# the MLP-out shortcut of the blockwise paths (samples of layer l join after block l)
+# ------------------------------------------------------------------------------------------------
+
+_BLOCKWISE_MODELS = [(a, s) for a, s in MODELS if _expected_path(s) != "full"]
+
+
+def _count_shortcut_rows(monkeypatch) -> dict:
+    calls = {"n": 0}
+    real = ig_module._GroupedEvaluator._shortcut_rows
+
+    def spy(self, *a, **k):
+        calls["n"] += 1
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ig_module._GroupedEvaluator, "_shortcut_rows", spy)
+    return calls
+
+
+@pytest.mark.parametrize("arch, source", _BLOCKWISE_MODELS)
+def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, monkeypatch):
+    """With the shortcut the samples of layer l never run block l; the scores equal both the reference and
+    the same path with the shortcut off (which runs block l with the hook_post replacement)."""
+    model = _model(arch, source)
+    kw = dict(steps=7, rule="trapezoid", **_fast_kw(source))
+    calls = _count_shortcut_rows(monkeypatch)
+    short = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
+    assert calls["n"] > 0
+    sub = attribute_neurons(model, PROMPTS, ANSWERS, layers=[model.cfg.n_layers - 1], **kw)  # no block at all
+    monkeypatch.setattr(ig_module, "_MLP_SHORTCUT", False)
+    calls["n"] = 0
+    full = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
+    assert calls["n"] == 0
+    ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=7, rule="trapezoid", implementation="reference")
+    # 1e-6: HF LLaMA's RMSNorm computes in float32 even in a float64 model (else ~1e-15)
+    assert _rel(short.scores_batched, full.scores_batched) <= 1e-6
+    assert _rel(short.scores_batched, ref.scores_batched) <= 1e-5
+    last = model.cfg.n_layers - 1
+    assert _rel(sub.scores_batched[:, last], ref.scores_batched[:, last]) <= 1e-5
+    assert torch.allclose(short.completeness_delta, ref.completeness_delta, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("arch, source", _BLOCKWISE_MODELS)
+def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, monkeypatch, caplog):
+    """A shortcut that does not reproduce block l (here: W_out scaled by 1.5) fails the probes on the first
+    pass; the call runs again without it and equals the reference. With the probes' check disabled, the same
+    wrong shortcut does change the scores — so the probes are what protects them."""
+    model = _model(arch, source)
+    real_enable = ig_module._GroupedEvaluator.enable_shortcut
+
+    def wrong(self):
+        real_enable(self)
+        self.W_out = {l: 1.5 * w for l, w in self.W_out.items()}
+
+    monkeypatch.setattr(ig_module._GroupedEvaluator, "enable_shortcut", wrong)
+    ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
+    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+        res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **_fast_kw(source))
+    assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
+    assert res.path == _expected_path(source) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+    monkeypatch.setattr(ig_module._GroupedEvaluator, "check_shortcut", lambda self, got, want: None)
+    unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **_fast_kw(source))
+    assert _rel(unchecked.scores_batched, ref.scores_batched) > 1e-3
+
+
+@pytest.mark.parametrize("arch, source", _BLOCKWISE_MODELS)
+def test_mlp_out_shortcut_is_not_used_under_user_hooks(arch, source, monkeypatch):
+    """A user's hook on hook_mlp_out of layer 1 (active around the call) must act on the samples of layer
+    1 too: the shortcut would skip it, so it is not used, and the scores equal the reference's under the
+    same hook (and differ from the unhooked scores)."""
+    model = _model(arch, source)
+    calls = _count_shortcut_rows(monkeypatch)
+    hook = [("blocks.1.hook_mlp_out", lambda t, hook: 0.5 * t)]
+    with model.hooks(fwd_hooks=hook):
+        res = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, **_fast_kw(source))
+        ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
+    assert calls["n"] == 0 and _live_hooks(model) == 0
+    plain = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
+    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+    assert _rel(res.scores_batched[:, 1], plain.scores_batched[:, 1]) > 1e-2
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="a TL 3 HookedTransformerConfig option")
+def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog):
+    """Gemma-2-style blocks normalise the MLP's output before adding it (use_normalization_before_and_after):
+    block l's output is not affine in hook_post, the probes see it, and the result equals the reference."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    from qloc_tl.testing import tiny_tokenizer
+
+    cfg = HookedTransformerConfig(
+        n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=len(tiny_tokenizer()), n_ctx=32,
+        act_fn="gelu_new", normalization_type="RMS", use_normalization_before_and_after=True, seed=0,
+        dtype=torch.float64, device="cpu",
+    )  # fmt: skip
+    model = HookedTransformer(cfg, tokenizer=tiny_tokenizer()).eval()
+    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+        res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
+    ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
+    assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
+    assert res.path == "kv-hooked" and _rel(res.scores_batched, ref.scores_batched) <= 1e-5

@@ -46,6 +46,11 @@ Engines (``implementation=``):
   - ``"packed"`` (fallback on HF-backed bridges): the packed rows through the bridge's normal forward.
   - ``"full"`` (fallback: native bridges, which ignore 4-D masks): rows of the repeated prompt, batched.
 
+  With ``site="post"`` the blockwise paths let the samples of layer l join at block l + 1, with the clean
+  residual after block l plus ``(x − w̄_l) @ W_out_l`` (the MLP-out shortcut of :class:`_GroupedEvaluator`,
+  checked on the first pass of every call by probes that run block l the plain way), so block l's attention
+  and MLP input projection are not computed for them.
+
   On the CPU the blockwise paths compute the objective and its gradient from the final residual without
   materialising the ``[samples, d_vocab]`` logits (:func:`~qloc_tl.attribution.unembed.answer_objective`,
   a blocked sweep over the vocabulary) when the unembedding is a plain float32/float64 affine map.
@@ -92,7 +97,7 @@ from ..model import (
 )
 from .baselines import fixed_baseline, masked_token_baselines_many
 from .config import AttributionConfig
-from .fused import fused_activations
+from .fused import _has_hooks, fused_activations
 from .layout import matmul_ready_weights
 from .quadrature import quadrature
 from .results import NeuronAttribution
@@ -214,7 +219,10 @@ _GROUP_WORK = 4e8
 _GROUP_MAX_SWEEP = 32
 _GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 _GROUP_MAX = 64
-_MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
+_MIN_PACKED_ROOM = 2
+# blockwise paths with site="post": samples of layer l join after block l (:class:`_GroupedEvaluator`); off only
+# to measure what it saves (benchmarks/bench_attribution.py)
+_MLP_SHORTCUT = True  # "packed" only when the context has room for this many copies after the prompt
 
 
 def _longest(model: Any, plist: list[Any], config: AttributionConfig) -> int:
@@ -238,6 +246,7 @@ class _Prepared:
     clean_prob: Tensor
     resid_last: dict[int, Tensor]  # layer -> [n, d_model] resid_pre at the answer position (blockwise paths)
     resid_rows: Tensor | None  # [n, pos, d_model] resid_pre of the lowest requested layer (bridge blockwise path)
+    resid_post: dict[int, Tensor]  # layer -> [n, d_model] resid_post at the answer position (MLP-out shortcut)
 
 
 # unembedding modules (HookedTransformer ``model.unembed``) whose model's logits were found equal to
@@ -273,6 +282,7 @@ def _prepare(
     want_resid: bool,
     want_rows: bool,
     unembed: tuple[Tensor, Tensor | None] | None = None,
+    want_post: bool = False,
 ) -> _Prepared:
     """The clean pass: tokens, clean activations, answer-position logits and objective, and the residuals the
     blockwise paths start from.
@@ -292,6 +302,7 @@ def _prepare(
         check_layer(model, l)
     names = {l: neuron_hook_name(model, l, config.site) for l in range(L)}
     resid_names = {l: f"blocks.{l}.hook_resid_pre" for l in layers} if want_resid or want_rows else {}
+    post_names = {l: f"blocks.{l}.hook_resid_post" for l in layers} if want_post else {}
     key = _affine_unembed_key(model) if unembed is not None else None
     if key is None or _AFFINE_UNEMBED.get(key) is False:
         unembed = None
@@ -299,19 +310,20 @@ def _prepare(
     extra = [final_name] if unembed is not None else []
     acc = _acc_dtype(model)
     answers = torch.tensor(ids, dtype=torch.long, device=tokens.device)
-    acts_l, resid_l, last_l, rows_l = [], [], [], []
+    acts_l, resid_l, post_l, last_l, rows_l = [], [], [], [], []
     with torch.no_grad():
         for c0 in range(0, tokens.shape[0], _CLEAN_CHUNK):  # bounded [chunk, pos, d_vocab] logits
             toks, pos = tokens[c0 : c0 + _CLEAN_CHUNK], last[c0 : c0 + _CLEAN_CHUNK]
             skip = unembed is not None and _AFFINE_UNEMBED.get(key) is True
             logits, cache = model.run_with_cache(
                 toks,
-                names_filter=list(names.values()) + list(resid_names.values()) + extra,
+                names_filter=list(names.values()) + list(resid_names.values()) + list(post_names.values()) + extra,
                 **({"return_type": None} if skip else {}),
             )
             rows = torch.arange(toks.shape[0], device=toks.device)
             acts_l.append(torch.stack([cache[names[l]][rows, pos] for l in range(L)], dim=1))
             resid_l.append({l: cache[n][rows, pos] for l, n in resid_names.items()})
+            post_l.append({l: cache[n][rows, pos] for l, n in post_names.items()})
             if want_rows:
                 rows_l.append(cache[resid_names[min(layers)]])
             if unembed is not None:
@@ -329,11 +341,12 @@ def _prepare(
             del logits, cache
         acts = torch.cat(acts_l)
         resid = {l: torch.cat([r[l] for r in resid_l]) for l in resid_names}
+        post = {l: torch.cat([r[l] for r in post_l]) for l in post_names}
         clean_last = torch.cat(last_l)
         resid_rows = torch.cat(rows_l) if want_rows else None
         obj, prob = _objective(clean_last, answers, config.objective, acc)
     _check_finite(clean_last, "clean logits", model)
-    return _Prepared(tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid, resid_rows)
+    return _Prepared(tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid, resid_rows, post)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -610,19 +623,133 @@ class _BlockCall:
         return args, kwargs
 
 
-class _BlockwiseEvaluator(_Evaluator):
+class _ShortcutMismatch(Exception):
+    """The MLP-out shortcut did not reproduce block outputs (:meth:`_GroupedEvaluator.check_shortcut`)."""
+
+    def __init__(self, err: float) -> None:
+        super().__init__(err)
+        self.err = err
+
+
+class _GroupedEvaluator(_Evaluator):
+    """The blockwise evaluators (TL 3 ``"kv-hooked"``, TL 4 ``"blockwise"``): several prompts per pass, the
+    samples of layer l joining the pass as it climbs the blocks.
+
+    **MLP-out shortcut** (``shortcut``; ``site="post"`` only, see :func:`_shortcut_eligible`). A sample of
+    layer l replaces ``hook_post`` of block l at the answer position; what block l then outputs there is
+    ``resid_post_l + (x − w̄_l) @ W_out_l`` (the clean residual stream after block l plus the change of the
+    MLP's output, which is linear in ``hook_post``) in every block whose output adds the MLP's output to the
+    residual stream and does nothing after it (GPT-2, GPT-J/NeoX, LLaMA, ...). With the shortcut the samples
+    of layer l join at block l + 1 with that residual, so block l's attention and MLP input projection for
+    them — computed and then discarded by the ``hook_post`` replacement, forward and backward — are skipped.
+
+    It is checked on the first pass of every call: one probe entry per prompt and requested layer l rides
+    along, joining at block l with the clean residual and a perturbed ``hook_post`` written by a hook
+    (without the shortcut), and leaves the pass after block l; its output there must equal the shortcut's
+    within the path tolerance, relative to ``1 + max|output|``. The perturbation (four neurons) is sized so
+    that its effect on the output is as large as the residual stream itself. On a mismatch (a
+    post-MLP normalisation, as in Gemma 2, ...) :class:`_ShortcutMismatch` is raised and the call starts
+    again without the shortcut.
+    """
+
+    shortcut = False
+    W_out: dict[int, Tensor]
+
+    def start_group(self, idxs: list[int]) -> None:
+        raise NotImplementedError
+
+    def end_group(self) -> None:
+        raise NotImplementedError
+
+    def evaluate_group(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        raise NotImplementedError
+
+    def enable_shortcut(self) -> None:
+        self.W_out = {l: self.model.blocks[l].mlp.W_out for l in self.prep.layers}
+        self.shortcut = True
+
+    def _shortcut_rows(self, l: int, xs: Tensor, idx: Tensor) -> Tensor:
+        """``[G, c, d_model]``: the output of block l at the answer position of each prompt ``idx`` with
+        ``hook_post`` there replaced by ``xs [G, c, d_mlp]`` (the shortcut)."""
+        post = self.prep.resid_post[l][idx].unsqueeze(1)  # [G, 1, d_model]
+        W = self.W_out[l]
+        delta = xs - self.prep.acts[idx, l].unsqueeze(1).to(xs.dtype)
+        return post + (delta.to(W.dtype) @ W).to(post.dtype)
+
+    def _probes(self, idx: Tensor) -> tuple[dict[int, int], Tensor, dict[int, Tensor]] | None:
+        """On the checking pass with the shortcut on: ``(counts, xs [G, n_layers_requested, D], want)`` of the
+        probe entries (one per prompt and requested layer, sorted by layer) and the shortcut's output for each
+        layer ``[G, 1, d_model]``; else ``None``."""
+        if not (self.shortcut and self.checking):
+            return None
+        prep, dt = self.prep, self.prep.acts.dtype
+        D = prep.acts.shape[-1]
+        where = torch.linspace(0, D - 1, 4, device=idx.device).round().long().unique()
+        coef = torch.tensor([1.0, -0.5, 2.0, -1.5], dtype=dt, device=idx.device)[: where.numel()]
+        xs, want = [], {}
+        with torch.no_grad():
+            for l in prep.layers:
+                w, post = prep.acts[idx, l], prep.resid_post[l][idx]  # [G, D], [G, d_model]
+                gain = (coef.to(self.W_out[l].dtype) @ self.W_out[l][where]).to(post.dtype)  # u @ W_out
+                s = float((1.0 + post.abs().amax()) / gain.abs().amax().clamp_min(1e-30))
+                x = w.clone()
+                x[:, where] += (s * coef).to(dt)
+                xs.append(x.unsqueeze(1))
+                want[l] = (post + s * gain).unsqueeze(1)
+        return {l: 1 for l in prep.layers}, torch.cat(xs, dim=1), want
+
+    def check_shortcut(self, got: dict[int, Tensor], want: dict[int, Tensor]) -> None:
+        """Raise :class:`_ShortcutMismatch` unless the probes' block outputs ``got`` match ``want``."""
+        with torch.no_grad():
+            err = max(
+                float(((got[l] - want[l]).abs().amax() / (1.0 + want[l].abs().amax())).to(torch.float64))
+                for l in want
+            )
+        if not err <= _tolerance(model_dtype(self.model)):  # NaN fails too
+            raise _ShortcutMismatch(err)
+
+
+def _shortcut_eligible(model: Any, config: AttributionConfig, kind: str) -> bool:
+    """Whether the blockwise paths try the MLP-out shortcut (:class:`_GroupedEvaluator`): ``site="post"``, a
+    blockwise path, ``_MLP_SHORTCUT`` on, no hook on any module of the model (a hook on ``hook_mlp_out``,
+    ``hook_resid_post``, ... of block l would be skipped for the samples of layer l; our own hooks are added
+    later), and ``blocks[l].mlp.W_out`` of shape ``[d_mlp, d_model]`` at every layer.
+
+    "No hook" means no TL hook point with a hook and no global module hook: TL 4 bridges keep PyTorch hooks of
+    their own on the wrapped HF modules (output capturing). A plain PyTorch hook a user put on some other
+    module is not seen here; if it changes what block l computes from ``hook_post``, the probes of
+    :class:`_GroupedEvaluator` turn the shortcut off."""
+    if not _MLP_SHORTCUT or config.site != "post" or kind not in ("kv-hooked", "blockwise"):
+        return False
+    from torch.nn.modules import module as nn_module
+    from transformer_lens.hook_points import HookPoint
+
+    if any(getattr(nn_module, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return False
+    if any(isinstance(m, HookPoint) and _has_hooks(m) for m in model.modules()):
+        return False
+    want = (d_mlp(model), int(model.cfg.d_model))
+    try:
+        return all(tuple(model.blocks[l].mlp.W_out.shape) == want for l in range(n_layers(model)))
+    except Exception:  # no blocks[l].mlp.W_out on this backend
+        return False
+
+
+class _BlockwiseEvaluator(_GroupedEvaluator):
     """HF-backed bridges, blockwise, several prompts per pass (one row each).
 
     Row g = the prompt's prefix, left-padded to the group's longest prefix T, then one copy of the answer
     token per sample; a 4-D mask lets each copy see its row's prefix and itself (pads see only themselves)
     and every copy gets the answer's position id. The rows are driven one block at a time through
     ``model.blocks[j]`` (:class:`_BlockCall`): the copies of layer-l samples join every row at block l with
-    the clean residual entering it (``resid_last``), so no copy computes a layer below its own. The prefix
+    the clean residual entering it (``resid_last``) — with the MLP-out shortcut at block l + 1
+    (:class:`_GroupedEvaluator`) — so no copy computes a layer below its own. The prefix
     (the clean input of the lowest requested layer, ``resid_rows``) is recomputed per block, since the
     bridges keep no KV cache; the logits are ``unembed(ln_final(·))`` of the copies only. All rows of a pass
     hold the same samples (layer, path, step) of their prompts. A row may be longer than ``n_ctx``: position
     ids are explicit and no copy's exceeds the prompt's; the validation copy is the last of its row, the
-    farthest along the sequence, so a backend that cares about the sequence length fails validation.
+    farthest along the sequence (with the shortcut, the probe of layer j is the farthest entry at block j),
+    so a backend that cares about the sequence length fails validation.
     """
 
     path = "blockwise"
@@ -661,7 +788,7 @@ class _BlockwiseEvaluator(_Evaluator):
         order, counts = _layer_groups(layer_of)
         try:
             final = self._final(order, counts, x)  # [G, S, d_model], samples in layer order
-        except _PathMismatch:
+        except (_PathMismatch, _ShortcutMismatch):
             raise
         except Exception as exc:
             if not self.checking:
@@ -675,26 +802,57 @@ class _BlockwiseEvaluator(_Evaluator):
         return self._finish_group(final.reshape(G * S, d), answers, rows, x)
 
     def _final(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
-        model, T, S = self.model, self.T, x.shape[1]
-        if self._call is None or self._call.n_max < T + S:
-            self._call = _BlockCall(self, T + S)
-        hooks = _tail_hooks(self.prep.names, counts, x[:, order], dim=1)
+        """``ln_final`` of the copies ``[G, S, d_model]`` (samples sorted by layer)."""
+        model, T, S, L = self.model, self.T, x.shape[1], n_layers(self.model)
+        xs, short = x[:, order], self.shortcut
         idx = torch.tensor(self.idxs, device=x.device)
+        probe = self._probes(idx)
+        need = T + S + (1 if probe is not None else 0)  # a probe is one entry more at its block
+        if self._call is None or self._call.n_max < need:
+            self._call = _BlockCall(self, need)
+        # no shortcut: the copies of layer l join at block l, a hook on hook_post writes their x; with it, they
+        # join at block l + 1 (_shortcut_rows), and only the probes (one at a time, the last entry) are hooked
+        if probe is not None:
+            hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim=1)
+        else:
+            hooks = [] if short else _tail_hooks(self.prep.names, counts, xs, dim=1)
+        offs = dict(zip(counts, torch.tensor([0, *counts.values()]).cumsum(0).tolist()))
         rows = self.prep.resid_rows[idx]  # [G, pos, d_model]
         hidden = rows.new_zeros(len(self.idxs), T, rows.shape[-1])
         for g, t in enumerate(self.ts):
             hidden[g, T - t :] = rows[g, :t]
+        # with the shortcut the prefix only needs to climb to the block the last copies (or probes) join at
+        joins = [l + 1 for l in counts if l + 1 < L] + ([max(probe[0])] if probe is not None else [])
+        last_join = max(joins, default=-1) if short else L
+        got: dict[int, Tensor] = {}
+
+        def copies_of(l: int) -> Tensor:
+            if short:
+                return self._shortcut_rows(l, xs[:, offs[l] : offs[l] + counts[l]], idx)
+            return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
+
         with model.hooks(fwd_hooks=hooks):
-            for j in range(min(self.prep.layers), n_layers(model)):
-                if j in counts:
-                    new = self.prep.resid_last[j][idx].unsqueeze(1).expand(-1, counts[j], -1)
-                    hidden = torch.cat([hidden, new], dim=1)
+            for j in range(min(self.prep.layers), L):
+                joining = (j - 1) if short else j
+                if joining in counts:
+                    hidden = torch.cat([hidden, copies_of(joining)], dim=1)
+                probing = probe is not None and j in probe[0]
+                if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
+                    hidden = torch.cat([hidden, self.prep.resid_last[j][idx].unsqueeze(1)], dim=1)
+                if hidden.shape[1] == T and (j >= last_join or T == 0):
+                    continue  # no copies yet and the prefix is not needed any higher
                 args, kwargs = self._call.at(hidden.shape[1])
                 out = model.blocks[j](hidden, *args, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
+                if probing:
+                    got[j], hidden = hidden[:, -1:], hidden[:, :-1]
+            if short and L - 1 in counts:
+                hidden = torch.cat([hidden, copies_of(L - 1)], dim=1)
             final = model.ln_final(hidden[:, T:])
         if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
             raise _PathMismatch(float("nan"))
+        if probe is not None:
+            self.check_shortcut(got, probe[2])
         return final
 
 
@@ -739,14 +897,15 @@ def _tail_hooks(names: dict[int, str], counts: dict[int, int], xs: Tensor, dim: 
     return hooks
 
 
-class _HookedKVEvaluator(_Evaluator):
+class _HookedKVEvaluator(_GroupedEvaluator):
     """TL 3 HookedTransformer, blockwise, several prompts per pass.
 
     The prompts' prefixes go into one KV cache, left-padded to the longest (TL's ``attention_mask`` handles
     positions and masking); a chunk runs only the answer token, one block at a time (``start_at_layer=j,
     stop_at_layer=j + 1``, each row with its prompt's cache entry and ``attention_mask``). The samples of
     layer l join the batch at block l (the clean residual entering block l at the answer position,
-    ``resid_last``), so no sample computes a layer below its own, and the batch grows as the chunk climbs.
+    ``resid_last``) — with the MLP-out shortcut at block l + 1 (:class:`_GroupedEvaluator`) — so no sample
+    computes a layer below its own, and the batch grows as the chunk climbs.
     The objective comes from ``ln_final`` of the answer token by the unembedding sweep on the CPU, else from
     the logits ``final @ W_U + b_U`` (HT's own ``unembed`` copies ``W_U.T`` on every call); the validation
     samples guard all of it."""
@@ -799,23 +958,55 @@ class _HookedKVEvaluator(_Evaluator):
         """As :meth:`_BlockwiseEvaluator.evaluate_group`; batch rows are (layer group, prompt, sample)."""
         G, S, dev = x.shape[0], x.shape[1], x.device
         order, counts = _layer_groups(layer_of)
-        hooks = _tail_hooks(self.prep.names, counts, x[:, order], dim=0)
         row_of = torch.empty(G, S, dtype=torch.long, device=dev)  # batch row of (prompt, sorted sample)
         s0 = 0
         for c in counts.values():
             row_of[:, s0 : s0 + c] = G * s0 + torch.arange(G * c, device=dev).view(G, c)
             s0 += c
         idx = torch.tensor(self.idxs, device=dev)
-        resid: Tensor | None = None
+        resid, prompt_of = self._climb(counts, x[:, order], idx)
+        final = resid[:, -1]
+        if self.model.cfg.normalization_type is not None:
+            final = self.model.ln_final(final)
+        return self._finish_group(final, self.prep.answers[idx][prompt_of], row_of[:, _inverse(order)], x)
+
+    def _climb(self, counts: dict[int, int], xs: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """The answer token through blocks ``min(counts)`` .. ``L - 1``; ``xs [G, S, D]`` sorted by layer.
+        Returns the residual rows ``[R, 1, d_model]`` (layer group, prompt, sample) and the prompt (0..G-1) of
+        each row. Without the shortcut the samples of layer l join at block l with the clean residual entering
+        it, and a hook on ``hook_post`` writes their ``x``; with it they join at block l + 1
+        (:meth:`_shortcut_rows`), and only the probes (the last G rows while they are there) are hooked."""
+        G, dev, L, short = xs.shape[0], xs.device, n_layers(self.model), self.shortcut
+        probe = self._probes(idx)
+        if probe is not None:
+            hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim=0)
+        else:
+            hooks = [] if short else _tail_hooks(self.prep.names, counts, xs, dim=0)
+        offs = dict(zip(counts, torch.tensor([0, *counts.values()]).cumsum(0).tolist()))
+        resid = xs.new_zeros(0, 1, self.prep.resid_last[self.prep.layers[0]].shape[-1])
         prompt_of = torch.empty(0, dtype=torch.long, device=dev)  # prompt (0..G-1) of each batch row
+        got: dict[int, Tensor] = {}
+
+        def join(new: Tensor) -> None:  # new [G, c, d_model]
+            nonlocal resid, prompt_of
+            c = new.shape[1]
+            resid = torch.cat([resid, new.reshape(G * c, 1, -1).to(resid.dtype)])
+            prompt_of = torch.cat([prompt_of, torch.arange(G, device=dev).repeat_interleave(c)])
+
+        def copies_of(l: int) -> Tensor:
+            if short:
+                return self._shortcut_rows(l, xs[:, offs[l] : offs[l] + counts[l]], idx)
+            return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
+
         with self.model.hooks(fwd_hooks=hooks):
-            for j in range(min(counts), n_layers(self.model)):
-                if j in counts:
-                    c = counts[j]
-                    new = self.prep.resid_last[j][idx].unsqueeze(1).expand(-1, c, -1).reshape(G * c, 1, -1)
-                    resid = new if resid is None else torch.cat([resid, new])
-                    prompt_of = torch.cat([prompt_of, torch.arange(G, device=dev).repeat_interleave(c)])
-                assert resid is not None
+            for j in range(min(counts), L):
+                if ((j - 1) if short else j) in counts:
+                    join(copies_of((j - 1) if short else j))
+                probing = probe is not None and j in probe[0]
+                if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
+                    join(self.prep.resid_last[j][idx].unsqueeze(1))
+                if resid.shape[0] == 0:
+                    continue  # with the shortcut: no samples join block min(counts)
                 ones = torch.ones(resid.shape[0], 1, dtype=self.mask.dtype, device=dev)
                 resid = self.model(
                     resid,
@@ -824,11 +1015,14 @@ class _HookedKVEvaluator(_Evaluator):
                     past_kv_cache=self._cache(j, prompt_of),
                     attention_mask=torch.cat([self.mask[prompt_of], ones], dim=1),
                 )
-        assert resid is not None
-        final = resid[:, -1]
-        if self.model.cfg.normalization_type is not None:
-            final = self.model.ln_final(final)
-        return self._finish_group(final, self.prep.answers[idx][prompt_of], row_of[:, _inverse(order)], x)
+                if probing:
+                    got[j] = resid[-G:].view(G, 1, -1)
+                    resid, prompt_of = resid[:-G], prompt_of[:-G]
+        if short and L - 1 in counts:
+            join(copies_of(L - 1))
+        if probe is not None:
+            self.check_shortcut(got, probe[2])
+        return resid, prompt_of
 
 
 # --------------------------------------------------------------------------------------------------
@@ -936,7 +1130,7 @@ def _chunks(nl: int, block: int, bs: int, single_layer: bool) -> list[tuple[int,
 
 
 def _run_group(
-    ev: _Evaluator | _BlockwiseEvaluator | _HookedKVEvaluator,
+    ev: _Evaluator,
     idxs: list[int],
     prep: _Prepared,
     bases: Tensor,
@@ -954,7 +1148,7 @@ def _run_group(
     is raised.
     """
     model, config = ev.model, ev.config
-    grouped = isinstance(ev, (_BlockwiseEvaluator, _HookedKVEvaluator))
+    grouped = isinstance(ev, _GroupedEvaluator)
     acc, dev = alphas.dtype, alphas.device
     G, J, K, D = bases.shape[0], bases.shape[1], alphas.shape[0], bases.shape[-1]
     assert grouped or G == 1
@@ -1161,6 +1355,7 @@ def _attribute(
 ) -> NeuronAttribution:
     longest = _longest(model, plist, config)
     kind = "reference" if config.implementation == "reference" else _fast_kind(model, config, longest)
+    shortcut = _shortcut_eligible(model, config, kind)
     prep = _prepare(
         model,
         plist,
@@ -1169,8 +1364,12 @@ def _attribute(
         want_resid=kind in ("kv-hooked", "blockwise"),
         want_rows=kind == "blockwise",
         unembed=_sweep_unembedding(model) if kind == "kv-hooked" else None,
+        want_post=shortcut,
     )
     ev: _Evaluator = _EVALUATORS[kind](model, prep, config)
+    if shortcut:
+        assert isinstance(ev, _GroupedEvaluator)
+        ev.enable_shortcut()  # verified on the first pass (_run_group)
     n, L, D = prep.acts.shape
     acc = _acc_dtype(model)
     dev = prep.acts.device
@@ -1216,6 +1415,16 @@ def _attribute(
             check = kind in _VALIDATED_PATHS and not validated  # once per call, on the first pass
             try:
                 integral, f0, p0 = _run_group(ev, idxs, prep, bases, wbar, alphas, weights, zero_k, check)
+            except _ShortcutMismatch as exc:
+                assert isinstance(ev, _GroupedEvaluator)
+                logger.info(
+                    "the MLP-out shortcut does not reproduce block outputs on this %s (relative error %.2e); "
+                    "running every block of its samples",
+                    type(model).__name__,
+                    exc.err,
+                )
+                ev.shortcut = False
+                continue  # the same prompts again, without it
             except _PathMismatch as exc:
                 kind = _fall_back(model, config, kind, exc.err, longest)
                 ev = _EVALUATORS[kind](model, prep, config)
