@@ -804,7 +804,7 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
     def _final(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
         """``ln_final`` of the copies ``[G, S, d_model]`` (samples sorted by layer)."""
         model, T, S, L = self.model, self.T, x.shape[1], n_layers(self.model)
-        xs, short = x[:, order], self.shortcut
+        xs, short = _in_order(x, order), self.shortcut
         idx = torch.tensor(self.idxs, device=x.device)
         probe = self._probes(idx)
         need = T + S + (1 if probe is not None else 0)  # a probe is one entry more at its block
@@ -816,7 +816,7 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
             hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim=1)
         else:
             hooks = [] if short else _tail_hooks(self.prep.names, counts, xs, dim=1)
-        offs = dict(zip(counts, torch.tensor([0, *counts.values()]).cumsum(0).tolist()))
+        parts = dict(zip(counts, torch.split(xs, list(counts.values()), dim=1)))
         rows = self.prep.resid_rows[idx]  # [G, pos, d_model]
         hidden = rows.new_zeros(len(self.idxs), T, rows.shape[-1])
         for g, t in enumerate(self.ts):
@@ -828,7 +828,7 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
 
         def copies_of(l: int) -> Tensor:
             if short:
-                return self._shortcut_rows(l, xs[:, offs[l] : offs[l] + counts[l]], idx)
+                return self._shortcut_rows(l, parts[l], idx)
             return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
 
         with model.hooks(fwd_hooks=hooks):
@@ -863,6 +863,14 @@ def _layer_groups(layer_of: Tensor) -> tuple[Tensor, dict[int, int]]:
     return order, dict(zip(ls.tolist(), cs.tolist()))
 
 
+def _in_order(x: Tensor, order: Tensor) -> Tensor:
+    """``x[:, order]``, or ``x`` itself when ``order`` is the identity (the samples of a chunk are layer-major
+    except the validation samples of the first one): no copy, and no index backward."""
+    if bool((order == torch.arange(order.numel(), device=order.device)).all()):
+        return x
+    return x[:, order]
+
+
 def _inverse(order: Tensor) -> Tensor:
     inv = torch.empty_like(order)
     inv[order] = torch.arange(order.numel(), device=order.device)
@@ -890,11 +898,8 @@ def _tail_hooks(names: dict[int, str], counts: dict[int, int], xs: Tensor, dim: 
     """Blockwise evaluation: the samples of layer l join the batch (``dim`` 0) or the sequence (``dim`` 1) at
     block l, as its last ``counts[l]`` entries; the hook at layer l overwrites exactly those with their ``x``
     (``xs [G, S, D]`` sorted by layer)."""
-    hooks, s0 = [], 0
-    for l, c in counts.items():
-        hooks.append((names[l], _TailHook(xs[:, s0 : s0 + c], dim)))
-        s0 += c
-    return hooks
+    parts = torch.split(xs, list(counts.values()), dim=1)  # one backward (a cat), not a zero-fill per slice
+    return [(names[l], _TailHook(v, dim)) for l, v in zip(counts, parts)]
 
 
 class _HookedKVEvaluator(_GroupedEvaluator):
@@ -964,7 +969,7 @@ class _HookedKVEvaluator(_GroupedEvaluator):
             row_of[:, s0 : s0 + c] = G * s0 + torch.arange(G * c, device=dev).view(G, c)
             s0 += c
         idx = torch.tensor(self.idxs, device=dev)
-        resid, prompt_of = self._climb(counts, x[:, order], idx)
+        resid, prompt_of = self._climb(counts, _in_order(x, order), idx)
         final = resid[:, -1]
         if self.model.cfg.normalization_type is not None:
             final = self.model.ln_final(final)
@@ -982,7 +987,7 @@ class _HookedKVEvaluator(_GroupedEvaluator):
             hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim=0)
         else:
             hooks = [] if short else _tail_hooks(self.prep.names, counts, xs, dim=0)
-        offs = dict(zip(counts, torch.tensor([0, *counts.values()]).cumsum(0).tolist()))
+        parts = dict(zip(counts, torch.split(xs, list(counts.values()), dim=1)))
         resid = xs.new_zeros(0, 1, self.prep.resid_last[self.prep.layers[0]].shape[-1])
         prompt_of = torch.empty(0, dtype=torch.long, device=dev)  # prompt (0..G-1) of each batch row
         got: dict[int, Tensor] = {}
@@ -995,7 +1000,7 @@ class _HookedKVEvaluator(_GroupedEvaluator):
 
         def copies_of(l: int) -> Tensor:
             if short:
-                return self._shortcut_rows(l, xs[:, offs[l] : offs[l] + counts[l]], idx)
+                return self._shortcut_rows(l, parts[l], idx)
             return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
 
         with self.model.hooks(fwd_hooks=hooks):
