@@ -219,10 +219,10 @@ _GROUP_WORK = 4e8
 _GROUP_MAX_SWEEP = 32
 _GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 _GROUP_MAX = 64
-_MIN_PACKED_ROOM = 2
-# blockwise paths with site="post": samples of layer l join after block l (:class:`_GroupedEvaluator`); off only
-# to measure what it saves (benchmarks/bench_attribution.py)
-_MLP_SHORTCUT = True  # "packed" only when the context has room for this many copies after the prompt
+_MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
+# blockwise paths with site="post": samples of layer l join after block l (:class:`_GroupedEvaluator`); turned
+# off only by the tests and by side-by-side timings of what it saves
+_MLP_SHORTCUT = True
 
 
 def _longest(model: Any, plist: list[Any], config: AttributionConfig) -> int:
@@ -317,7 +317,7 @@ def _prepare(
             skip = unembed is not None and _AFFINE_UNEMBED.get(key) is True
             logits, cache = model.run_with_cache(
                 toks,
-                names_filter=list(names.values()) + list(resid_names.values()) + list(post_names.values()) + extra,
+                names_filter=[*names.values(), *resid_names.values(), *post_names.values(), *extra],
                 **({"return_type": None} if skip else {}),
             )
             rows = torch.arange(toks.shape[0], device=toks.device)
