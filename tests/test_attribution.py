@@ -784,7 +784,7 @@ def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, monk
     calls = _count_shortcut_rows(monkeypatch)
     short = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert calls["n"] > 0
-    sub = attribute_neurons(model, PROMPTS, ANSWERS, layers=[model.cfg.n_layers - 1], **kw)  # no block at all
+    sub = attribute_neurons(model, PROMPTS, ANSWERS, layers=[model.cfg.n_layers - 1], **kw)  # no sample runs a block
     monkeypatch.setattr(ig_module, "_MLP_SHORTCUT", False)
     calls["n"] = 0
     full = attribute_neurons(model, PROMPTS, ANSWERS, **kw)

@@ -623,14 +623,6 @@ class _BlockCall:
         return args, kwargs
 
 
-class _ShortcutMismatch(Exception):
-    """The MLP-out shortcut did not reproduce block outputs (:meth:`_GroupedEvaluator.check_shortcut`)."""
-
-    def __init__(self, err: float) -> None:
-        super().__init__(err)
-        self.err = err
-
-
 class _GroupedEvaluator(_Evaluator):
     """The blockwise evaluators (TL 3 ``"kv-hooked"``, TL 4 ``"blockwise"``): several prompts per pass, the
     samples of layer l joining the pass as it climbs the blocks.
@@ -676,6 +668,30 @@ class _GroupedEvaluator(_Evaluator):
         delta = xs - self.prep.acts[idx, l].unsqueeze(1).to(xs.dtype)
         return post + (delta.to(W.dtype) @ W).to(post.dtype)
 
+    def _joins(
+        self, counts: dict[int, int], xs: Tensor, idx: Tensor, dim: int
+    ) -> tuple[tuple[dict[int, int], Tensor, dict[int, Tensor]] | None, list[tuple[str, Any]], Any]:
+        """What a climb needs for the samples ``xs [G, S, D]`` (sorted by layer, ``counts`` per layer):
+        ``(probe, hooks, copies_of)``. ``probe`` is :meth:`_probes`. Without the shortcut the samples of
+        layer l join at block l and a hook on ``hook_post`` writes their ``x``; with it they join at block
+        l + 1 and only the probes (the last entries at their block) are hooked. ``copies_of(l)`` gives the
+        entries the samples of layer l join with, ``[G, c_l, d_model]``: the shortcut's output of block l, or
+        the clean residual entering block l. ``dim``: 0 when entries are batch rows (TL 3), 1 when they are
+        sequence positions (TL 4)."""
+        probe = self._probes(idx)
+        if probe is not None:
+            hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim)
+        else:
+            hooks = [] if self.shortcut else _tail_hooks(self.prep.names, counts, xs, dim)
+        parts = dict(zip(counts, torch.split(xs, list(counts.values()), dim=1)))
+
+        def copies_of(l: int) -> Tensor:
+            if self.shortcut:
+                return self._shortcut_rows(l, parts[l], idx)
+            return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
+
+        return probe, hooks, copies_of
+
     def _probes(self, idx: Tensor) -> tuple[dict[int, int], Tensor, dict[int, Tensor]] | None:
         """On the checking pass with the shortcut on: ``(counts, xs [G, n_layers_requested, D], want)`` of the
         probe entries (one per prompt and requested layer, sorted by layer) and the shortcut's output for each
@@ -695,7 +711,7 @@ class _GroupedEvaluator(_Evaluator):
                 x = w.clone()
                 x[:, where] += (s * coef).to(dt)
                 xs.append(x.unsqueeze(1))
-                want[l] = (post + s * gain).unsqueeze(1)
+                want[l] = self._shortcut_rows(l, xs[-1], idx)  # what the pass itself uses
         return {l: 1 for l in prep.layers}, torch.cat(xs, dim=1), want
 
     def check_shortcut(self, got: dict[int, Tensor], want: dict[int, Tensor]) -> None:
@@ -788,7 +804,7 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
         order, counts = _layer_groups(layer_of)
         try:
             final = self._final(order, counts, x)  # [G, S, d_model], samples in layer order
-        except (_PathMismatch, _ShortcutMismatch):
+        except _PathMismatch:  # also _ShortcutMismatch
             raise
         except Exception as exc:
             if not self.checking:
@@ -806,31 +822,15 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
         model, T, S, L = self.model, self.T, x.shape[1], n_layers(self.model)
         xs, short = _in_order(x, order), self.shortcut
         idx = torch.tensor(self.idxs, device=x.device)
-        probe = self._probes(idx)
+        probe, hooks, copies_of = self._joins(counts, xs, idx, dim=1)
         need = T + S + (1 if probe is not None else 0)  # a probe is one entry more at its block
         if self._call is None or self._call.n_max < need:
             self._call = _BlockCall(self, need)
-        # no shortcut: the copies of layer l join at block l, a hook on hook_post writes their x; with it, they
-        # join at block l + 1 (_shortcut_rows), and only the probes (one at a time, the last entry) are hooked
-        if probe is not None:
-            hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim=1)
-        else:
-            hooks = [] if short else _tail_hooks(self.prep.names, counts, xs, dim=1)
-        parts = dict(zip(counts, torch.split(xs, list(counts.values()), dim=1)))
         rows = self.prep.resid_rows[idx]  # [G, pos, d_model]
         hidden = rows.new_zeros(len(self.idxs), T, rows.shape[-1])
         for g, t in enumerate(self.ts):
             hidden[g, T - t :] = rows[g, :t]
-        # with the shortcut the prefix only needs to climb to the block the last copies (or probes) join at
-        joins = [l + 1 for l in counts if l + 1 < L] + ([max(probe[0])] if probe is not None else [])
-        last_join = max(joins, default=-1) if short else L
         got: dict[int, Tensor] = {}
-
-        def copies_of(l: int) -> Tensor:
-            if short:
-                return self._shortcut_rows(l, parts[l], idx)
-            return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
-
         with model.hooks(fwd_hooks=hooks):
             for j in range(min(self.prep.layers), L):
                 joining = (j - 1) if short else j
@@ -839,8 +839,8 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
                 probing = probe is not None and j in probe[0]
                 if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
                     hidden = torch.cat([hidden, self.prep.resid_last[j][idx].unsqueeze(1)], dim=1)
-                if hidden.shape[1] == T and (j >= last_join or T == 0):
-                    continue  # no copies yet and the prefix is not needed any higher
+                if hidden.shape[1] == 0:
+                    continue  # an empty prefix and, with the shortcut, no copies yet
                 args, kwargs = self._call.at(hidden.shape[1])
                 out = model.blocks[j](hidden, *args, **kwargs)
                 hidden = out[0] if isinstance(out, tuple) else out
@@ -982,12 +982,7 @@ class _HookedKVEvaluator(_GroupedEvaluator):
         it, and a hook on ``hook_post`` writes their ``x``; with it they join at block l + 1
         (:meth:`_shortcut_rows`), and only the probes (the last G rows while they are there) are hooked."""
         G, dev, L, short = xs.shape[0], xs.device, n_layers(self.model), self.shortcut
-        probe = self._probes(idx)
-        if probe is not None:
-            hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim=0)
-        else:
-            hooks = [] if short else _tail_hooks(self.prep.names, counts, xs, dim=0)
-        parts = dict(zip(counts, torch.split(xs, list(counts.values()), dim=1)))
+        probe, hooks, copies_of = self._joins(counts, xs, idx, dim=0)
         resid = xs.new_zeros(0, 1, self.prep.resid_last[self.prep.layers[0]].shape[-1])
         prompt_of = torch.empty(0, dtype=torch.long, device=dev)  # prompt (0..G-1) of each batch row
         got: dict[int, Tensor] = {}
@@ -997,11 +992,6 @@ class _HookedKVEvaluator(_GroupedEvaluator):
             c = new.shape[1]
             resid = torch.cat([resid, new.reshape(G * c, 1, -1).to(resid.dtype)])
             prompt_of = torch.cat([prompt_of, torch.arange(G, device=dev).repeat_interleave(c)])
-
-        def copies_of(l: int) -> Tensor:
-            if short:
-                return self._shortcut_rows(l, parts[l], idx)
-            return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
 
         with self.model.hooks(fwd_hooks=hooks):
             for j in range(min(counts), L):
@@ -1110,6 +1100,11 @@ class _PathMismatch(Exception):
     def __init__(self, err: float) -> None:
         super().__init__(err)
         self.err = err
+
+
+class _ShortcutMismatch(_PathMismatch):
+    """The MLP-out shortcut did not reproduce block outputs (:meth:`_GroupedEvaluator.check_shortcut`): the
+    path is fine, the call goes on with it, without the shortcut."""
 
 
 def _chunks(nl: int, block: int, bs: int, single_layer: bool) -> list[tuple[int, int]]:
@@ -1374,7 +1369,7 @@ def _attribute(
     ev: _Evaluator = _EVALUATORS[kind](model, prep, config)
     if shortcut:
         assert isinstance(ev, _GroupedEvaluator)
-        ev.enable_shortcut()  # verified on the first pass (_run_group)
+        ev.enable_shortcut()  # checked by the probes of the first pass (_GroupedEvaluator._probes)
     n, L, D = prep.acts.shape
     acc = _acc_dtype(model)
     dev = prep.acts.device
