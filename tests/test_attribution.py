@@ -243,12 +243,22 @@ def test_compat_processing_fast_equals_reference(arch):
     assert fast.path == _expected_path("hf") and _rel(fast.scores, ref.scores) <= 1e-5
 
 
-def test_many_prompts_clean_pass_is_chunked(monkeypatch):
+@pytest.mark.parametrize("limit, value, passes", [("_CLEAN_CHUNK", 2, (len(PROMPTS) + 1) // 2), ("_CLEAN_ELEMENTS", 1, len(PROMPTS))])
+def test_many_prompts_clean_pass_is_chunked(monkeypatch, limit, value, passes):
+    # the clean pass is split by the prompt cap and by the element budget; the split changes nothing
     model = _model("gpt2", "native")
-    monkeypatch.setattr(ig_module, "_CLEAN_CHUNK", 2)
+    whole = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)  # also runs the model's one-time probes
+    calls = []
+    real = type(model).run_with_cache
+
+    def counting(self, *a, **k):
+        calls.append(1)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(type(model), "run_with_cache", counting)
+    monkeypatch.setattr(ig_module, limit, value)
     chunked = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
-    monkeypatch.setattr(ig_module, "_CLEAN_CHUNK", 16)
-    whole = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
+    assert len(calls) == passes
     assert _rel(chunked.scores, whole.scores) <= 1e-12
     assert torch.allclose(chunked.activations, whole.activations, rtol=0, atol=1e-14)
 
@@ -626,6 +636,31 @@ def test_overflow_raises_numerical_error():
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], baseline=huge, steps=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_finite_check_agrees_with_isfinite(dtype):
+    # the check sums first; a sum that overflows from finite values must not raise, one inf/NaN must
+    model = _model("gpt2", "native", torch.float32)
+    big = torch.finfo(dtype).max
+    cases = [
+        torch.randn(7, 5, dtype=dtype),
+        torch.full((4, 3), big, dtype=dtype),  # finite, the sum overflows
+        torch.tensor([big, -big, big], dtype=dtype),
+    ]
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = torch.randn(7, 5, dtype=dtype)
+        t[3, 2] = bad
+        cases.append(t)
+    both = torch.full((2, 2), big, dtype=dtype)
+    both[0, 0], both[1, 1] = float("inf"), -float("inf")  # inf + -inf: the sum is NaN
+    cases.append(both)
+    for t in cases:
+        if bool(torch.isfinite(t).all()):
+            ig_module._check_finite(t, "t", model)
+        else:
+            with pytest.raises(NumericalError):
+                ig_module._check_finite(t, "t", model)
+
+
 def _live_hooks(model) -> int:
     n = 0
     for hp in model.hook_dict.values():
@@ -659,7 +694,7 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
 
     # the objective of the samples: from logits, or (CPU blockwise paths) by the unembedding sweep
     monkeypatch.setattr(ig_module, "_objective", boom(ig_module._objective))
-    monkeypatch.setattr(ig_module, "answer_objective", boom(ig_module.answer_objective))
+    monkeypatch.setattr(ig_module, "answer_objective_and_logits", boom(ig_module.answer_objective_and_logits))
     with pytest.raises(RuntimeError, match="injected"):
         attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags

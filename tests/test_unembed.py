@@ -9,7 +9,7 @@ import torch
 from qloc_tl.attribution import attribute_neurons
 from qloc_tl.attribution import ig as ig_module
 from qloc_tl.attribution import unembed as unembed_module
-from qloc_tl.attribution.unembed import answer_objective, linear_unembedding
+from qloc_tl.attribution.unembed import answer_objective, answer_objective_and_logits, linear_unembedding
 from qloc_tl.model import tl_major
 from qloc_tl.testing import tiny_model
 
@@ -102,6 +102,30 @@ def test_answer_objective_float32_matches_float64():
         assert float((o.double() - w).abs().max() / w.abs().max()) <= 1e-5
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_kept_logits_are_the_plain_logits_of_those_rows(small_blocks, bias):
+    """The logits copied out of the sweep (rows in several row blocks, repeated, out of order, none) equal
+    ``r[rows] @ W + b``; asking for them changes neither the objective nor its gradient."""
+    g = torch.Generator().manual_seed(3)
+    R, d, V = 10, 6, 23
+    r = torch.randn(R, d, generator=g, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(d, V, generator=g, dtype=torch.float64)
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    a = torch.randint(0, V, (R,), generator=g)
+    plain_obj, _, plain_grad = _plain(r, W, b, a, "prob")
+    for rows in ([9, 0, 4, 4, 3], [], [2]):
+        keep = torch.tensor(rows, dtype=torch.long).view(-1, 1) if rows else torch.zeros(0, dtype=torch.long)
+        obj, prob, kept = answer_objective_and_logits(r, W, b, a, "prob", keep)
+        want = r.detach()[keep.view(-1)] @ W + (b if b is not None else 0)
+        assert kept.shape == (len(rows), V) and not kept.requires_grad
+        assert torch.allclose(kept, want, rtol=1e-12, atol=1e-13)
+        (grad,) = torch.autograd.grad((obj * torch.arange(1.0, R + 1, dtype=r.dtype)).sum(), r)
+        assert torch.allclose(obj.detach(), plain_obj, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(grad, plain_grad, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="logits_of"):
+        answer_objective_and_logits(r, W, b, a, "prob", torch.tensor([R]))
+
+
 def test_answer_objective_rejects_bad_input():
     W = torch.zeros(4, 10)
     with pytest.raises(ValueError, match="objective"):
@@ -141,13 +165,13 @@ def test_linear_unembedding_declines_low_precision_and_soft_caps():
 
 
 def test_grouped_fast_path_uses_the_sweep_on_cpu_and_equals_reference(monkeypatch):
-    """The blockwise paths on CPU go through answer_objective (so the equality tests of test_attribution
-    exercise it) and still equal the reference."""
+    """The blockwise paths on CPU go through the sweep (so the equality tests of test_attribution exercise
+    it) and still equal the reference."""
     source = "native" if tl_major() < 4 else "hf"
     model = tiny_model("gpt2", source=source, dtype=torch.float64)
     calls = []
-    real = ig_module.answer_objective
-    monkeypatch.setattr(ig_module, "answer_objective", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ig_module.answer_objective_and_logits
+    monkeypatch.setattr(ig_module, "answer_objective_and_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     prompts, answers = ["alice was born in", "bob speaks"], ["paris", "french"]
     for objective in ("prob", "logprob"):
         ref = attribute_neurons(model, prompts, answers, steps=4, objective=objective, implementation="reference")

@@ -101,7 +101,7 @@ from .fused import _has_hooks, fused_activations
 from .layout import matmul_ready_weights
 from .quadrature import quadrature
 from .results import NeuronAttribution
-from .unembed import answer_objective, linear_unembedding
+from .unembed import answer_objective_and_logits, linear_unembedding
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,9 @@ def _sweep_unembedding(model: Any) -> tuple[Tensor, Tensor | None] | None:
 
 
 def _check_finite(t: Tensor, what: str, model: Any) -> None:
-    if not bool(torch.isfinite(t).all()):
+    # one reduction first: an inf/NaN makes the sum non-finite; a sum that overflows from finite values goes on
+    # to the element-wise test, which decides
+    if not bool(torch.isfinite(t.sum())) and not bool(torch.isfinite(t).all()):
         raise NumericalError(
             f"{what} became inf/NaN (model dtype {model_dtype(model)}); fp16 activations overflow easily — run "
             f"the attribution in bfloat16 or float32 (model.to(torch.float32))"
@@ -204,7 +206,8 @@ def _normalise_inputs(
     return plist, ids, single
 
 
-_CLEAN_CHUNK = 16  # prompts per clean forward pass
+_CLEAN_CHUNK = 256  # at most this many prompts per clean forward pass
+_CLEAN_ELEMENTS = 1 << 25  # and about this many elements of logits and cached activations per pass
 _BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the activations and, without the sweep, the logits)
 # blockwise paths (TL 4 and TL 3): prompts per pass. Measured on TL 4, one CPU thread (2026-11-26):
 # * with the unembedding sweep (CPU, float32/64: no [samples, d_vocab] logits) the per-pass overhead is what
@@ -312,8 +315,12 @@ def _prepare(
     answers = torch.tensor(ids, dtype=torch.long, device=tokens.device)
     acts_l, resid_l, post_l, last_l, rows_l = [], [], [], [], []
     with torch.no_grad():
-        for c0 in range(0, tokens.shape[0], _CLEAN_CHUNK):  # bounded [chunk, pos, d_vocab] logits
-            toks, pos = tokens[c0 : c0 + _CLEAN_CHUNK], last[c0 : c0 + _CLEAN_CHUNK]
+        # bounded [chunk, pos, d_vocab] logits and cache; tiny models: one pass for many prompts (a pass of a
+        # TL 4 bridge costs ~7 ms of its own)
+        per_prompt = tokens.shape[1] * (int(model.cfg.d_vocab) + L * (d_mlp(model) + 3 * int(model.cfg.d_model)))
+        chunk = max(1, min(_CLEAN_CHUNK, _CLEAN_ELEMENTS // per_prompt))
+        for c0 in range(0, tokens.shape[0], chunk):
+            toks, pos = tokens[c0 : c0 + chunk], last[c0 : c0 + chunk]
             skip = unembed is not None and _AFFINE_UNEMBED.get(key) is True
             logits, cache = model.run_with_cache(
                 toks,
@@ -398,9 +405,10 @@ class _Evaluator:
 
         On CPU with a plain float32/float64 unembedding (:func:`_sweep_unembedding`) the objective is
         computed without materialising the ``[R, d_vocab]`` logits
-        (:func:`~qloc_tl.attribution.unembed.answer_objective`); the validation's tail logits (computed only
-        while checking) are then ``final @ W_U + b_U`` of those rows, so the validation also checks that the
-        model's logits are that map. Otherwise the logits come from :meth:`_logits_of`."""
+        (:func:`~qloc_tl.attribution.unembed.answer_objective_and_logits`); the validation's tail logits (only
+        while checking) are then ``final @ W_U + b_U`` of those rows, taken from the same sweep, so the
+        validation also checks that the model's logits are that map, as the sweep computes it. Otherwise the
+        logits come from :meth:`_logits_of`."""
         lin = _sweep_unembedding(self.model)
         if lin is None:
             logits = self._logits_of(final)
@@ -408,11 +416,10 @@ class _Evaluator:
             obj, prob = _objective(logits, answers, self.config.objective, self.acc)
         else:
             W_U, b_U = lin
-            if self.checking:  # the tail logits are read only by the validation
-                with torch.no_grad():
-                    tail = final[rows[:, -2:]].to(W_U.dtype) @ W_U
-                    self.tail_logits = tail if b_U is None else tail + b_U
-            obj, prob = answer_objective(final, W_U, b_U, answers, self.config.objective)
+            tail = rows[:, -2:] if self.checking else None  # the tail logits are read only by the validation
+            obj, prob, kept = answer_objective_and_logits(final, W_U, b_U, answers, self.config.objective, tail)
+            if tail is not None:  # from the sweep itself: no second pass over W_U (~25 ms on GPT-2 small)
+                self.tail_logits = kept.view(*tail.shape, -1)
         obj, prob = obj[rows], prob[rows]
         (g,) = torch.autograd.grad(obj.sum(), x)
         return obj.detach(), prob.detach(), g

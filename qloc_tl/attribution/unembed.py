@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..errors import InvalidInputError
 
-__all__ = ["answer_objective", "linear_unembedding"]
+__all__ = ["answer_objective", "answer_objective_and_logits", "linear_unembedding"]
 
 # block of the sweep: rows × vocabulary columns (about 1 MB of float32 logits: stays in a core's L2 cache)
 _ROWS = 256
@@ -56,40 +56,57 @@ def linear_unembedding(model: Any) -> tuple[Tensor, Tensor | None] | None:
 class _AnswerObjective(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, resid: Tensor, W_U: Tensor, b_U: Tensor | None, answers: Tensor, logprob: bool
-    ) -> tuple[Tensor, Tensor]:
-        lp, pW = _sweep(resid.detach(), W_U, b_U, answers)
+        ctx: Any,
+        resid: Tensor,
+        W_U: Tensor,
+        b_U: Tensor | None,
+        answers: Tensor,
+        logprob: bool,
+        keep: Tensor | None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        lp, pW, kept = _sweep(resid.detach(), W_U, b_U, answers, keep)
         prob = lp.exp()
         ctx.save_for_backward(prob, pW, W_U, answers)
         ctx.logprob = logprob
         out = prob.clone()  # the detached copy (the objective itself may be ``prob``)
-        ctx.mark_non_differentiable(out)
-        return (lp if logprob else prob), out
+        ctx.mark_non_differentiable(out, kept)
+        return (lp if logprob else prob), out, kept
 
     @staticmethod
-    def backward(ctx: Any, g: Tensor, _g_prob: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(  # type: ignore[override]
+        ctx: Any, g: Tensor, _g_prob: Tensor, _g_kept: Tensor
+    ) -> tuple[Tensor | None, ...]:
         prob, pW, W_U, answers = ctx.saved_tensors
         scale = g if ctx.logprob else g * prob
         grad = scale.unsqueeze(-1) * (W_U.t()[answers] - pW)
-        return grad, None, None, None, None
+        return grad, None, None, None, None, None
 
 
 @torch.no_grad()
-def _sweep(r: Tensor, W: Tensor, b: Tensor | None, answers: Tensor) -> tuple[Tensor, Tensor]:
-    """``(log p_a [R], W_U p [R, d_model])`` by blocks of rows and vocabulary columns."""
+def _sweep(
+    r: Tensor, W: Tensor, b: Tensor | None, answers: Tensor, keep: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``(log p_a [R], W_U p [R, d_model], logits [k, d_vocab])`` by blocks of rows and vocabulary columns;
+    the logits are those of the rows ``keep [k]`` (none without it), copied out as the sweep passes them."""
     R, V = r.shape[0], W.shape[1]
     lp = r.new_empty(R)
     pW = r.new_empty(R, r.shape[1])
+    keep = keep if keep is not None else torch.zeros(0, dtype=torch.long, device=r.device)
+    kept = r.new_empty(keep.shape[0], V)
     W_t = W.t()  # [V, d_model] view
     for r0 in range(0, R, _ROWS):
         x = r[r0 : r0 + _ROWS]
         n = x.shape[0]
+        sel = ((keep >= r0) & (keep < r0 + n)).nonzero().squeeze(-1)  # which kept rows lie in this block
+        local = keep[sel] - r0
         m = x.new_full((n,), float("-inf"))
         s = x.new_zeros(n)
         acc = pW[r0 : r0 + n].zero_()
         for c0 in range(0, V, _COLS):
             Wc = W[:, c0 : c0 + _COLS]
             z = x @ Wc if b is None else torch.addmm(b[c0 : c0 + _COLS], x, Wc)
+            if sel.numel():
+                kept[sel, c0 : c0 + _COLS] = z[local]
             m_new = torch.maximum(m, z.amax(-1))
             rescale = torch.exp(m - m_new)  # exp(-inf) = 0 on the first block
             s.mul_(rescale)
@@ -104,7 +121,7 @@ def _sweep(r: Tensor, W: Tensor, b: Tensor | None, answers: Tensor) -> tuple[Ten
             z_a = z_a + b[a]
         lp[r0 : r0 + n] = z_a - m - s.log()
         acc.div_(s.unsqueeze(-1))
-    return lp, pW
+    return lp, pW, kept
 
 
 def answer_objective(
@@ -121,6 +138,20 @@ def answer_objective(
     Equals ``log_softmax(resid @ W_U + b_U).gather(answers)`` (and its ``exp``) and their gradients up to
     float rounding, with memory ``O(rows · d_model)`` instead of ``O(rows · d_vocab)``.
     """
+    obj, prob, _ = answer_objective_and_logits(resid, W_U, b_U, answers, objective)
+    return obj, prob
+
+
+def answer_objective_and_logits(
+    resid: Float[Tensor, "rows d_model"],
+    W_U: Float[Tensor, "d_model d_vocab"],
+    b_U: Float[Tensor, " d_vocab"] | None,
+    answers: Int[Tensor, " rows"],
+    objective: str = "prob",
+    logits_of: Int[Tensor, " k"] | None = None,
+) -> tuple[Float[Tensor, " rows"], Float[Tensor, " rows"], Float[Tensor, "k d_vocab"]]:
+    """:func:`answer_objective`, plus the logits ``resid[logits_of] @ W_U + b_U`` (detached; ``[0, d_vocab]``
+    without ``logits_of``), taken from the same sweep instead of a second pass over ``W_U``."""
     if objective not in ("prob", "logprob"):
         raise InvalidInputError(f"objective must be 'prob' or 'logprob', got {objective!r}")
     if resid.dim() != 2 or resid.shape[1] != W_U.shape[0] or answers.shape != resid.shape[:1]:
@@ -128,7 +159,11 @@ def answer_objective(
             f"answer_objective: resid [rows, d_model], W_U [d_model, d_vocab], answers [rows]; got "
             f"{tuple(resid.shape)}, {tuple(W_U.shape)}, {tuple(answers.shape)}"
         )
+    if logits_of is not None:
+        logits_of = logits_of.reshape(-1).to(device=resid.device, dtype=torch.long)
+        if logits_of.numel() and not bool(((logits_of >= 0) & (logits_of < resid.shape[0])).all()):
+            raise InvalidInputError(f"answer_objective: logits_of must index the {resid.shape[0]} rows")
     if resid.dtype != W_U.dtype:
         resid = resid.to(W_U.dtype)
-    obj, prob = _AnswerObjective.apply(resid, W_U, b_U, answers, objective == "logprob")
-    return obj, prob
+    obj, prob, kept = _AnswerObjective.apply(resid, W_U, b_U, answers, objective == "logprob", logits_of)
+    return obj, prob, kept
