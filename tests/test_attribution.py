@@ -243,7 +243,10 @@ def test_compat_processing_fast_equals_reference(arch):
     assert fast.path == _expected_path("hf") and _rel(fast.scores, ref.scores) <= 1e-5
 
 
-@pytest.mark.parametrize("limit, value, passes", [("_CLEAN_CHUNK", 2, (len(PROMPTS) + 1) // 2), ("_CLEAN_ELEMENTS", 1, len(PROMPTS))])
+@pytest.mark.parametrize(
+    "limit, value, passes",
+    [("_CLEAN_CHUNK", 2, (len(PROMPTS) + 1) // 2), ("_CLEAN_ELEMENTS", {"cpu": 1, "other": 1}, len(PROMPTS))],
+)
 def test_many_prompts_clean_pass_is_chunked(monkeypatch, limit, value, passes):
     # the clean pass is split by the prompt cap and by the element budget; the split changes nothing
     model = _model("gpt2", "native")

@@ -207,7 +207,9 @@ def _normalise_inputs(
 
 
 _CLEAN_CHUNK = 256  # at most this many prompts per clean forward pass
-_CLEAN_ELEMENTS = 1 << 25  # and about this many elements of logits and cached activations per pass
+# and about this many elements of logits and cached activations per pass (a GPU pass is launch-bound: the
+# LLaMA-3-8B shape gets 17 prompts of 16 tokens per pass there, 2 on the CPU)
+_CLEAN_ELEMENTS = {"cpu": 1 << 25, "other": 1 << 28}
 _BLOCKWISE_BATCH = 512  # samples per blockwise chunk (bounds the activations and, without the sweep, the logits)
 # blockwise paths (TL 4 and TL 3): prompts per pass. Measured on TL 4, one CPU thread (2026-11-26):
 # * with the unembedding sweep (CPU, float32/64: no [samples, d_vocab] logits) the per-pass overhead is what
@@ -318,7 +320,8 @@ def _prepare(
         # bounded [chunk, pos, d_vocab] logits and cache; tiny models: one pass for many prompts (a pass of a
         # TL 4 bridge costs ~7 ms of its own)
         per_prompt = tokens.shape[1] * (int(model.cfg.d_vocab) + L * (d_mlp(model) + 3 * int(model.cfg.d_model)))
-        chunk = max(1, min(_CLEAN_CHUNK, _CLEAN_ELEMENTS // per_prompt))
+        budget = _CLEAN_ELEMENTS["cpu" if tokens.device.type == "cpu" else "other"]
+        chunk = max(1, min(_CLEAN_CHUNK, budget // per_prompt))
         for c0 in range(0, tokens.shape[0], chunk):
             toks, pos = tokens[c0 : c0 + chunk], last[c0 : c0 + chunk]
             skip = unembed is not None and _AFFINE_UNEMBED.get(key) is True
