@@ -682,12 +682,12 @@ class _GroupedEvaluator(_Evaluator):
         self, counts: dict[int, int], xs: Tensor, idx: Tensor, dim: int
     ) -> tuple[tuple[dict[int, int], Tensor, dict[int, Tensor]] | None, list[tuple[str, Any]], Any]:
         """What a climb needs for the samples ``xs [G, S, D]`` (sorted by layer, ``counts`` per layer):
-        ``(probe, hooks, copies_of)``. ``probe`` is :meth:`_probes`. Without the shortcut the samples of
+        ``(probe, hooks, joining)``. ``probe`` is :meth:`_probes`. Without the shortcut the samples of
         layer l join at block l and a hook on ``hook_post`` writes their ``x``; with it they join at block
-        l + 1 and only the probes (the last entries at their block) are hooked. ``copies_of(l)`` gives the
-        entries the samples of layer l join with, ``[G, c_l, d_model]``: the shortcut's output of block l, or
-        the clean residual entering block l. ``dim``: 0 when entries are batch rows (TL 3), 1 when they are
-        sequence positions (TL 4)."""
+        l + 1 and only the probes (the last entries at their block) are hooked. ``joining(j)`` gives the
+        entries that join the pass before block j (``j = L``: after the last block), ``[G, c, d_model]`` —
+        the clean residual entering block l, or with the shortcut the shortcut's output of block l — or
+        ``None``. ``dim``: 0 when entries are batch rows (TL 3), 1 when they are sequence positions (TL 4)."""
         probe = self._probes(idx)
         if probe is not None:
             hooks = _tail_hooks(self.prep.names, probe[0], probe[1], dim)
@@ -695,12 +695,15 @@ class _GroupedEvaluator(_Evaluator):
             hooks = [] if self.shortcut else _tail_hooks(self.prep.names, counts, xs, dim)
         parts = dict(zip(counts, torch.split(xs, list(counts.values()), dim=1)))
 
-        def copies_of(l: int) -> Tensor:
+        def joining(j: int) -> Tensor | None:
+            l = j - 1 if self.shortcut else j
+            if l not in counts:
+                return None
             if self.shortcut:
                 return self._shortcut_rows(l, parts[l], idx)
             return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
 
-        return probe, hooks, copies_of
+        return probe, hooks, joining
 
     def _probes(self, idx: Tensor) -> tuple[dict[int, int], Tensor, dict[int, Tensor]] | None:
         """On the checking pass with the shortcut on: ``(counts, xs [G, n_layers_requested, D], want)`` of the
@@ -830,9 +833,9 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
     def _final(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
         """``ln_final`` of the copies ``[G, S, d_model]`` (samples sorted by layer)."""
         model, T, S, L = self.model, self.T, x.shape[1], n_layers(self.model)
-        xs, short = _in_order(x, order), self.shortcut
+        xs = _in_order(x, order)
         idx = torch.tensor(self.idxs, device=x.device)
-        probe, hooks, copies_of = self._joins(counts, xs, idx, dim=1)
+        probe, hooks, joining = self._joins(counts, xs, idx, dim=1)
         need = T + S + (1 if probe is not None else 0)  # a probe is one entry more at its block
         if self._call is None or self._call.n_max < need:
             self._call = _BlockCall(self, need)
@@ -843,9 +846,9 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
         got: dict[int, Tensor] = {}
         with model.hooks(fwd_hooks=hooks):
             for j in range(min(self.prep.layers), L):
-                joining = (j - 1) if short else j
-                if joining in counts:
-                    hidden = torch.cat([hidden, copies_of(joining)], dim=1)
+                new = joining(j)
+                if new is not None:
+                    hidden = torch.cat([hidden, new], dim=1)
                 probing = probe is not None and j in probe[0]
                 if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
                     hidden = torch.cat([hidden, self.prep.resid_last[j][idx].unsqueeze(1)], dim=1)
@@ -856,8 +859,9 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
                 hidden = out[0] if isinstance(out, tuple) else out
                 if probing:
                     got[j], hidden = hidden[:, -1:], hidden[:, :-1]
-            if short and L - 1 in counts:
-                hidden = torch.cat([hidden, copies_of(L - 1)], dim=1)
+            new = joining(L)  # with the shortcut: the samples of the last layer
+            if new is not None:
+                hidden = torch.cat([hidden, new], dim=1)
             final = model.ln_final(hidden[:, T:])
         if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
             raise _PathMismatch(float("nan"))
@@ -991,22 +995,23 @@ class _HookedKVEvaluator(_GroupedEvaluator):
         each row. Without the shortcut the samples of layer l join at block l with the clean residual entering
         it, and a hook on ``hook_post`` writes their ``x``; with it they join at block l + 1
         (:meth:`_shortcut_rows`), and only the probes (the last G rows while they are there) are hooked."""
-        G, dev, L, short = xs.shape[0], xs.device, n_layers(self.model), self.shortcut
-        probe, hooks, copies_of = self._joins(counts, xs, idx, dim=0)
+        G, dev, L = xs.shape[0], xs.device, n_layers(self.model)
+        probe, hooks, joining = self._joins(counts, xs, idx, dim=0)
         resid = xs.new_zeros(0, 1, self.prep.resid_last[self.prep.layers[0]].shape[-1])
         prompt_of = torch.empty(0, dtype=torch.long, device=dev)  # prompt (0..G-1) of each batch row
         got: dict[int, Tensor] = {}
 
-        def join(new: Tensor) -> None:  # new [G, c, d_model]
+        def join(new: Tensor | None) -> None:  # new [G, c, d_model]
             nonlocal resid, prompt_of
+            if new is None:
+                return
             c = new.shape[1]
             resid = torch.cat([resid, new.reshape(G * c, 1, -1).to(resid.dtype)])
             prompt_of = torch.cat([prompt_of, torch.arange(G, device=dev).repeat_interleave(c)])
 
         with self.model.hooks(fwd_hooks=hooks):
             for j in range(min(counts), L):
-                if ((j - 1) if short else j) in counts:
-                    join(copies_of((j - 1) if short else j))
+                join(joining(j))
                 probing = probe is not None and j in probe[0]
                 if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
                     join(self.prep.resid_last[j][idx].unsqueeze(1))
@@ -1023,8 +1028,7 @@ class _HookedKVEvaluator(_GroupedEvaluator):
                 if probing:
                     got[j] = resid[-G:].view(G, 1, -1)
                     resid, prompt_of = resid[:-G], prompt_of[:-G]
-        if short and L - 1 in counts:
-            join(copies_of(L - 1))
+        join(joining(L))  # with the shortcut: the samples of the last layer
         if probe is not None:
             self.check_shortcut(got, probe[2])
         return resid, prompt_of
