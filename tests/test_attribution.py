@@ -215,9 +215,12 @@ def _fast_kw(source: str) -> dict:
 
 
 _PACKED = [("gpt2", "hf", "packed"), ("llama", "hf", "packed")] if tl_major() >= 4 else []
+# TL 3 HookedTransformers with learned absolute positions also run "blockwise" rows (the tiny models' n_ctx of
+# 32 leaves "auto" on "kv-hooked", so it is asked for by name; chunks are capped to fit n_ctx)
+_ROWS3 = [("gpt2", "native", "blockwise"), ("gpt2", "hf", "blockwise")] if tl_major() < 4 else []
 
 
-@pytest.mark.parametrize("arch, source, path", [(a, s, None) for a, s in MODELS] + _PACKED)
+@pytest.mark.parametrize("arch, source, path", [(a, s, None) for a, s in MODELS] + _PACKED + _ROWS3)
 @pytest.mark.parametrize("method", ["ig", "sig", "amig"])
 def test_fast_equals_reference_float64(arch, source, path, method):
     model = _model(arch, source)
@@ -671,9 +674,10 @@ def _live_hooks(model) -> int:
     return n
 
 
-@pytest.mark.parametrize("arch, source", MODELS)
-def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monkeypatch):
+@pytest.mark.parametrize("arch, source, path", [(a, s, None) for a, s in MODELS] + _ROWS3)
+def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path, monkeypatch):
     model = _model(arch, source)
+    kw = {"fast_path": path} if path else _fast_kw(source)
     params = list(model.parameters())
     params[0].requires_grad_(False)
     flags = [p.requires_grad for p in params]
@@ -681,7 +685,7 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
     own = [id(m) for m in model.modules()] + [id(vars(m).get("act_fn")) for m in model.modules()]
     # and its parameter objects and their storage (the TL 3 fast paths re-lay out some weights)
     own_params = [(n, id(p), p.data_ptr(), p.stride()) for n, p in model.named_parameters()]
-    attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
+    attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **kw)
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
     assert [(n, id(p), p.data_ptr(), p.stride()) for n, p in model.named_parameters()] == own_params
     calls = {"n": 0}
@@ -699,7 +703,7 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, monk
     monkeypatch.setattr(ig_module, "_objective", boom(ig_module._objective))
     monkeypatch.setattr(ig_module, "answer_objective_and_logits", boom(ig_module.answer_objective_and_logits))
     with pytest.raises(RuntimeError, match="injected"):
-        attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **_fast_kw(source))
+        attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **kw)
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
     assert [id(m) for m in model.modules()] + [id(vars(m).get("act_fn")) for m in model.modules()] == own
     assert [(n, id(p), p.data_ptr(), p.stride()) for n, p in model.named_parameters()] == own_params
@@ -798,7 +802,7 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
 # the MLP-out shortcut of the blockwise paths (samples of layer l join after block l)
 # ------------------------------------------------------------------------------------------------
 
-_BLOCKWISE_MODELS = [(a, s) for a, s in MODELS if _expected_path(s) != "full"]
+_BLOCKWISE_MODELS = [(a, s, None) for a, s in MODELS if _expected_path(s) != "full"] + _ROWS3
 
 
 def _count_shortcut_rows(monkeypatch) -> dict:
@@ -813,12 +817,12 @@ def _count_shortcut_rows(monkeypatch) -> dict:
     return calls
 
 
-@pytest.mark.parametrize("arch, source", _BLOCKWISE_MODELS)
-def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, monkeypatch):
+@pytest.mark.parametrize("arch, source, path", _BLOCKWISE_MODELS)
+def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, path, monkeypatch):
     """With the shortcut the samples of layer l never run block l; the scores equal both the reference and
     the same path with the shortcut off (which runs block l with the hook_post replacement)."""
     model = _model(arch, source)
-    kw = dict(steps=7, rule="trapezoid", **_fast_kw(source))
+    kw = dict(steps=7, rule="trapezoid", **({"fast_path": path} if path else _fast_kw(source)))
     calls = _count_shortcut_rows(monkeypatch)
     short = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert calls["n"] > 0
@@ -836,8 +840,8 @@ def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, monk
     assert torch.allclose(short.completeness_delta, ref.completeness_delta, rtol=1e-6, atol=1e-9)
 
 
-@pytest.mark.parametrize("arch, source", _BLOCKWISE_MODELS)
-def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, monkeypatch, caplog):
+@pytest.mark.parametrize("arch, source, path", _BLOCKWISE_MODELS)
+def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, path, monkeypatch, caplog):
     """A shortcut that does not reproduce block l (here: W_out scaled by 1.5) fails the probes on the first
     pass; the call runs again without it and equals the reference. With the probes' check disabled, the same
     wrong shortcut does change the scores — so the probes are what protects them."""
@@ -849,26 +853,28 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, mo
         self.W_out = {l: 1.5 * w for l, w in self.W_out.items()}
 
     monkeypatch.setattr(ig_module._GroupedEvaluator, "enable_shortcut", wrong)
+    kw = {"fast_path": path} if path else _fast_kw(source)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
     with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
-        res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **_fast_kw(source))
+        res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
-    assert res.path == _expected_path(source) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+    assert res.path == (path or _expected_path(source)) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
     monkeypatch.setattr(ig_module._GroupedEvaluator, "check_shortcut", lambda self, got, want: None)
-    unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **_fast_kw(source))
+    unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
     assert _rel(unchecked.scores_batched, ref.scores_batched) > 1e-3
 
 
-@pytest.mark.parametrize("arch, source", _BLOCKWISE_MODELS)
-def test_mlp_out_shortcut_is_not_used_under_user_hooks(arch, source, monkeypatch):
+@pytest.mark.parametrize("arch, source, path", _BLOCKWISE_MODELS)
+def test_mlp_out_shortcut_is_not_used_under_user_hooks(arch, source, path, monkeypatch):
     """A user's hook on hook_mlp_out of layer 1 (active around the call) must act on the samples of layer
     1 too: the shortcut would skip it, so it is not used, and the scores equal the reference's under the
     same hook (and differ from the unhooked scores)."""
     model = _model(arch, source)
     calls = _count_shortcut_rows(monkeypatch)
+    kw = {"fast_path": path} if path else _fast_kw(source)
     hook = [("blocks.1.hook_mlp_out", lambda t, hook: 0.5 * t)]
     with model.hooks(fwd_hooks=hook):
-        res = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, **_fast_kw(source))
+        res = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, **kw)
         ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
     assert calls["n"] == 0 and _live_hooks(model) == 0
     plain = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
@@ -895,3 +901,100 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog):
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
     assert res.path == "kv-hooked" and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------
+# TL 3 "blockwise": HookedTransformer rows (prefix + one copy of the answer token per sample)
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="the rows of TL 3 HookedTransformers")
+@pytest.mark.parametrize("source", ["native", "hf"])
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_hooked_rows_fit_n_ctx_and_equal_reference(source, shortcut, monkeypatch):
+    """Prompts of different lengths, one of a single token (an empty prefix), share passes; the chunks are
+    capped so that no row (prefix + samples + validation copies + probe) is longer than n_ctx (32 here, so
+    several chunks per pass); every attention block got the layout mask. The scores equal the reference and
+    the kv-hooked path's."""
+    model = _model("gpt2", source)
+    monkeypatch.setattr(ig_module, "_MLP_SHORTCUT", shortcut)
+    prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]
+    kw = dict(method="amig", steps=20, rule="trapezoid")
+    ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
+    kv = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
+    widths = []
+    real = ig_module._MaskHook.__call__
+
+    def spy(self, act, hook):
+        widths.append(act.shape[-1])
+        return real(self, act, hook)
+
+    monkeypatch.setattr(ig_module._MaskHook, "__call__", spy)
+    rows = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
+    assert rows.path == "blockwise" and kv.path == "kv-hooked"
+    longest = max(len(model.to_tokens(p)[0]) for p in prompts)
+    # 3 layers x 20 samples per prompt do not fit one row: several passes, each within n_ctx
+    assert 20 * model.cfg.n_layers > model.cfg.n_ctx - longest - 2
+    assert max(widths) <= model.cfg.n_ctx and len(widths) > 2 * model.cfg.n_layers
+    assert _rel(rows.scores_batched, ref.scores_batched) <= 1e-5
+    assert _rel(rows.scores_batched, kv.scores_batched) <= 1e-9
+    assert torch.allclose(rows.completeness_delta, ref.completeness_delta, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="the rows of TL 3 HookedTransformers")
+def test_hooked_rows_without_the_layout_mask_are_refused(monkeypatch, caplog):
+    """The layout mask is what keeps the copies of a row from seeing each other: with it disabled, the
+    validation copies (the last of their rows) no longer reproduce the clean logits, so fast_path='blockwise'
+    is refused and "auto" falls back to kv-hooked, which equals the reference."""
+    model = tiny_model("gpt2", dtype=torch.float64)  # fresh: the fallback memo is per model
+
+    def unmasked(self, act, hook):
+        self.calls += 1
+        return act
+
+    monkeypatch.setattr(ig_module._MaskHook, "__call__", unmasked)
+    monkeypatch.setattr(ig_module, "_MIN_ROWS_ROOM", 1)  # let "auto" take the rows on the tiny context
+    kw = dict(steps=6)
+    ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference", **kw)
+    with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
+        attribute_neurons(model, PROMPTS, ANSWERS, fast_path="blockwise", **kw)
+    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+        auto = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
+    assert auto.path == "kv-hooked" and _rel(auto.scores_batched, ref.scores_batched) <= 1e-5
+    assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
+    assert _live_hooks(model) == 0
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="the rows of TL 3 HookedTransformers")
+def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions(monkeypatch):
+    """ "auto" takes the rows for learned absolute positions with room in n_ctx; rotary models (positions
+    inside attention) stay on kv-hooked and refuse fast_path='blockwise', as do local attention windows and
+    bidirectional attention (checked on the config, before any probe of the model)."""
+    gpt2, llama = _model("gpt2", "native"), _model("llama", "native")
+    assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3).path == "kv-hooked"  # n_ctx 32: no room
+    monkeypatch.setattr(ig_module, "_MIN_ROWS_ROOM", 1)
+    assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3).path == "blockwise"
+    assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv").path == "kv-hooked"
+    assert attribute_neurons(llama, PROMPTS[0], ANSWERS[0], steps=3).path == "kv-hooked"
+    with pytest.raises(CapabilityError, match="learned absolute positions"):
+        attribute_neurons(llama, PROMPTS[0], ANSWERS[0], steps=3, fast_path="blockwise")
+    long = torch.arange(gpt2.cfg.n_ctx - 2) % (gpt2.cfg.d_vocab - 3) + 3  # room for no copy in n_ctx
+    with pytest.raises(CapabilityError, match="room for a copy"):
+        attribute_neurons(gpt2, long, 5, steps=3, fast_path="blockwise")
+    edge = attribute_neurons(gpt2, long[1:], 5, steps=3, fast_path="blockwise")  # room for 1: rows of n_ctx
+    assert edge.path == "blockwise"
+    assert _rel(edge.scores, attribute_neurons(gpt2, long[1:], 5, steps=3, fast_path="kv").scores) <= 1e-9
+    assert ig_module._rows_layout_ok(gpt2)
+
+    def fake(**over):
+        cfg = dict(positional_embedding_type="standard", attention_dir="causal", attn_types=None) | over
+        return SimpleNamespace(cfg=SimpleNamespace(**cfg))  # no model to probe: decided by the config
+
+    for over in (
+        {"positional_embedding_type": "rotary"},
+        {"positional_embedding_type": "alibi"},
+        {"positional_embedding_type": "shortformer"},
+        {"attn_types": ["global", "local"]},
+        {"attention_dir": "bidirectional"},
+    ):
+        assert not ig_module._rows_layout_ok(fake(**over)), over
