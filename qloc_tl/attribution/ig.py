@@ -1163,9 +1163,11 @@ def _mode(model: Any) -> Any:
 def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
     """The fast implementation's path: ``"kv-hooked"``, ``"blockwise"``, ``"packed"`` or ``"full"``.
 
-    ``longest``: tokens of the longest prompt. On HF-backed bridges "auto" takes ``"blockwise"``, else
-    (after it failed validation on this model) ``"packed"`` when the context has room for a few copies,
-    else ``"full"``.
+    ``longest``: tokens of the longest prompt. On a HookedTransformer "auto" takes ``"blockwise"`` (the rows
+    of :class:`_HookedBlockwiseEvaluator`) where :func:`_rows_layout_ok` and ``n_ctx`` leaves room for
+    ``_MIN_ROWS_ROOM`` samples, else (also after it failed validation on this model) ``"kv-hooked"``. On
+    HF-backed bridges "auto" takes ``"blockwise"``, else (after it failed validation on this model)
+    ``"packed"`` when the context has room for a few copies, else ``"full"``.
     """
     fp = config.fast_path
     if fp == "full":
@@ -1477,8 +1479,9 @@ _VALIDATED_PATHS = ("kv-hooked", "blockwise", "packed")
 
 
 def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float, longest: int) -> str:
-    """After ``kind`` failed validation: the next path to try ("blockwise" → "packed" when the context has
-    room → "full"), or :class:`CapabilityError` when the user asked for a prefix-reusing path."""
+    """After ``kind`` failed validation: the next path to try (HookedTransformer: "blockwise" → "kv-hooked"
+    → "full"; bridges: "blockwise" → "packed" when the context has room → "full"), or
+    :class:`CapabilityError` when the user asked for a prefix-reusing path."""
     if config.fast_path != "auto":
         raise CapabilityError(
             f"fast_path={config.fast_path!r}: the {kind} path does not reproduce the clean logits on this model "
