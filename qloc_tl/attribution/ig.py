@@ -43,10 +43,10 @@ Engines (``implementation=``):
     driven through ``model.blocks[j]`` on packed rows (a prompt's prefix, then one copy of the answer token
     per sample, a 4-D mask and explicit position ids; the block call is captured by :class:`_BlockCall`).
     TL 4.3 bridges keep no KV cache, so the prefix is recomputed at each block. On TL 3
-    ``HookedTransformer`` with learned absolute positions (GPT-2, OPT, ...; :func:`_rows_layout_ok`) the
-    same rows run through ``model.blocks[j](rows)``, the layout mask added by a ``hook_attn_scores`` hook
-    (:class:`_HookedBlockwiseEvaluator`): the default there when ``n_ctx`` leaves room, faster than
-    ``"kv-hooked"``, which it falls back to.
+    ``HookedTransformer`` with learned absolute positions (GPT-2 and its family; :func:`_rows_layout_ok`)
+    the copies of a prompt run as one sequence through ``model.blocks[j]``, its prefix in TL's KV cache and
+    the rest of the layout mask added by a ``hook_attn_scores`` hook (:class:`_HookedBlockwiseEvaluator`):
+    the default there when ``n_ctx`` leaves room, faster than ``"kv-hooked"``, which it falls back to.
   - ``"packed"`` (fallback on HF-backed bridges): the packed rows through the bridge's normal forward.
   - ``"full"`` (fallback: native bridges, which ignore 4-D masks): rows of the repeated prompt, batched.
 
@@ -796,7 +796,7 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
         self.idxs = idxs
         self.ts = [int(self.prep.last[i]) for i in idxs]
         self.T = max(self.ts)
-        self._call: _BlockCall | _MaskCall | None = None
+        self._call: _BlockCall | None = None
 
     def end_group(self) -> None:
         self._call = None
@@ -846,14 +846,14 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
         idx = torch.tensor(self.idxs, device=x.device)
         probe, hooks, joining = self._joins(counts, xs, idx, dim=1)
         need = T + S + (1 if probe is not None else 0)  # a probe is one entry more at its block
-        layout_hooks = self._ready(need)
+        if self._call is None or self._call.n_max < need:
+            self._call = _BlockCall(self, need)
         rows = self.prep.resid_rows[idx]  # [G, pos, d_model]
         hidden = rows.new_zeros(len(self.idxs), T, rows.shape[-1])
         for g, t in enumerate(self.ts):
             hidden[g, T - t :] = rows[g, :t]
         got: dict[int, Tensor] = {}
-        ran: set[int] = set()
-        with model.hooks(fwd_hooks=hooks + layout_hooks):
+        with model.hooks(fwd_hooks=hooks):
             for j in range(min(self.prep.layers), L):
                 new = joining(j)
                 if new is not None:
@@ -863,87 +863,112 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
                     hidden = torch.cat([hidden, self.prep.resid_last[j][idx].unsqueeze(1)], dim=1)
                 if hidden.shape[1] == 0:
                     continue  # an empty prefix and, with the shortcut, no copies yet
-                hidden = self._block(j, hidden)
-                ran.add(j)
+                args, kwargs = self._call.at(hidden.shape[1])
+                out = model.blocks[j](hidden, *args, **kwargs)
+                hidden = out[0] if isinstance(out, tuple) else out
                 if probing:
                     got[j], hidden = hidden[:, -1:], hidden[:, :-1]
             new = joining(L)  # with the shortcut: the samples of the last layer
             if new is not None:
                 hidden = torch.cat([hidden, new], dim=1)
-            final = self._ln_final(hidden[:, T:])
+            final = model.ln_final(hidden[:, T:])
         if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
-            raise _PathMismatch(float("nan"))
-        if any(h.calls != (j in ran) for j, (_, h) in enumerate(layout_hooks)):  # the mask of every block run
             raise _PathMismatch(float("nan"))
         if probe is not None:
             self.check_shortcut(got, probe[2])
         return final
 
-    def _ready(self, need: int) -> list[tuple[str, Any]]:
-        """Prepare the block calls for rows of up to ``need`` entries; return the hooks (one per block, in
-        block order) that lay the rows out, if the block call itself cannot."""
-        if not isinstance(self._call, _BlockCall) or self._call.n_max < need:
-            self._call = _BlockCall(self, need)
-        return []
-
-    def _block(self, j: int, hidden: Tensor) -> Tensor:
-        """Block ``j`` on the rows ``hidden [G, N, d_model]``."""
-        assert isinstance(self._call, _BlockCall)
-        args, kwargs = self._call.at(hidden.shape[1])
-        out = self.model.blocks[j](hidden, *args, **kwargs)
-        return out[0] if isinstance(out, tuple) else out
-
-    def _ln_final(self, h: Tensor) -> Tensor:
-        return self.model.ln_final(h)
-
 
 class _MaskHook:
-    """On ``blocks.{j}.attn.hook_attn_scores`` ``[G, n_heads, N, N]``: sets the scores of the pairs the row
-    layout forbids (``blocked [G, 1, n, n]``, sliced to ``N``) to ``-inf``, as TL's own masks do; counts its
-    calls."""
+    """On ``blocks.{j}.attn.hook_attn_scores`` ``[G, n_heads, N, T + N]`` (N copies; keys: the cached prefix,
+    then the copies): sets the scores of the pairs the layout forbids (``blocked``, sliced to ``N`` copies) to
+    ``-inf``, as TL's own masks do; counts its calls."""
 
     def __init__(self, blocked: Tensor) -> None:
         self.blocked, self.calls = blocked, 0
 
     def __call__(self, act: Tensor, hook: Any) -> Tensor:
         self.calls += 1
-        N = act.shape[-1]
-        return act.masked_fill(self.blocked[:, :, :N, :N], float("-inf"))
+        return act.masked_fill(self.blocked[..., : act.shape[-2], : act.shape[-1]], float("-inf"))
 
 
 class _HookedBlockwiseEvaluator(_BlockwiseEvaluator):
-    """TL 3 HookedTransformer with standard (learned absolute) position embeddings: the rows of
-    :class:`_BlockwiseEvaluator` (prefix, then one copy of the answer token per sample) driven through
-    ``model.blocks[j](rows)``. TL's causal mask applies; a hook on ``hook_attn_scores`` (:class:`_MaskHook`)
-    adds the rest of the row layout (pads see only themselves, each copy its row's prefix and itself). A block
-    of such a model does not see positions (they enter the residual stream once, at the embedding), so
-    a copy computes what the answer token computes at its own position; :func:`_rows_layout_ok` says which
-    models qualify (no rotary, ALiBi or shortformer positions, no local attention windows).
+    """TL 3 HookedTransformer with standard (learned absolute) position embeddings: the copies of
+    :class:`_BlockwiseEvaluator` (one copy of the answer token per sample, a row per prompt) driven through
+    ``model.blocks[j](copies, past_kv_cache_entry=…, attention_mask=…)``, the prompts' prefixes in TL's KV
+    cache as for ``"kv-hooked"`` (left-padded to the longest, computed once per group: neither recomputed per
+    block nor copied per row). TL's causal and padding masks apply; a hook on ``hook_attn_scores``
+    (:class:`_MaskHook`) adds the rest of the layout: a copy sees its prompt's prefix and itself, not the
+    copies before it. A block of such a model does not see positions (they enter the residual stream once,
+    at the embedding), so a copy computes what the answer token computes at its own position;
+    :func:`_rows_layout_ok` says which models qualify (no rotary, ALiBi or shortformer positions, no local
+    attention windows).
 
-    Against ``"kv-hooked"`` this recomputes the prefix at every block but replaces the per-row cache copies
-    and the ``[R·heads]`` one-query attention products (tiny batched matmuls, slow on the CPU in both
-    directions) by one ``[G·heads, N, N]`` attention per block: on GPT-2 small ≈ 14 % faster per query.
-    The objective comes from the unembedding sweep on the CPU or ``final @ W_U + b_U``, as for
-    ``"kv-hooked"``."""
+    Against ``"kv-hooked"`` (one batch row per sample, each with its own copy of the cached keys and values,
+    and ``[R·heads]`` one-query attention products: tiny batched matmuls, slow on the CPU in both
+    directions) this runs one ``[G·heads, N, T + N]`` attention per block. The objective comes from the
+    unembedding sweep on the CPU or ``final @ W_U + b_U``, as for ``"kv-hooked"``."""
 
-    def _ready(self, need: int) -> list[tuple[str, Any]]:
-        call = self._call
-        if not isinstance(call, _MaskCall) or call.n_max < need:
-            _, allowed, _ = self.layout(need - self.T)
-            call = self._call = _MaskCall(need, ~allowed)
-        return [(f"blocks.{j}.attn.hook_attn_scores", _MaskHook(call.blocked)) for j in range(n_layers(self.model))]
+    def start_group(self, idxs: list[int]) -> None:
+        super().start_group(idxs)
+        self.prefix, self.mask = _hooked_prefix_cache(self.model, self.prep, idxs)
+        self._masks: _MaskCall | None = None
+
+    def end_group(self) -> None:
+        super().end_group()
+        self.prefix = self._masks = None
 
     def max_chunk(self, n_tok: int) -> int | None:
         return _rows_room(self.model, n_tok)
 
-    def _block(self, j: int, hidden: Tensor) -> Tensor:
-        return self.model.blocks[j](hidden)
-
-    def _ln_final(self, h: Tensor) -> Tensor:
-        return self.model.ln_final(h) if self.model.cfg.normalization_type is not None else h
-
     def _logits_of(self, final: Tensor) -> Tensor:
         return _hooked_logits(self.model, final)
+
+    def _final(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
+        """The normalised final residual of the copies ``[G, S, d_model]`` (samples sorted by layer)."""
+        model, T, S, L, dev = self.model, self.T, x.shape[1], n_layers(self.model), x.device
+        xs = _in_order(x, order)
+        idx = torch.tensor(self.idxs, device=dev)
+        probe, hooks, joining = self._joins(counts, xs, idx, dim=1)
+        need = S + (1 if probe is not None else 0)  # a probe is one entry more at its block
+        call = self._masks
+        if call is None or call.n_max < need:
+            q = torch.arange(need, device=dev)
+            k = torch.arange(T + need, device=dev)
+            call = self._masks = _MaskCall(need, ((k[None, :] >= T) & (k[None, :] != T + q[:, None]))[None, None])
+        masks = [(f"blocks.{j}.attn.hook_attn_scores", _MaskHook(call.blocked)) for j in range(L)]
+        hidden = xs.new_zeros(len(self.idxs), 0, self.prep.resid_last[self.prep.layers[0]].shape[-1])
+        got: dict[int, Tensor] = {}
+        ran: set[int] = set()
+        with model.hooks(fwd_hooks=hooks + masks):
+            for j in range(min(self.prep.layers), L):
+                new = joining(j)
+                if new is not None:
+                    hidden = torch.cat([hidden, new.to(hidden.dtype)], dim=1)
+                probing = probe is not None and j in probe[0]
+                if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
+                    hidden = torch.cat([hidden, self.prep.resid_last[j][idx].unsqueeze(1)], dim=1)
+                if hidden.shape[1] == 0:
+                    continue  # with the shortcut: no copies join block min(layers)
+                ones = torch.ones(hidden.shape[0], hidden.shape[1], dtype=self.mask.dtype, device=dev)
+                hidden = model.blocks[j](
+                    hidden,
+                    past_kv_cache_entry=self.prefix.entries[j],
+                    attention_mask=torch.cat([self.mask, ones], dim=1),
+                )
+                ran.add(j)
+                if probing:
+                    got[j], hidden = hidden[:, -1:], hidden[:, :-1]
+            new = joining(L)  # with the shortcut: the samples of the last layer
+            if new is not None:
+                hidden = torch.cat([hidden, new.to(hidden.dtype)], dim=1)
+        if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
+            raise _PathMismatch(float("nan"))
+        if any(h.calls != (j in ran) for j, (_, h) in enumerate(masks)):  # the mask of every block run
+            raise _PathMismatch(float("nan"))
+        if probe is not None:
+            self.check_shortcut(got, probe[2])
+        return model.ln_final(hidden) if model.cfg.normalization_type is not None else hidden
 
 
 @dataclass(frozen=True)
@@ -951,7 +976,7 @@ class _MaskCall:
     """The layout mask of :class:`_HookedBlockwiseEvaluator` for rows of up to ``n_max`` entries."""
 
     n_max: int
-    blocked: Tensor  # [G, 1, n_max, n_max], True where the layout forbids attention
+    blocked: Tensor  # [1, 1, n_max, T + n_max] (copies × keys), True where the layout forbids attention
 
 
 def _rows_room(model: Any, n_tok: int) -> int:
@@ -1030,6 +1055,25 @@ def _hooked_logits(model: Any, final: Tensor) -> Tensor:
     return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
 
+def _hooked_prefix_cache(model: Any, prep: _Prepared, idxs: list[int]) -> tuple[Any, Tensor]:
+    """``(cache, mask [G, T])``: a frozen TL 3 KV cache of the prompts' prefixes (the tokens before the answer
+    position), left-padded to the longest (T), and their ``attention_mask``."""
+    ts = [int(prep.last[i]) for i in idxs]
+    G, T, dev = len(idxs), max(ts), prep.tokens.device
+    cache = hooked_kv_cache(model, G)
+    toks = torch.zeros(G, T, dtype=torch.long, device=dev)
+    mask = torch.zeros(G, T, dtype=torch.long, device=dev)
+    for g, (i, t) in enumerate(zip(idxs, ts)):
+        toks[g] = prep.tokens[i, 0]  # padding: masked out, any token
+        toks[g, T - t :] = prep.tokens[i, :t]
+        mask[g, T - t :] = 1
+    if T > 0:
+        with torch.no_grad():
+            model(toks, past_kv_cache=cache, attention_mask=mask, return_type=None)
+    cache.freeze()
+    return cache, mask
+
+
 class _HookedKVEvaluator(_GroupedEvaluator):
     """TL 3 HookedTransformer, blockwise, several prompts per pass.
 
@@ -1046,22 +1090,8 @@ class _HookedKVEvaluator(_GroupedEvaluator):
     path = "kv-hooked"
 
     def start_group(self, idxs: list[int]) -> None:
-        model, prep = self.model, self.prep
         self.idxs = idxs
-        ts = [int(prep.last[i]) for i in idxs]
-        G, T, dev = len(idxs), max(ts), prep.tokens.device
-        self.prefix = hooked_kv_cache(model, G)
-        toks = torch.zeros(G, T, dtype=torch.long, device=dev)
-        mask = torch.zeros(G, T, dtype=torch.long, device=dev)
-        for g, (i, t) in enumerate(zip(idxs, ts)):
-            toks[g] = prep.tokens[i, 0]  # padding: masked out, any token
-            toks[g, T - t :] = prep.tokens[i, :t]
-            mask[g, T - t :] = 1
-        if T > 0:
-            with torch.no_grad():
-                model(toks, past_kv_cache=self.prefix, attention_mask=mask, return_type=None)
-        self.prefix.freeze()
-        self.mask = mask
+        self.prefix, self.mask = _hooked_prefix_cache(self.model, self.prep, idxs)
 
     def end_group(self) -> None:
         self.prefix = None
