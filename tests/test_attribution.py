@@ -215,8 +215,8 @@ def _fast_kw(source: str) -> dict:
 
 
 _PACKED = [("gpt2", "hf", "packed"), ("llama", "hf", "packed")] if tl_major() >= 4 else []
-# TL 3 HookedTransformers with learned absolute positions also run "blockwise" rows (the tiny models' n_ctx of
-# 32 leaves "auto" on "kv-hooked", so it is asked for by name; chunks are capped to fit n_ctx)
+# TL 3 HookedTransformers with learned absolute positions also run "blockwise" (the default for them; asked
+# for by name here, as _fast_kw asks for "kv-hooked"; chunks are capped to fit the tiny models' n_ctx of 32)
 _ROWS3 = [("gpt2", "native", "blockwise"), ("gpt2", "hf", "blockwise")] if tl_major() < 4 else []
 
 
@@ -302,7 +302,7 @@ def test_float32_fast_equals_reference(arch):
     model = _model(arch, "hf", torch.float32)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference")
     auto = attribute_neurons(model, PROMPTS, ANSWERS)
-    assert auto.path == ("kv-hooked" if tl_major() < 4 else "blockwise")
+    assert auto.path == ("kv-hooked" if tl_major() < 4 and arch == "llama" else "blockwise")
     assert auto.scores.dtype == torch.float32
     assert _rel(auto.scores, ref.scores) <= 1e-3
     if tl_major() >= 4:
@@ -744,9 +744,12 @@ def test_kv_hooked_clean_pass_skips_the_own_unembedding_only_after_checking_it(m
     assert seen == ["logits"] and ig_module._AFFINE_UNEMBED[model.unembed] is True
     seen.clear()
     res = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
-    assert seen == [None] and res.path == "kv-hooked"  # no logits: the answer position's by the map
+    assert seen == [None] and res.path == "blockwise"  # no logits: the answer position's by the map
+    seen.clear()
+    kv = attribute_neurons(model, PROMPTS, ANSWERS, steps=3, fast_path="kv")
+    assert seen == [None] and kv.path == "kv-hooked"  # TL 3's other prefix-reusing path too
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=3, implementation="reference")
-    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-10
+    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-10 and _rel(kv.scores_batched, ref.scores_batched) <= 1e-10
     assert _rel(res.scores_batched, first.scores_batched) <= 1e-12
     # the clean probability against the model's own forward
     for i, p in enumerate(PROMPTS):
@@ -960,7 +963,6 @@ def test_hooked_rows_without_the_layout_mask_are_refused(monkeypatch, caplog):
         return act
 
     monkeypatch.setattr(ig_module._MaskHook, "__call__", unmasked)
-    monkeypatch.setattr(ig_module, "_MIN_ROWS_ROOM", 1)  # let "auto" take the rows on the tiny context
     kw = dict(steps=6)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference", **kw)
     with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
@@ -978,10 +980,12 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions(monkeypat
     inside attention) stay on kv-hooked and refuse fast_path='blockwise', as do local attention windows and
     bidirectional attention (checked on the config, before any probe of the model)."""
     gpt2, llama = _model("gpt2", "native"), _model("llama", "native")
-    assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3).path == "kv-hooked"  # n_ctx 32: no room
-    monkeypatch.setattr(ig_module, "_MIN_ROWS_ROOM", 1)
     assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3).path == "blockwise"
     assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv").path == "kv-hooked"
+    n_ctx, room = gpt2.cfg.n_ctx, ig_module._MIN_ROWS_ROOM
+    tight = torch.arange(n_ctx - 2 - room) % (gpt2.cfg.d_vocab - 3) + 3  # room for _MIN_ROWS_ROOM samples
+    assert attribute_neurons(gpt2, tight, 5, steps=3).path == "blockwise"
+    assert attribute_neurons(gpt2, torch.cat([tight, tight[:1]]), 5, steps=3).path == "kv-hooked"  # one less
     assert attribute_neurons(llama, PROMPTS[0], ANSWERS[0], steps=3).path == "kv-hooked"
     with pytest.raises(CapabilityError, match="learned absolute positions"):
         attribute_neurons(llama, PROMPTS[0], ANSWERS[0], steps=3, fast_path="blockwise")

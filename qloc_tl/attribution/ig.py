@@ -229,7 +229,9 @@ _GROUP_MAX_SWEEP = 32
 _GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 _GROUP_MAX = 64
 _MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
-_MIN_ROWS_ROOM = 32  # TL 3 "blockwise" only when a chunk may hold this many samples within n_ctx
+_MIN_ROWS_ROOM = 8  # TL 3 "auto" takes "blockwise" only when a chunk may hold this many samples within n_ctx
+# (built-in model, 16 queries, one thread: room 10 13.5 vs 16.5 ms per query on kv-hooked, room 6 16.7 vs
+# 17.4, room 4 15.6 vs 16.1, room 2 26.4 vs 21.0, room 1 40.5 vs 17.8; 2026-11-27)
 # blockwise paths with site="post": samples of layer l join after block l (:class:`_GroupedEvaluator`); turned
 # off only by the tests and by side-by-side timings of what it saves
 _MLP_SHORTCUT = True
@@ -973,7 +975,7 @@ class _HookedBlockwiseEvaluator(_BlockwiseEvaluator):
 
 @dataclass(frozen=True)
 class _MaskCall:
-    """The layout mask of :class:`_HookedBlockwiseEvaluator` for rows of up to ``n_max`` entries."""
+    """The layout mask of :class:`_HookedBlockwiseEvaluator` for up to ``n_max`` copies after a prefix of T."""
 
     n_max: int
     blocked: Tensor  # [1, 1, n_max, T + n_max] (copies × keys), True where the layout forbids attention
@@ -1114,7 +1116,6 @@ class _HookedKVEvaluator(_GroupedEvaluator):
     def _logits_of(self, final: Tensor) -> Tensor:
         return _hooked_logits(self.model, final)
 
-
     def evaluate_group(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """As :meth:`_BlockwiseEvaluator.evaluate_group`; batch rows are (layer group, prompt, sample)."""
         G, S, dev = x.shape[0], x.shape[1], x.device
@@ -1212,14 +1213,18 @@ def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
         rows = _rows_layout_ok(model)
         room = _rows_room(model, longest)
         if fp == "blockwise":
-            if not (rows and room >= 1):
+            if not rows:
                 raise CapabilityError(
                     f"fast_path='blockwise' on a {type(model).__name__} needs learned absolute positions, "
-                    f"causal global attention, editable hook_attn_scores and room for a copy after the longest "
-                    f"prompt within n_ctx ({longest} + 3 > {model.cfg.n_ctx}); use fast_path='auto' or 'kv'"
+                    f"causal global attention and editable hook_attn_scores; use fast_path='auto' or 'kv'"
+                )
+            if room < 1:
+                raise CapabilityError(
+                    f"fast_path='blockwise' needs room for a copy after the longest prompt within n_ctx "
+                    f"({longest} tokens + 3 > {model.cfg.n_ctx}); use fast_path='auto' or 'kv'"
                 )
             return "blockwise"
-        # "auto" only with room for chunks of some size: each chunk recomputes the prefixes at every block
+        # "auto" only with room for chunks of some size: a chunk is a pass of its own
         if fp == "auto" and rows and room >= _MIN_ROWS_ROOM and _BLOCKWISE_FAILED.get(model) != _mode(model):
             return "blockwise"
         return "kv-hooked"
@@ -1457,7 +1462,7 @@ def attribute_neurons(
         replacement_id: SIG/AMIG replacement token (default: the tokenizer's EOS).
         mask_bos: SIG/AMIG: also mask a leading BOS token (default False).
         fast_path: ``"auto"`` (default: ``"blockwise"`` on HF-backed bridges and on HookedTransformers with
-            learned absolute positions and room for 32 samples after the longest prompt within ``n_ctx``,
+            learned absolute positions and room for 8 samples after the longest prompt within ``n_ctx``,
             else ``"kv-hooked"`` on HookedTransformers; after a failed validation the next one —
             HookedTransformer ``"blockwise"`` → ``"kv-hooked"``, bridge ``"blockwise"`` → ``"packed"`` when
             ≥ 3 copies fit after the prompt, else ``"full"``), ``"kv"`` (require a prefix-reusing path —
@@ -1551,7 +1556,7 @@ def _attribute(
         ids,
         config,
         want_resid=kind in ("kv-hooked", "blockwise"),
-        want_rows=kind == "blockwise",
+        want_rows=kind == "blockwise" and not hooked_path,
         unembed=_sweep_unembedding(model) if hooked_path else None,
         want_post=shortcut,
     )
