@@ -302,7 +302,7 @@ def test_float32_fast_equals_reference(arch):
     model = _model(arch, "hf", torch.float32)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference")
     auto = attribute_neurons(model, PROMPTS, ANSWERS)
-    assert auto.path == ("kv-hooked" if tl_major() < 4 and arch == "llama" else "blockwise")
+    assert auto.path == ("kv-hooked" if tl_major() < 4 else "blockwise")  # TL 3: 3 x 21 samples do not fit n_ctx
     assert auto.scores.dtype == torch.float32
     assert _rel(auto.scores, ref.scores) <= 1e-3
     if tl_major() >= 4:
@@ -982,10 +982,14 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions(monkeypat
     gpt2, llama = _model("gpt2", "native"), _model("llama", "native")
     assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3).path == "blockwise"
     assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv").path == "kv-hooked"
-    n_ctx, room = gpt2.cfg.n_ctx, ig_module._MIN_ROWS_ROOM
-    tight = torch.arange(n_ctx - 2 - room) % (gpt2.cfg.d_vocab - 3) + 3  # room for _MIN_ROWS_ROOM samples
+    # "auto" wants room for all 3 layers x (3 + 1) nodes of a prompt in one pass, as kv-hooked takes them
+    want = gpt2.cfg.n_layers * (3 + 1)
+    assert ig_module._rows_chunk_wanted(gpt2, ig_module.AttributionConfig(steps=3), 20) == want
+    assert ig_module._rows_chunk_wanted(gpt2, ig_module.AttributionConfig(method="sig", steps=3), 20) == 20 * want
+    tight = torch.arange(gpt2.cfg.n_ctx - 2 - want) % (gpt2.cfg.d_vocab - 3) + 3  # room for exactly that
     assert attribute_neurons(gpt2, tight, 5, steps=3).path == "blockwise"
     assert attribute_neurons(gpt2, torch.cat([tight, tight[:1]]), 5, steps=3).path == "kv-hooked"  # one less
+    assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0]).path == "kv-hooked"  # 3 x 21 samples: no room
     assert attribute_neurons(llama, PROMPTS[0], ANSWERS[0], steps=3).path == "kv-hooked"
     with pytest.raises(CapabilityError, match="learned absolute positions"):
         attribute_neurons(llama, PROMPTS[0], ANSWERS[0], steps=3, fast_path="blockwise")

@@ -229,9 +229,6 @@ _GROUP_MAX_SWEEP = 32
 _GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 _GROUP_MAX = 64
 _MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
-_MIN_ROWS_ROOM = 8  # TL 3 "auto" takes "blockwise" only when a chunk may hold this many samples within n_ctx
-# (built-in model, 16 queries, one thread: room 10 13.5 vs 16.5 ms per query on kv-hooked, room 6 16.7 vs
-# 17.4, room 4 15.6 vs 16.1, room 2 26.4 vs 21.0, room 1 40.5 vs 17.8; 2026-11-27)
 # blockwise paths with site="post": samples of layer l join after block l (:class:`_GroupedEvaluator`); turned
 # off only by the tests and by side-by-side timings of what it saves
 _MLP_SHORTCUT = True
@@ -988,6 +985,16 @@ def _rows_room(model: Any, n_tok: int) -> int:
     return int(model.cfg.n_ctx) - n_tok - 2
 
 
+def _rows_chunk_wanted(model: Any, config: AttributionConfig, longest: int) -> int:
+    """The chunk size TL 3 "blockwise" must allow for "auto" to take it: kv-hooked's, i.e. every sample of a
+    prompt (all layers, ``steps`` + 1 nodes, SIG: a path per token) up to ``_BLOCKWISE_BATCH``. Measured on
+    the built-in model (12-token prompts, room for 17 samples in ``n_ctx`` 32, one thread, 2026-11-27): 4
+    queries per call 21.1 ms per query as rows (8 passes) vs ≈ 15 ms on kv-hooked (one pass); 32 queries
+    8.7–9.8 vs 12.0–14.8 ms. The rule gives up the second to avoid the first."""
+    per_path = n_layers(model) * (config.steps + 1)
+    return min(_BLOCKWISE_BATCH, per_path * (longest if config.method == "sig" else 1))
+
+
 def _rows_layout_ok(model: Any) -> bool:
     """Whether a TL 3 HookedTransformer can run the rows of :class:`_HookedBlockwiseEvaluator`: learned
     absolute positions (``positional_embedding_type="standard"``: a block never sees positions), causal
@@ -1194,9 +1201,10 @@ def _mode(model: Any) -> Any:
 def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
     """The fast implementation's path: ``"kv-hooked"``, ``"blockwise"``, ``"packed"`` or ``"full"``.
 
-    ``longest``: tokens of the longest prompt. On a HookedTransformer "auto" takes ``"blockwise"`` (the rows
-    of :class:`_HookedBlockwiseEvaluator`) where :func:`_rows_layout_ok` and ``n_ctx`` leaves room for
-    ``_MIN_ROWS_ROOM`` samples, else (also after it failed validation on this model) ``"kv-hooked"``. On
+    ``longest``: tokens of the longest prompt. On a HookedTransformer "auto" takes ``"blockwise"``
+    (:class:`_HookedBlockwiseEvaluator`) where :func:`_rows_layout_ok` and ``n_ctx`` leaves room for chunks as
+    large as kv-hooked's (:func:`_rows_chunk_wanted`), else (also after it failed validation on this model)
+    ``"kv-hooked"``. On
     HF-backed bridges "auto" takes ``"blockwise"``, else (after it failed validation on this model)
     ``"packed"`` when the context has room for a few copies, else ``"full"``.
     """
@@ -1224,8 +1232,9 @@ def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
                     f"({longest} tokens + 3 > {model.cfg.n_ctx}); use fast_path='auto' or 'kv'"
                 )
             return "blockwise"
-        # "auto" only with room for chunks of some size: a chunk is a pass of its own
-        if fp == "auto" and rows and room >= _MIN_ROWS_ROOM and _BLOCKWISE_FAILED.get(model) != _mode(model):
+        # "auto": only where its chunks are as large as kv-hooked's (a chunk is a pass, each with a fixed cost)
+        wanted = _rows_chunk_wanted(model, config, longest)
+        if fp == "auto" and rows and room >= wanted and _BLOCKWISE_FAILED.get(model) != _mode(model):
             return "blockwise"
         return "kv-hooked"
     if caps.backend == "bridge":
@@ -1462,7 +1471,7 @@ def attribute_neurons(
         replacement_id: SIG/AMIG replacement token (default: the tokenizer's EOS).
         mask_bos: SIG/AMIG: also mask a leading BOS token (default False).
         fast_path: ``"auto"`` (default: ``"blockwise"`` on HF-backed bridges and on HookedTransformers with
-            learned absolute positions and room for 8 samples after the longest prompt within ``n_ctx``,
+            learned absolute positions where ``n_ctx`` leaves room for passes as large as kv-hooked's,
             else ``"kv-hooked"`` on HookedTransformers; after a failed validation the next one —
             HookedTransformer ``"blockwise"`` → ``"kv-hooked"``, bridge ``"blockwise"`` → ``"packed"`` when
             ≥ 3 copies fit after the prompt, else ``"full"``), ``"kv"`` (require a prefix-reusing path —
