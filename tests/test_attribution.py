@@ -907,7 +907,7 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog):
 
 
 # ------------------------------------------------------------------------------------------------
-# TL 3 "blockwise": HookedTransformer rows (prefix + one copy of the answer token per sample)
+# TL 3 "blockwise": a prompt's copies of the answer token as one sequence after its cached prefix
 # ------------------------------------------------------------------------------------------------
 
 
@@ -916,8 +916,8 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog):
 @pytest.mark.parametrize("shortcut", [True, False])
 def test_hooked_rows_fit_n_ctx_and_equal_reference(source, shortcut, monkeypatch):
     """Prompts of different lengths, one of a single token (an empty prefix), share passes; the chunks are
-    capped so that no row (prefix + samples + validation copies + probe) is longer than n_ctx (32 here, so
-    several chunks per pass); every attention block got the layout mask. The scores equal the reference and
+    capped so that no pass (cached prefix + samples + validation copies + probe) is longer than n_ctx (32
+    here, so several passes per prompt); every attention block got the layout mask. The scores equal the reference and
     the kv-hooked path's."""
     model = _model("gpt2", source)
     monkeypatch.setattr(ig_module, "_MLP_SHORTCUT", shortcut)
@@ -963,7 +963,7 @@ def test_hooked_rows_without_the_layout_mask_are_refused(monkeypatch, caplog):
         return act
 
     monkeypatch.setattr(ig_module._MaskHook, "__call__", unmasked)
-    kw = dict(steps=6)
+    kw = dict(steps=4)  # 3 x 5 samples per prompt: "auto" tries the rows first (n_ctx 32 leaves room for 20)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference", **kw)
     with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
         attribute_neurons(model, PROMPTS, ANSWERS, fast_path="blockwise", **kw)
@@ -975,7 +975,7 @@ def test_hooked_rows_without_the_layout_mask_are_refused(monkeypatch, caplog):
 
 
 @pytest.mark.skipif(tl_major() >= 4, reason="the rows of TL 3 HookedTransformers")
-def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions(monkeypatch):
+def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions():
     """ "auto" takes the rows for learned absolute positions with room in n_ctx; rotary models (positions
     inside attention) stay on kv-hooked and refuse fast_path='blockwise', as do local attention windows and
     bidirectional attention (checked on the config, before any probe of the model)."""
