@@ -840,43 +840,63 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
 
     def _final(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
         """``ln_final`` of the copies ``[G, S, d_model]`` (samples sorted by layer)."""
-        model, T, S, L = self.model, self.T, x.shape[1], n_layers(self.model)
+        model, S, L = self.model, x.shape[1], n_layers(self.model)
         xs = _in_order(x, order)
         idx = torch.tensor(self.idxs, device=x.device)
         probe, hooks, joining = self._joins(counts, xs, idx, dim=1)
-        need = T + S + (1 if probe is not None else 0)  # a probe is one entry more at its block
-        if self._call is None or self._call.n_max < need:
-            self._call = _BlockCall(self, need)
-        rows = self.prep.resid_rows[idx]  # [G, pos, d_model]
-        hidden = rows.new_zeros(len(self.idxs), T, rows.shape[-1])
-        for g, t in enumerate(self.ts):
-            hidden[g, T - t :] = rows[g, :t]
+        need = S + (1 if probe is not None else 0)  # copies; a probe is one entry more at its block
+        hidden, layout = self._begin(idx, need)
+        P = hidden.shape[1]  # rows before the copies
         got: dict[int, Tensor] = {}
-        with model.hooks(fwd_hooks=hooks):
+        ran: set[int] = set()
+        with model.hooks(fwd_hooks=hooks + layout):
             for j in range(min(self.prep.layers), L):
                 new = joining(j)
                 if new is not None:
-                    hidden = torch.cat([hidden, new], dim=1)
+                    hidden = torch.cat([hidden, new.to(hidden.dtype)], dim=1)
                 probing = probe is not None and j in probe[0]
                 if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
                     hidden = torch.cat([hidden, self.prep.resid_last[j][idx].unsqueeze(1)], dim=1)
                 if hidden.shape[1] == 0:
                     continue  # an empty prefix and, with the shortcut, no copies yet
-                args, kwargs = self._call.at(hidden.shape[1])
-                out = model.blocks[j](hidden, *args, **kwargs)
-                hidden = out[0] if isinstance(out, tuple) else out
+                hidden = self._block(j, hidden)
+                ran.add(j)
                 if probing:
                     got[j], hidden = hidden[:, -1:], hidden[:, :-1]
             new = joining(L)  # with the shortcut: the samples of the last layer
             if new is not None:
-                hidden = torch.cat([hidden, new], dim=1)
-            final = model.ln_final(hidden[:, T:])
+                hidden = torch.cat([hidden, new.to(hidden.dtype)], dim=1)
+            final = self._ln_final(hidden[:, P:])
         if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
+            raise _PathMismatch(float("nan"))
+        if any(h.calls != (j in ran) for j, (_, h) in enumerate(layout)):  # the layout of every block run
             raise _PathMismatch(float("nan"))
         if probe is not None:
             self.check_shortcut(got, probe[2])
         return final
 
+    def _begin(self, idx: Tensor, need: int) -> tuple[Tensor, list[tuple[str, Any]]]:
+        """Before a climb with up to ``need`` copies per row: the rows before any copy joins (here the
+        left-padded prefixes, recomputed at every block) and the hooks that lay the rows out, one per block in
+        block order (here none: the captured block call carries the 4-D mask)."""
+        T = self.T
+        if self._call is None or self._call.n_max < T + need:
+            self._call = _BlockCall(self, T + need)
+        rows = self.prep.resid_rows[idx]  # [G, pos, d_model]
+        hidden = rows.new_zeros(len(self.idxs), T, rows.shape[-1])
+        for g, t in enumerate(self.ts):
+            hidden[g, T - t :] = rows[g, :t]
+        return hidden, []
+
+    def _block(self, j: int, hidden: Tensor) -> Tensor:
+        """Block ``j`` on the rows ``hidden [G, N, d_model]``."""
+        assert self._call is not None
+        args, kwargs = self._call.at(hidden.shape[1])
+        out = self.model.blocks[j](hidden, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def _ln_final(self, h: Tensor) -> Tensor:
+        return self.model.ln_final(h)
 
 class _MaskHook:
     """On ``blocks.{j}.attn.hook_attn_scores`` ``[G, n_heads, N, T + N]`` (N copies; keys: the cached prefix,
@@ -911,11 +931,11 @@ class _HookedBlockwiseEvaluator(_BlockwiseEvaluator):
     def start_group(self, idxs: list[int]) -> None:
         super().start_group(idxs)
         self.prefix, self.mask = _hooked_prefix_cache(self.model, self.prep, idxs)
-        self._masks: _MaskCall | None = None
+        self._blocked: Tensor | None = None  # [1, 1, n, T + n]: True where a copy may not look (n copies)
 
     def end_group(self) -> None:
         super().end_group()
-        self.prefix = self._masks = None
+        self.prefix = self._blocked = None
 
     def max_chunk(self, n_tok: int) -> int | None:
         return _rows_room(self.model, n_tok)
@@ -923,60 +943,24 @@ class _HookedBlockwiseEvaluator(_BlockwiseEvaluator):
     def _logits_of(self, final: Tensor) -> Tensor:
         return _hooked_logits(self.model, final)
 
-    def _final(self, order: Tensor, counts: dict[int, int], x: Tensor) -> Tensor:
-        """The normalised final residual of the copies ``[G, S, d_model]`` (samples sorted by layer)."""
-        model, T, S, L, dev = self.model, self.T, x.shape[1], n_layers(self.model), x.device
-        xs = _in_order(x, order)
-        idx = torch.tensor(self.idxs, device=dev)
-        probe, hooks, joining = self._joins(counts, xs, idx, dim=1)
-        need = S + (1 if probe is not None else 0)  # a probe is one entry more at its block
-        call = self._masks
-        if call is None or call.n_max < need:
-            q = torch.arange(need, device=dev)
-            k = torch.arange(T + need, device=dev)
-            call = self._masks = _MaskCall(need, ((k[None, :] >= T) & (k[None, :] != T + q[:, None]))[None, None])
-        masks = [(f"blocks.{j}.attn.hook_attn_scores", _MaskHook(call.blocked)) for j in range(L)]
-        hidden = xs.new_zeros(len(self.idxs), 0, self.prep.resid_last[self.prep.layers[0]].shape[-1])
-        got: dict[int, Tensor] = {}
-        ran: set[int] = set()
-        with model.hooks(fwd_hooks=hooks + masks):
-            for j in range(min(self.prep.layers), L):
-                new = joining(j)
-                if new is not None:
-                    hidden = torch.cat([hidden, new.to(hidden.dtype)], dim=1)
-                probing = probe is not None and j in probe[0]
-                if probing:  # the probe of layer j: clean residual in, hook_post written by its hook
-                    hidden = torch.cat([hidden, self.prep.resid_last[j][idx].unsqueeze(1)], dim=1)
-                if hidden.shape[1] == 0:
-                    continue  # with the shortcut: no copies join block min(layers)
-                ones = torch.ones(hidden.shape[0], hidden.shape[1], dtype=self.mask.dtype, device=dev)
-                hidden = model.blocks[j](
-                    hidden,
-                    past_kv_cache_entry=self.prefix.entries[j],
-                    attention_mask=torch.cat([self.mask, ones], dim=1),
-                )
-                ran.add(j)
-                if probing:
-                    got[j], hidden = hidden[:, -1:], hidden[:, :-1]
-            new = joining(L)  # with the shortcut: the samples of the last layer
-            if new is not None:
-                hidden = torch.cat([hidden, new.to(hidden.dtype)], dim=1)
-        if any(h.calls != 1 for _, h in hooks):  # a neuron hook that did not fire would leave x unused
-            raise _PathMismatch(float("nan"))
-        if any(h.calls != (j in ran) for j, (_, h) in enumerate(masks)):  # the mask of every block run
-            raise _PathMismatch(float("nan"))
-        if probe is not None:
-            self.check_shortcut(got, probe[2])
-        return model.ln_final(hidden) if model.cfg.normalization_type is not None else hidden
+    def _begin(self, idx: Tensor, need: int) -> tuple[Tensor, list[tuple[str, Any]]]:
+        """No rows before the copies (the prefixes are in the cache); a :class:`_MaskHook` per block."""
+        T, dev = self.T, idx.device
+        if self._blocked is None or self._blocked.shape[-2] < need:
+            q, k = torch.arange(need, device=dev), torch.arange(T + need, device=dev)
+            self._blocked = ((k[None, :] >= T) & (k[None, :] != T + q[:, None]))[None, None]
+        layout = [(f"blocks.{j}.attn.hook_attn_scores", _MaskHook(self._blocked)) for j in range(n_layers(self.model))]
+        r = self.prep.resid_last[self.prep.layers[0]]  # [n_prompts, d_model]
+        return r.new_zeros(len(self.idxs), 0, r.shape[-1]), layout
 
+    def _block(self, j: int, hidden: Tensor) -> Tensor:
+        ones = torch.ones(hidden.shape[0], hidden.shape[1], dtype=self.mask.dtype, device=hidden.device)
+        return self.model.blocks[j](
+            hidden, past_kv_cache_entry=self.prefix.entries[j], attention_mask=torch.cat([self.mask, ones], dim=1)
+        )
 
-@dataclass(frozen=True)
-class _MaskCall:
-    """The layout mask of :class:`_HookedBlockwiseEvaluator` for up to ``n_max`` copies after a prefix of T."""
-
-    n_max: int
-    blocked: Tensor  # [1, 1, n_max, T + n_max] (copies × keys), True where the layout forbids attention
-
+    def _ln_final(self, h: Tensor) -> Tensor:
+        return self.model.ln_final(h) if self.model.cfg.normalization_type is not None else h
 
 def _rows_room(model: Any, n_tok: int) -> int:
     """Samples a chunk of :class:`_HookedBlockwiseEvaluator` may hold for prompts of ``n_tok`` tokens: a row
@@ -1204,9 +1188,8 @@ def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
     ``longest``: tokens of the longest prompt. On a HookedTransformer "auto" takes ``"blockwise"``
     (:class:`_HookedBlockwiseEvaluator`) where :func:`_rows_layout_ok` and ``n_ctx`` leaves room for chunks as
     large as kv-hooked's (:func:`_rows_chunk_wanted`), else (also after it failed validation on this model)
-    ``"kv-hooked"``. On
-    HF-backed bridges "auto" takes ``"blockwise"``, else (after it failed validation on this model)
-    ``"packed"`` when the context has room for a few copies, else ``"full"``.
+    ``"kv-hooked"``. On HF-backed bridges "auto" takes ``"blockwise"``, else (after it failed validation on
+    this model) ``"packed"`` when the context has room for a few copies, else ``"full"``.
     """
     fp = config.fast_path
     if fp == "full":
