@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import weakref
 from types import SimpleNamespace
 
 import numpy as np
@@ -352,7 +353,7 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
     """Sabotage the rotary angles of the blockwise rows from position P on (as a backend that cared about the
     sequence index would), P = the prefix + the 5 copies of layer 0 (4 samples and its validation copy).
     With the MLP-out shortcut, the farthest entry at block 2 is the probe of layer 2: it fails, and the call
-    runs again without the shortcut. There the copies of layer 2 join at block 2 from position P on; the
+    runs again without the shortcut (and the next call does not try it). There the copies of layer 2 join at block 2 from position P on; the
     validation copy at the chunk's highest layer is the last of them, so "blockwise" is refused and "auto"
     falls back to the packed path, which equals the reference. (A validation copy at the lowest layer only,
     at position P - 1, would miss it.)"""
@@ -371,10 +372,10 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
     monkeypatch.setattr(ig_module._BlockCall, "at", at)
     kw = dict(steps=4, layers=[0, 2])
     ref = attribute_neurons(model, PROMPTS[0], ANSWERS[0], implementation="reference", **kw)
-    with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
-        attribute_neurons(model, PROMPTS[0], ANSWERS[0], fast_path="blockwise", **kw)
     with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
-        auto = attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)
+        with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
+            attribute_neurons(model, PROMPTS[0], ANSWERS[0], fast_path="blockwise", **kw)
+        auto = attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)  # the shortcut's refusal is remembered
     assert auto.path == "packed" and _rel(auto.scores[[0, 2]], ref.scores[[0, 2]]) <= 1e-6
     assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
@@ -809,14 +810,15 @@ _BLOCKWISE_MODELS = [(a, s, None) for a, s in MODELS if _expected_path(s) != "fu
 
 
 def _count_shortcut_rows(monkeypatch) -> dict:
+    """Counts the passes that let the samples of layer l join after block l (the shortcut on)."""
     calls = {"n": 0}
-    real = ig_module._GroupedEvaluator._shortcut_rows
+    real = ig_module._GroupedEvaluator._joins
 
     def spy(self, *a, **k):
-        calls["n"] += 1
+        calls["n"] += bool(self.shortcut)
         return real(self, *a, **k)
 
-    monkeypatch.setattr(ig_module._GroupedEvaluator, "_shortcut_rows", spy)
+    monkeypatch.setattr(ig_module._GroupedEvaluator, "_joins", spy)
     return calls
 
 
@@ -851,11 +853,13 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, pa
     model = _model(arch, source)
     real_enable = ig_module._GroupedEvaluator.enable_shortcut
 
-    def wrong(self):
-        real_enable(self)
+    def wrong(self, *args, **kwargs):
+        real_enable(self, *args, **kwargs)
         self.W_out = {l: 1.5 * w for l, w in self.W_out.items()}
 
     monkeypatch.setattr(ig_module._GroupedEvaluator, "enable_shortcut", wrong)
+    # the cached model passed the probes in earlier tests: forget that (the sabotage is ours, not the model's)
+    monkeypatch.setattr(ig_module, "_SHORTCUT_VERDICT", weakref.WeakKeyDictionary())
     kw = {"fast_path": path} if path else _fast_kw(source)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
     with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
@@ -863,6 +867,7 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, pa
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
     assert res.path == (path or _expected_path(source)) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
     monkeypatch.setattr(ig_module._GroupedEvaluator, "check_shortcut", lambda self, got, want: None)
+    monkeypatch.setattr(ig_module, "_SHORTCUT_VERDICT", weakref.WeakKeyDictionary())  # it remembers the refusal
     unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
     assert _rel(unchecked.scores_batched, ref.scores_batched) > 1e-3
 
@@ -886,7 +891,7 @@ def test_mlp_out_shortcut_is_not_used_under_user_hooks(arch, source, path, monke
 
 
 @pytest.mark.skipif(tl_major() >= 4, reason="a TL 3 HookedTransformerConfig option")
-def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog):
+def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
     """Gemma-2-style blocks normalise the MLP's output before adding it (use_normalization_before_and_after):
     block l's output is not affine in hook_post, the probes see it, and the result equals the reference."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
@@ -904,6 +909,62 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog):
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
     assert res.path == "kv-hooked" and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+    # the refusal is remembered for these blocks: the next call does not try the shortcut at all
+    caplog.clear()
+    calls = _count_shortcut_rows(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+        again = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
+    assert calls["n"] == 0 and not any("MLP-out shortcut" in m for m in caplog.messages)
+    assert _rel(again.scores_batched, ref.scores_batched) <= 1e-5
+
+
+def test_samples_put_in_layer_order_get_the_index_gradient():
+    """``_in_order`` (a permutation with a gather as its backward) against ``x[:, order]`` and autograd's own
+    index backward, and a finite-difference gradcheck; the identity order returns ``x`` itself."""
+    x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
+    order = torch.tensor([0, 1, 4, 5, 2, 6, 3])
+    up = torch.randn(3, 7, 5, dtype=torch.float64)
+    got = ig_module._in_order(x, order)
+    (g_got,) = torch.autograd.grad(got, x, up)
+    (g_idx,) = torch.autograd.grad(x[:, order], x, up)
+    assert torch.equal(got, x[:, order]) and torch.equal(g_got, g_idx)
+    assert torch.autograd.gradcheck(lambda t: ig_module._in_order(t, order), (x,))
+    assert ig_module._in_order(x, torch.arange(7)) is x
+
+@pytest.mark.parametrize("arch, source, path", _BLOCKWISE_MODELS)
+def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, source, path, monkeypatch, caplog):
+    """The probes' verdict is remembered per model: a second call runs none and gives the same scores. A
+    plain PyTorch hook put on ``blocks[1].mlp`` afterwards (not a TL hook point, so not seen by the eligibility
+    test) halves that MLP's output, which the shortcut would skip for the samples of layer 1: the blocks
+    changed, the probes run again, refuse it, and the scores equal the reference's under the same hook. With
+    the hook gone the probes run once more and pass."""
+    model = _model(arch, source)
+    kw = dict(steps=5, **({"fast_path": path} if path else _fast_kw(source)))
+    attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)  # a TL 4 bridge adds hooks of its own on a first call
+    monkeypatch.setattr(ig_module, "_SHORTCUT_VERDICT", weakref.WeakKeyDictionary())
+    checks = {"n": 0}
+    real = ig_module._GroupedEvaluator.check_shortcut
+
+    def spy(self, got, want):
+        checks["n"] += 1
+        return real(self, got, want)
+
+    monkeypatch.setattr(ig_module._GroupedEvaluator, "check_shortcut", spy)
+    first = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
+    second = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
+    assert checks["n"] == 1 and _rel(second.scores_batched, first.scores_batched) <= 1e-12
+    handle = model.blocks[1].mlp.register_forward_hook(lambda mod, args, out: 0.5 * out)
+    try:
+        with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+            hooked = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
+        ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
+    finally:
+        handle.remove()
+    assert checks["n"] == 2 and any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
+    assert _rel(hooked.scores_batched, ref.scores_batched) <= 1e-5
+    assert _rel(hooked.scores_batched[:, 1], first.scores_batched[:, 1]) > 1e-2
+    third = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
+    assert checks["n"] == 3 and _rel(third.scores_batched, first.scores_batched) <= 1e-12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -949,6 +1010,56 @@ def test_hooked_rows_fit_n_ctx_and_equal_reference(source, shortcut, monkeypatch
     assert _rel(rows.scores_batched, ref.scores_batched) <= 1e-5
     assert _rel(rows.scores_batched, kv.scores_batched) <= 1e-9
     assert torch.allclose(rows.completeness_delta, ref.completeness_delta, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="TL 3 HookedTransformer prefix caches")
+@pytest.mark.parametrize("path", ["kv", "blockwise"])
+def test_hooked_prefix_caches_from_the_clean_pass_equal_their_own_forward(path, monkeypatch):
+    """The prefix caches built from the keys and values of the clean pass (right-padded) and those of a forward
+    pass of the prefixes (left-padded) give the same scores (1e-12, float64), with every prompt's kept, with
+    none kept, and with a budget that keeps the first three only (two prompts per pass: the second pass then
+    runs a forward of its own); all equal the reference. Forward passes from tokens are counted
+    on the embedding: one clean pass, plus one per pass whose prefixes were not kept."""
+    model = _model("gpt2", "native")
+    prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # different lengths, one a single token
+    kw = dict(steps=6, rule="trapezoid", fast_path=path)
+    monkeypatch.setattr(ig_module, "_GROUP_MAX_SWEEP", 2)
+    monkeypatch.setattr(ig_module, "_GROUP_MAX", 2)
+    preps, embeds = [], {"n": 0}
+    real_prepare = ig_module._prepare
+
+    def prepare(*args, **kwargs):
+        preps.append(real_prepare(*args, **kwargs))
+        return preps[-1]
+
+    def count(mod, args):
+        embeds["n"] += 1
+
+    attribute_neurons(model, prompts, answers, **kw)  # a first call on a model probes its capabilities
+    monkeypatch.setattr(ig_module, "_prepare", prepare)
+    handle = model.embed.register_forward_pre_hook(count)
+    try:
+        kept = attribute_neurons(model, prompts, answers, **kw)
+        n_all = (embeds["n"], preps[-1].prefix_kv[0][0].shape[0])
+        L, pos = model.cfg.n_layers, preps[-1].tokens.shape[1]
+        per = 2 * L * pos * model.cfg.n_heads * model.cfg.d_head
+        embeds["n"] = 0
+        monkeypatch.setattr(ig_module, "_PREFIX_KV_ELEMENTS", 3 * per)
+        some = attribute_neurons(model, prompts, answers, **kw)
+        n_some = (embeds["n"], preps[-1].prefix_kv[0][0].shape[0])
+        embeds["n"] = 0
+        monkeypatch.setattr(ig_module, "_PREFIX_KV_ELEMENTS", 0)
+        none = attribute_neurons(model, prompts, answers, **kw)
+        n_none = (embeds["n"], preps[-1].prefix_kv)
+    finally:
+        handle.remove()
+    ref = attribute_neurons(model, prompts, answers, steps=6, rule="trapezoid", implementation="reference")
+    assert kept.path == none.path == ("kv-hooked" if path == "kv" else "blockwise")
+    assert len(prompts) == 4  # passes: prompts 0-1, kept by the budget of three, and 2-3, not kept
+    assert n_all == (1, 4) and n_some == (1 + 1, 3) and n_none == (1 + 2, None)
+    assert _rel(kept.scores_batched, none.scores_batched) <= 1e-12
+    assert _rel(some.scores_batched, none.scores_batched) <= 1e-12
+    assert _rel(kept.scores_batched, ref.scores_batched) <= 1e-5
 
 
 @pytest.mark.skipif(tl_major() >= 4, reason="the rows of TL 3 HookedTransformers")

@@ -280,5 +280,11 @@ def test_shards_merge_to_the_unsharded_tables(reference_run, tmp_path):
     a, b = _tables(reference_run), _tables(merged)
     assert a.keys() == b.keys()
     for name in a:
-        # shards batch other prompts together: float32 sums differ in the last bits (padding is exact in theory)
-        pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-4, atol=1e-6, obj=name)
+        # shards batch other prompts together: float32 sums differ in the last bits (padding is exact in theory).
+        # A completeness delta is a difference of O(1) terms (Σ scores − ΔP), so its float32 noise is absolute:
+        # up to 1.0e-5 (2026-11-26 code) and 1.2e-5 (2026-11-27) between these two runs, on deltas of 0.01–7
+        x, y = a[name], b[name]
+        deltas = [c for c in x.columns if "completeness_delta" in c]
+        pd.testing.assert_frame_equal(x[deltas], y[deltas], check_exact=False, rtol=1e-4, atol=5e-5, obj=name)
+        x, y = x.drop(columns=deltas), y.drop(columns=deltas)
+        pd.testing.assert_frame_equal(x, y, check_exact=False, rtol=1e-4, atol=1e-6, obj=name)

@@ -228,6 +228,10 @@ _GROUP_WORK = 4e8
 _GROUP_MAX_SWEEP = 32
 _GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 _GROUP_MAX = 64
+# TL 3 prefix-reusing paths on models with learned absolute positions: the prefixes' keys and values are kept
+# from the clean pass (hook_k / hook_v) for the first prompts of a call while they take at most this many
+# elements; the prompts after them get their prefix cache from a forward pass of its own
+_PREFIX_KV_ELEMENTS = 1 << 24
 _MIN_PACKED_ROOM = 2  # "packed" only when the context has room for this many copies after the prompt
 # blockwise paths with site="post": samples of layer l join after block l (:class:`_GroupedEvaluator`); turned
 # off only by the tests and by side-by-side timings of what it saves
@@ -256,6 +260,9 @@ class _Prepared:
     resid_last: dict[int, Tensor]  # layer -> [n, d_model] resid_pre at the answer position (blockwise paths)
     resid_rows: Tensor | None  # [n, pos, d_model] resid_pre of the lowest requested layer (bridge blockwise path)
     resid_post: dict[int, Tensor]  # layer -> [n, d_model] resid_post at the answer position (MLP-out shortcut)
+    # (keys, values) per layer [n_kept, pos, n_kv_heads, d_head] of the clean pass (right-padded, all positions)
+    # for the first n_kept prompts (TL 3 prefix caches, :func:`_hooked_prefix_cache`); None: not kept
+    prefix_kv: tuple[list[Tensor], list[Tensor]] | None = None
 
 
 # unembedding modules (HookedTransformer ``model.unembed``) whose model's logits were found equal to
@@ -292,6 +299,7 @@ def _prepare(
     want_rows: bool,
     unembed: tuple[Tensor, Tensor | None] | None = None,
     want_post: bool = False,
+    want_kv: bool = False,
 ) -> _Prepared:
     """The clean pass: tokens, clean activations, answer-position logits and objective, and the residuals the
     blockwise paths start from.
@@ -303,6 +311,11 @@ def _prepare(
     logits on the first such call, and remembered per ``model.unembed`` module (a replaced module is checked
     again; one with a hook, also on ``unembed.hook_out``, or an overridden ``forward`` always keeps the plain
     clean pass, as does a model that fails the check).
+
+    ``want_kv`` (TL 3 prefix-reusing paths, learned absolute positions): the keys and values of every block
+    (``hook_k`` / ``hook_v``, what TL's KV cache stores) are kept for the first prompts, within
+    ``_PREFIX_KV_ELEMENTS``, so that their prefix caches need no forward pass of their own
+    (:func:`_hooked_prefix_cache`).
     """
     tokens, last = tokenize_prompts(model, plist, prepend_bos=config.prepend_bos)
     L = n_layers(model)
@@ -317,6 +330,14 @@ def _prepare(
         unembed = None
     final_name = f"blocks.{L - 1}.hook_resid_post"
     extra = [final_name] if unembed is not None else []
+    kv_names = [(f"blocks.{l}.attn.hook_k", f"blocks.{l}.attn.hook_v") for l in range(L)] if want_kv else []
+    n_kv = 0  # prompts whose keys and values are kept
+    if kv_names:
+        kv_heads = getattr(model.cfg, "n_key_value_heads", None) or model.cfg.n_heads
+        per = 2 * L * tokens.shape[1] * int(kv_heads) * int(model.cfg.d_head)
+        n_kv = min(tokens.shape[0], _PREFIX_KV_ELEMENTS // max(1, per))
+    keys_l: list[list[Tensor]] = [[] for _ in kv_names]
+    values_l: list[list[Tensor]] = [[] for _ in kv_names]
     acc = _acc_dtype(model)
     answers = torch.tensor(ids, dtype=torch.long, device=tokens.device)
     acts_l, resid_l, post_l, last_l, rows_l = [], [], [], [], []
@@ -329,11 +350,17 @@ def _prepare(
         for c0 in range(0, tokens.shape[0], chunk):
             toks, pos = tokens[c0 : c0 + chunk], last[c0 : c0 + chunk]
             skip = unembed is not None and _AFFINE_UNEMBED.get(key) is True
+            kv = [n for pair in kv_names for n in pair] if c0 < n_kv else []
             logits, cache = model.run_with_cache(
                 toks,
-                names_filter=[*names.values(), *resid_names.values(), *post_names.values(), *extra],
+                names_filter=[*names.values(), *resid_names.values(), *post_names.values(), *extra, *kv],
                 **({"return_type": None} if skip else {}),
             )
+            if kv:
+                keep = min(toks.shape[0], n_kv - c0)
+                for l, (kn, vn) in enumerate(kv_names):
+                    keys_l[l].append(cache[kn][:keep])
+                    values_l[l].append(cache[vn][:keep])
             rows = torch.arange(toks.shape[0], device=toks.device)
             acts_l.append(torch.stack([cache[names[l]][rows, pos] for l in range(L)], dim=1))
             resid_l.append({l: cache[n][rows, pos] for l, n in resid_names.items()})
@@ -359,8 +386,11 @@ def _prepare(
         clean_last = torch.cat(last_l)
         resid_rows = torch.cat(rows_l) if want_rows else None
         obj, prob = _objective(clean_last, answers, config.objective, acc)
+        prefix_kv = ([torch.cat(k) for k in keys_l], [torch.cat(v) for v in values_l]) if n_kv else None
     _check_finite(clean_last, "clean logits", model)
-    return _Prepared(tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid, resid_rows, post)
+    return _Prepared(
+        tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid, resid_rows, post, prefix_kv
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -663,6 +693,11 @@ class _GroupedEvaluator(_Evaluator):
     """
 
     shortcut = False
+    # with the shortcut: the x of evaluate_group are the samples' outputs of their block l at the answer
+    # position ``[G, S, d_model]`` (set by :func:`_run_group`), not their neurons
+    resid_in = False
+    verified = False  # the probes' verdict is remembered for these blocks (:func:`_shortcut_verdict`): no probes
+    signature: Any = None  # :func:`_blocks_signature` at the start of the call (before our own hooks)
     W_out: dict[int, Tensor]
 
     def start_group(self, idxs: list[int]) -> None:
@@ -674,9 +709,11 @@ class _GroupedEvaluator(_Evaluator):
     def evaluate_group(self, layer_of: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         raise NotImplementedError
 
-    def enable_shortcut(self) -> None:
+    def enable_shortcut(self, signature: Any = None, verified: bool = False) -> None:
+        """Use the shortcut; ``verified``: the probes passed on an earlier call for the same blocks
+        (``signature``, :func:`_blocks_signature`), so this call runs none."""
         self.W_out = {l: self.model.blocks[l].mlp.W_out for l in self.prep.layers}
-        self.shortcut = True
+        self.shortcut, self.signature, self.verified = True, signature, verified
 
     def _shortcut_rows(self, l: int, xs: Tensor, idx: Tensor) -> Tensor:
         """``[G, c, d_model]``: the output of block l at the answer position of each prompt ``idx`` with
@@ -708,7 +745,7 @@ class _GroupedEvaluator(_Evaluator):
             if l not in counts:
                 return None
             if self.shortcut:
-                return self._shortcut_rows(l, parts[l], idx)
+                return parts[l] if self.resid_in else self._shortcut_rows(l, parts[l], idx)
             return self.prep.resid_last[l][idx].unsqueeze(1).expand(-1, counts[l], -1)
 
         return probe, hooks, joining
@@ -717,7 +754,7 @@ class _GroupedEvaluator(_Evaluator):
         """On the checking pass with the shortcut on: ``(counts, xs [G, n_layers_requested, D], want)`` of the
         probe entries (one per prompt and requested layer, sorted by layer) and the shortcut's output for each
         layer ``[G, 1, d_model]``; else ``None``."""
-        if not (self.shortcut and self.checking):
+        if not (self.shortcut and self.checking) or self.verified:
             return None
         prep, dt = self.prep, self.prep.acts.dtype
         D = prep.acts.shape[-1]
@@ -742,8 +779,41 @@ class _GroupedEvaluator(_Evaluator):
                 float(((got[l] - want[l]).abs().amax() / (1.0 + want[l].abs().amax())).to(torch.float64))
                 for l in want
             )
-        if not err <= _tolerance(model_dtype(self.model)):  # NaN fails too
+        ok = err <= _tolerance(model_dtype(self.model))  # NaN fails too
+        if self.signature is not None:
+            _SHORTCUT_VERDICT[self.model] = (self.signature, ok)
+        if not ok:
             raise _ShortcutMismatch(err)
+
+
+# the probes' verdict on the MLP-out shortcut per model, with the :func:`_blocks_signature` it was reached for
+_SHORTCUT_VERDICT: weakref.WeakKeyDictionary[Any, tuple[Any, bool]] = weakref.WeakKeyDictionary()
+
+
+def _blocks_signature(model: Any) -> Any:
+    """What the probes' verdict on the MLP-out shortcut rests on, or ``None`` (never remember it): the config
+    (``str(model.cfg)``), dtype and device, and for every submodule of every block its name, identity, class,
+    the class's ``forward`` and the keys of its PyTorch forward (pre-)hooks. A block or submodule replaced, a
+    class whose ``forward`` was patched, a hook added or removed, a config changed: a different signature, so
+    the probes run again. A module with an instance-level ``forward`` is never remembered."""
+    try:
+        parts: list[Any] = [str(model.cfg), _mode(model)]
+        for blk in model.blocks:
+            for name, m in blk.named_modules():
+                if "forward" in vars(m):
+                    return None
+                parts.append((name, id(m), type(m), type(m).forward, tuple(m._forward_hooks), tuple(m._forward_pre_hooks)))
+    except Exception:  # no blocks / cfg on this backend
+        return None
+    return tuple(parts)
+
+
+def _shortcut_verdict(model: Any, signature: Any) -> bool | None:
+    """The remembered verdict of the probes on ``model`` for blocks of this ``signature``, else ``None``."""
+    if signature is None:
+        return None
+    known = _SHORTCUT_VERDICT.get(model)
+    return known[1] if known is not None and known[0] == signature else None
 
 
 def _shortcut_eligible(model: Any, config: AttributionConfig, kind: str) -> bool:
@@ -1001,12 +1071,27 @@ def _layer_groups(layer_of: Tensor) -> tuple[Tensor, dict[int, int]]:
     return order, dict(zip(ls.tolist(), cs.tolist()))
 
 
+class _Permute(torch.autograd.Function):
+    """``x[:, order]`` for a permutation ``order``, whose backward is the gather ``grad[:, inverse]`` (autograd's
+    index backward zero-fills a tensor of ``x``'s size and scatter-adds into it)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, order: Tensor) -> Tensor:
+        ctx.save_for_backward(_inverse(order))
+        return x[:, order]
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
+        (inv,) = ctx.saved_tensors
+        return grad[:, inv], None
+
+
 def _in_order(x: Tensor, order: Tensor) -> Tensor:
-    """``x[:, order]``, or ``x`` itself when ``order`` is the identity (the samples of a chunk are layer-major
-    except the validation samples of the first one): no copy, and no index backward."""
+    """``x[:, order]`` (``order`` a permutation), or ``x`` itself when ``order`` is the identity (the samples
+    of a chunk are layer-major except the validation samples of the first one): no copy then."""
     if bool((order == torch.arange(order.numel(), device=order.device)).all()):
         return x
-    return x[:, order]
+    return _Permute.apply(x, order)
 
 
 def _inverse(order: Tensor) -> Tensor:
@@ -1050,10 +1135,23 @@ def _hooked_logits(model: Any, final: Tensor) -> Tensor:
 
 def _hooked_prefix_cache(model: Any, prep: _Prepared, idxs: list[int]) -> tuple[Any, Tensor]:
     """``(cache, mask [G, T])``: a frozen TL 3 KV cache of the prompts' prefixes (the tokens before the answer
-    position), left-padded to the longest (T), and their ``attention_mask``."""
+    position), padded to the longest (T), and their ``attention_mask``. From the keys and values the clean
+    pass kept (``prep.prefix_kv``; right-padded: a prompt's key at position p depends on its tokens up to p
+    only, so the clean pass's keys before the answer position are the prefix's) where it kept those of every
+    prompt of ``idxs``, else from a forward pass of the prefixes, left-padded. A block sees no positions on the
+    models the keys are kept for (learned absolute positions), and the mask hides the padding either way."""
     ts = [int(prep.last[i]) for i in idxs]
     G, T, dev = len(idxs), max(ts), prep.tokens.device
     cache = hooked_kv_cache(model, G)
+    kept = prep.prefix_kv
+    if kept is not None and max(idxs) < kept[0][0].shape[0]:
+        rows = torch.tensor(idxs, dtype=torch.long, device=dev)
+        for e, k, v in zip(cache.entries, *kept):
+            e.past_keys, e.past_values = k[rows, :T], v[rows, :T]
+        mask = (torch.arange(T, device=dev)[None, :] < torch.tensor(ts, device=dev)[:, None]).long()
+        cache.previous_attention_mask = mask
+        cache.freeze()
+        return cache, mask
     toks = torch.zeros(G, T, dtype=torch.long, device=dev)
     mask = torch.zeros(G, T, dtype=torch.long, device=dev)
     for g, (i, t) in enumerate(zip(idxs, ts)):
@@ -1319,6 +1417,13 @@ def _run_group(
     """All samples of the prompts ``idxs`` (bases ``[G, J, L, D]``, clean activations ``[G, L, D]``; G > 1
     only for the blockwise evaluators): returns ``(Σ_k w_k ∇F [G, nl·J, D], F(b) [G, nl·J], P(b) [G, nl·J])``.
 
+    With the MLP-out shortcut (``ev.shortcut``) a sample of layer l enters the pass as its block-l output at
+    the answer position, ``r = resid_post_l + (x − w̄) @ W_out``, and ``x − w̄ = (1 − α)(b − w̄)`` on the
+    path, so ``r = resid_post_l + (1 − α) v`` with ``v = (b − w̄) @ W_out`` computed once per prompt, path and
+    layer instead of a product per sample. The gradient then comes back w.r.t. ``r`` (``[.., d_model]``), and
+    since ``∇_x F = ∇_r F @ W_out^T`` is linear, ``Σ_k w_k ∇_x F`` is ``(Σ_k w_k ∇_r F) @ W_out^T``: one
+    product per prompt, path and layer again, after the sum over the nodes.
+
     With ``check``, the first chunk gets one or two extra unedited samples per prompt (x = w̄ at the chunk's
     lowest and highest layer) whose logits must reproduce the clean logits; otherwise :class:`_PathMismatch`
     is raised.
@@ -1335,7 +1440,18 @@ def _run_group(
     room = ev.max_chunk(n_tok)
     if room is not None:
         bs = max(1, min(bs, room))
-    integral = torch.zeros(G, nl * J, D, dtype=acc, device=dev)
+    resid = grouped and bool(getattr(ev, "shortcut", False))
+    if grouped:
+        ev.resid_in = resid
+    if resid:
+        W = ev.W_out  # {layer: [D, d_model]}
+        rows_t = torch.tensor(idxs, dtype=torch.long, device=dev)
+        post = torch.stack([prep.resid_post[l][rows_t] for l in prep.layers], dim=1)  # [G, nl, d_model]
+        v = torch.stack(
+            [((bases[:, :, l] - wbar[:, None, l]).to(W[l].dtype) @ W[l]).to(acc) for l in prep.layers], dim=2
+        )  # [G, J, nl, d_model]
+        li_of = {l: i for i, l in enumerate(prep.layers)}
+    integral = torch.zeros(G, nl * J, post.shape[-1] if resid else D, dtype=acc, device=dev)
     f0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
     p0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
     if grouped:
@@ -1348,16 +1464,22 @@ def _run_group(
             li, rest = s_idx // (J * K), s_idx % (J * K)
             j, k = rest // K, rest % K
             lay = layers_t[li]
-            b = bases[:, j, lay]  # [G, S, D]
-            x = b + alphas[k].view(1, -1, 1) * (wbar[:, lay] - b)
+            if resid:  # the samples' block-l outputs [G, S, d_model]
+                x = post[:, li].to(acc) + (1 - alphas[k]).view(1, -1, 1) * v[:, j, li]
+            else:
+                b = bases[:, j, lay]  # [G, S, D]
+                x = b + alphas[k].view(1, -1, 1) * (wbar[:, lay] - b)
             n_check = 0
             if check:  # unedited samples at the chunk's lowest layer (through every block the chunk runs) and
                 # at its highest (blockwise: the last copy of the sequence, the farthest from the prefix)
                 extra = torch.unique(torch.stack([lay.min(), lay.max()]))
                 n_check = extra.numel()
                 lay = torch.cat([lay, extra])
-                x = torch.cat([x, wbar[:, extra]], dim=1)
-            x = x.to(prep.acts.dtype).detach().requires_grad_(True)
+                if resid:
+                    x = torch.cat([x, post[:, [li_of[int(e)] for e in extra]].to(acc)], dim=1)
+                else:
+                    x = torch.cat([x, wbar[:, extra]], dim=1)
+            x = x.to(post.dtype if resid else prep.acts.dtype).detach().requires_grad_(True)
             ev.checking = check
             if grouped:
                 o, p, g = ev.evaluate_group(lay, x)
@@ -1383,6 +1505,10 @@ def _run_group(
             ev.end_group()
         else:
             ev.end_prompt()
+    if resid:  # Σ_k w_k ∇_r F → Σ_k w_k ∇_x F, one product per prompt, path and layer
+        integral = torch.cat(
+            [integral[:, i * J : (i + 1) * J] @ W[l].to(acc).T for i, l in enumerate(prep.layers)], dim=1
+        )
     return integral, f0, p0
 
 
@@ -1496,10 +1622,12 @@ def attribute_neurons(
     d_mlp(model)
     plist, ids, single = _normalise_inputs(model, prompts, answers, config)
     fast = config.implementation == "fast"
+    # the blocks as the user has them, before the call swaps in fused activations (new modules on TL 4)
+    signature = _blocks_signature(model) if fast and config.site == "post" and _MLP_SHORTCUT else None
     fused = fused_activations(model) if fast else contextlib.nullcontext()
     laid_out = matmul_ready_weights(model) if fast else contextlib.nullcontext()
     with _frozen_params(model), fused, laid_out:
-        return _attribute(model, plist, ids, single, config)
+        return _attribute(model, plist, ids, single, config, signature)
 
 
 _VALIDATED_PATHS = ("kv-hooked", "blockwise", "packed")
@@ -1535,11 +1663,17 @@ def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float, lon
 
 
 def _attribute(
-    model: Any, plist: list[Any], ids: list[int], single: bool, config: AttributionConfig
+    model: Any, plist: list[Any], ids: list[int], single: bool, config: AttributionConfig, signature: Any = None
 ) -> NeuronAttribution:
+    """``signature``: :func:`_blocks_signature` of the model before the call's swaps (``None``: the MLP-out
+    shortcut's verdict is neither remembered nor looked up)."""
     longest = _longest(model, plist, config)
     kind = "reference" if config.implementation == "reference" else _fast_kind(model, config, longest)
     shortcut = _shortcut_eligible(model, config, kind)
+    signature = signature if shortcut else None
+    verdict = _shortcut_verdict(model, signature)
+    if verdict is False:  # the probes refused it on an earlier call, for the same blocks
+        shortcut = False
     # TL 3's prefix-reusing paths (and the one they fall back to) compute the clean logits by the map
     hooked_path = kind in ("kv-hooked", "blockwise") and capabilities(model).backend == "hooked"
     prep = _prepare(
@@ -1551,11 +1685,14 @@ def _attribute(
         want_rows=kind == "blockwise" and not hooked_path,
         unembed=_sweep_unembedding(model) if hooked_path else None,
         want_post=shortcut,
+        want_kv=hooked_path and _rows_layout_ok(model),
     )
     ev = _evaluator(model, kind, prep, config)
     if shortcut:
         assert isinstance(ev, _GroupedEvaluator)
-        ev.enable_shortcut()  # checked by the probes of the first pass (_GroupedEvaluator._probes)
+        # checked by the probes of the first pass (_GroupedEvaluator._probes), unless they passed on an
+        # earlier call for the same blocks
+        ev.enable_shortcut(signature, verified=verdict is True)
     n, L, D = prep.acts.shape
     acc = _acc_dtype(model)
     dev = prep.acts.device
