@@ -1,4 +1,4 @@
-"""The fused tanh-GELU of the fast attribution paths (``qloc_tl.attribution.fused``).
+"""The fused tanh-GELU and layer norms of the fast attribution paths (``qloc_tl.attribution.fused``).
 
 Oracles: the GELU formula written out in NumPy (values) and its hand-derived derivative (gradients); the
 identity of the model's own activation objects before and after (restoration, also on error); the number
@@ -16,7 +16,7 @@ from torch import nn
 
 from qloc_tl.attribution import attribute_neurons
 from qloc_tl.attribution import fused as fused_module
-from qloc_tl.attribution.fused import FusedGELUTanh, fused_activations, fused_gelu_tanh
+from qloc_tl.attribution.fused import FusedGELUTanh, fused_activations, fused_gelu_tanh, fused_layer_norms
 from qloc_tl.model import tl_major
 from qloc_tl.testing import tiny_model
 
@@ -118,3 +118,90 @@ def test_llama_has_nothing_to_swap():
     model = tiny_model("llama", dtype=torch.float64)
     with fused_activations(model) as n:
         assert n == 0
+
+
+# ------------------------------------------------------------------------------------------------
+# TL 3 layer norms computed by F.layer_norm for the call (fused_layer_norms)
+# ------------------------------------------------------------------------------------------------
+
+_TL3 = pytest.mark.skipif(tl_major() >= 4, reason="TL 3 LayerNorm / LayerNormPre components")
+
+
+def _ln_np(x: np.ndarray, w: np.ndarray | None, b: np.ndarray | None, eps: float) -> np.ndarray:
+    c = x - x.mean(-1, keepdims=True)
+    y = c / np.sqrt((c**2).mean(-1, keepdims=True) + eps)
+    return y if w is None else y * w + b
+
+
+@_TL3
+@pytest.mark.parametrize("kind", ["LayerNorm", "LayerNormPre"])
+def test_fused_layer_norm_is_tl_layer_norm_values_and_gradient(kind):
+    """Against the formula in NumPy (values) and TL's own component under autograd (input gradient), float64,
+    on [batch, pos, d] and [batch, pos, head, d] inputs."""
+    from transformer_lens import HookedTransformerConfig
+    from transformer_lens import components as C_
+
+    cfg = HookedTransformerConfig(
+        n_layers=1, d_model=16, n_ctx=8, d_head=4, n_heads=4, d_vocab=10, act_fn="relu", dtype=torch.float64,
+        eps=1e-3,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ln = getattr(C_, kind)(cfg)
+    if kind == "LayerNorm":
+        with torch.no_grad():
+            ln.w.copy_(torch.randn(16, dtype=torch.float64))
+            ln.b.copy_(torch.randn(16, dtype=torch.float64))
+    fused = fused_module.FusedLayerNorm(ln)
+    up = None
+    for shape in [(3, 5, 16), (2, 3, 4, 16)]:
+        x = (3 * torch.randn(*shape, dtype=torch.float64) + 1).requires_grad_(True)
+        up = torch.randn(*shape, dtype=torch.float64)
+        y, y_tl = fused(x), ln(x)
+        w = ln.w.detach().numpy() if kind == "LayerNorm" else None
+        b = ln.b.detach().numpy() if kind == "LayerNorm" else None
+        np.testing.assert_allclose(y.detach().numpy(), _ln_np(x.detach().numpy(), w, b, 1e-3), rtol=1e-12, atol=1e-13)
+        (g,) = torch.autograd.grad(y, x, up)
+        (g_tl,) = torch.autograd.grad(y_tl, x, up)
+        np.testing.assert_allclose(g.numpy(), g_tl.numpy(), rtol=1e-10, atol=1e-12)
+    assert list(fused.parameters()) == []  # the original is referenced, not registered
+
+
+@_TL3
+def test_fused_layer_norms_swap_unhooked_components_only_and_restore():
+    model = tiny_model("gpt2", source="native", dtype=torch.float64)
+    before = _snapshot(model)
+    model.blocks[1].ln2.hook_normalized.add_hook(lambda t, hook: t)
+    try:
+        with fused_layer_norms(model) as n:
+            assert n == 2 * model.cfg.n_layers  # ln1, ln2 of every block and ln_final, less the hooked one
+            assert type(model.blocks[1].ln2).__name__ == "LayerNorm"
+            assert isinstance(model.blocks[0].ln1, fused_module.FusedLayerNorm)
+            assert isinstance(model.ln_final, fused_module.FusedLayerNorm)
+    finally:
+        model.blocks[1].ln2.hook_normalized.remove_hooks()
+    assert _snapshot(model) == before
+    with pytest.raises(RuntimeError, match="inside"), fused_layer_norms(model):
+        raise RuntimeError("inside")
+    assert _snapshot(model) == before
+
+
+@_TL3
+def test_fast_path_with_fused_layer_norms_equals_reference(monkeypatch):
+    """The fast path runs F.layer_norm (counted), the reference does not; scores agree to 1e-10 (float64)."""
+    model = tiny_model("gpt2", source="native", dtype=torch.float64)
+    calls = {"n": 0}
+    real = fused_module.FusedLayerNorm.forward
+
+    def spy(self, x):
+        calls["n"] += 1
+        return real(self, x)
+
+    monkeypatch.setattr(fused_module.FusedLayerNorm, "forward", spy)
+    prompts, answers = ["alice was born in", "bob speaks"], ["paris", "french"]
+    fast = attribute_neurons(model, prompts, answers, steps=5)
+    assert calls["n"] > 0
+    calls["n"] = 0
+    ref = attribute_neurons(model, prompts, answers, steps=5, implementation="reference")
+    assert calls["n"] == 0
+    err = (fast.scores_batched - ref.scores_batched).abs().max() / ref.scores_batched.abs().max()
+    assert float(err) <= 1e-10

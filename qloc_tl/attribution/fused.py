@@ -14,6 +14,14 @@ exit, also when an exception is raised. Only exact matches are swapped: a module
 TL's ``gelu_new`` function. Values differ from the model's own activation by rounding only (the two
 evaluate the same expression in a different order: ~1e-7 relative in float32, ~1e-16 in float64).
 ``attribute_neurons(..., implementation="reference")`` never swaps anything.
+
+:func:`fused_layer_norms` does the same for TL 3's ``LayerNorm`` and ``LayerNormPre`` components, which
+compute ``x − mean``, ``(mean(x²) + ε)^½`` and the division as separate operations (about seven forward and
+a dozen backward on every normalisation): within the context each is replaced by :class:`FusedLayerNorm`,
+``torch.nn.functional.layer_norm`` with the component's own weight, bias and ε — the same formula (biased
+variance, ε inside the root), one kernel each way. Only components of exactly those types whose hook points
+(``hook_scale``, ``hook_normalized``) and the component itself carry no hooks are replaced; a replacement
+hands any input that is not float32/float64 (TL normalises those in float32 and casts back) to the original.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fused_activations", "fused_gelu_tanh", "FusedGELUTanh"]
+__all__ = ["fused_activations", "fused_gelu_tanh", "FusedGELUTanh", "fused_layer_norms", "FusedLayerNorm"]
 
 
 def fused_gelu_tanh(x: Tensor) -> Tensor:
@@ -103,6 +111,60 @@ def fused_activations(model: torch.nn.Module) -> Iterator[int]:
                 parent.act_fn = fused_gelu_tanh
         if undo:
             logger.debug("fused %d tanh-GELU activations of %s", len(undo), type(model).__name__)
+        yield len(undo)
+    finally:
+        for parent, name, old in reversed(undo):
+            setattr(parent, name, old)
+
+
+def _tl_layer_norm_types() -> tuple[type, ...]:
+    try:
+        from transformer_lens.components import LayerNorm, LayerNormPre
+    except Exception:  # TL 4 has neither (its bridges normalise in NormalizationBridge)
+        return ()
+    return (LayerNorm, LayerNormPre)
+
+
+class FusedLayerNorm(torch.nn.Module):
+    """``F.layer_norm`` with the weight, bias (``LayerNorm``; none for ``LayerNormPre``) and ε of a TL 3
+    normalisation component — what replaces it within :func:`fused_layer_norms`. The original is referenced,
+    not registered as a submodule. Inputs other than float32/float64 go to the original."""
+
+    def __init__(self, original: torch.nn.Module) -> None:
+        super().__init__()
+        object.__setattr__(self, "original", original)
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = self.original
+        if x.dtype not in (torch.float32, torch.float64):
+            return o(x)
+        return F.layer_norm(x, (x.shape[-1],), getattr(o, "w", None), getattr(o, "b", None), o.eps)
+
+
+def _hooked_anywhere(module: torch.nn.Module) -> bool:
+    return any(_has_hooks(m) for m in module.modules())
+
+
+@contextlib.contextmanager
+def fused_layer_norms(model: torch.nn.Module) -> Iterator[int]:
+    """Within the context, compute the model's TL 3 ``LayerNorm`` / ``LayerNormPre`` normalisations with
+    ``F.layer_norm`` (:class:`FusedLayerNorm`).
+
+    Yields the number replaced (0 on TL 4 bridges and on models with other normalisations). A component
+    with a hook on itself or on one of its hook points is left alone. Everything replaced is put back on
+    exit, in reverse order, even on error.
+    """
+    types = _tl_layer_norm_types()
+    undo: list[tuple[torch.nn.Module, str, Any]] = []
+    try:
+        if types:
+            for parent in list(model.modules()):
+                for name, child in list(parent.named_children()):
+                    if type(child) in types and not _hooked_anywhere(child):
+                        undo.append((parent, name, child))
+                        setattr(parent, name, FusedLayerNorm(child))
+        if undo:
+            logger.debug("fused %d layer norms of %s", len(undo), type(model).__name__)
         yield len(undo)
     finally:
         for parent, name, old in reversed(undo):

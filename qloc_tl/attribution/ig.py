@@ -101,7 +101,7 @@ from ..model import (
 )
 from .baselines import fixed_baseline, masked_token_baselines_many
 from .config import AttributionConfig
-from .fused import _has_hooks, fused_activations
+from .fused import _has_hooks, fused_activations, fused_layer_norms
 from .layout import matmul_ready_weights
 from .quadrature import quadrature
 from .results import NeuronAttribution
@@ -1625,8 +1625,9 @@ def attribute_neurons(
     # the blocks as the user has them, before the call swaps in fused activations (new modules on TL 4)
     signature = _blocks_signature(model) if fast and config.site == "post" and _MLP_SHORTCUT else None
     fused = fused_activations(model) if fast else contextlib.nullcontext()
+    normed = fused_layer_norms(model) if fast else contextlib.nullcontext()
     laid_out = matmul_ready_weights(model) if fast else contextlib.nullcontext()
-    with _frozen_params(model), fused, laid_out:
+    with _frozen_params(model), fused, normed, laid_out:
         return _attribute(model, plist, ids, single, config, signature)
 
 
