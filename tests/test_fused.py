@@ -205,3 +205,40 @@ def test_fast_path_with_fused_layer_norms_equals_reference(monkeypatch):
     assert calls["n"] == 0
     err = (fast.scores_batched - ref.scores_batched).abs().max() / ref.scores_batched.abs().max()
     assert float(err) <= 1e-10
+
+
+_TL4 = pytest.mark.skipif(tl_major() < 4, reason="TL 4 NormalizationBridge")
+
+
+@_TL4
+def test_fused_bridge_layer_norms_equal_the_bridge_and_restore():
+    """TL 4: within the context every LayerNorm bridge of an HF GPT-2 bridge (4 per 2 blocks + ln_final) has an
+    instance-level forward; on float64 inputs it equals the bridge's own op-by-op forward (values 1e-12, input
+    gradient 1e-10); the bridge's own pre-hooks stay; a bridge with a hook on hook_normalized is left alone;
+    nothing is left behind on exit, also on error."""
+    model = tiny_model("gpt2", source="hf", dtype=torch.float64)
+    model(model.to_tokens("alice was born in"))  # a first forward wires the bridge's own capture hooks
+    norms = [m for m in model.modules() if type(m).__name__ == "NormalizationBridge"]
+    pre = [dict(m._forward_pre_hooks) for m in norms]
+    x = (3 * torch.randn(2, 5, model.cfg.d_model, dtype=torch.float64) + 1).requires_grad_(True)
+    up = torch.randn_like(x)
+    own = [m(x) for m in norms]
+    own_g = [torch.autograd.grad(y, x, up)[0] for y in own]
+    with fused_layer_norms(model) as n:
+        assert n == len(norms) == 2 * model.cfg.n_layers + 1
+        for m, y0, g0, p in zip(norms, own, own_g, pre):
+            assert "forward" in vars(m) and dict(m._forward_pre_hooks) == p
+            y = m(x)
+            np.testing.assert_allclose(y.detach().numpy(), y0.detach().numpy(), rtol=1e-12, atol=1e-13)
+            (g,) = torch.autograd.grad(y, x, up)
+            np.testing.assert_allclose(g.numpy(), g0.numpy(), rtol=1e-10, atol=1e-12)
+    assert not any("forward" in vars(m) for m in norms)
+    norms[1].hook_normalized.add_hook(lambda t, hook: t)
+    try:
+        with fused_layer_norms(model) as n:
+            assert n == len(norms) - 1 and "forward" not in vars(norms[1])
+    finally:
+        norms[1].hook_normalized.remove_hooks()
+    with pytest.raises(RuntimeError, match="inside"), fused_layer_norms(model):
+        raise RuntimeError("inside")
+    assert not any("forward" in vars(m) for m in norms)

@@ -22,6 +22,11 @@ a dozen backward on every normalisation): within the context each is replaced by
 variance, ε inside the root), one kernel each way. Only components of exactly those types whose hook points
 (``hook_scale``, ``hook_normalized``) and the component itself carry no hooks are replaced; a replacement
 hands any input that is not float32/float64 (TL normalises those in float32 and casts back) to the original.
+TL 4 bridges compute a LayerNorm the same op-by-op way (``NormalizationBridge._python_norm_forward``, ε from
+the bridge's config); there each such bridge (exact type, wrapping an ``nn.LayerNorm``, no RMS norm, no weight
+offset, not on the native-autograd or folded path, no hook on its hook points) keeps its object and its own
+PyTorch hooks (the bridge's capture hooks for ``hook_mlp_in`` and the split-qkv fork are forward pre-hooks on
+it) and gets an instance-level ``forward`` computing ``F.layer_norm`` for the call, deleted on exit.
 """
 
 from __future__ import annotations
@@ -142,7 +147,50 @@ class FusedLayerNorm(torch.nn.Module):
 
 
 def _hooked_anywhere(module: torch.nn.Module) -> bool:
-    return any(_has_hooks(m) for m in module.modules())
+    return any(_has_hooks(m) or getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None) for m in module.modules())
+
+
+def _bridge_norm_type() -> type | None:
+    try:
+        from transformer_lens.model_bridge.generalized_components.normalization import NormalizationBridge
+    except Exception:  # TL 3
+        return None
+    return NormalizationBridge
+
+
+def _bridge_layer_norm_args(bridge: Any) -> tuple[Tensor, Tensor | None, float] | None:
+    """``(weight, bias, eps)`` of a TL 4 ``NormalizationBridge`` whose forward is the op-by-op LayerNorm of
+    ``_python_norm_forward`` with no hook that could act, else ``None``."""
+    try:
+        ln = bridge.original_component
+        if type(ln) is not torch.nn.LayerNorm or ln.weight is None or len(ln.normalized_shape) != 1:
+            return None
+        if bridge.uses_rms_norm or bridge.uses_weight_offset or bridge.use_native_layernorm_autograd:
+            return None
+        if getattr(bridge.config, "layer_norm_folding", False) or bridge.weight is not ln.weight:
+            return None
+        if "forward" in vars(bridge) or any(
+            _has_hooks(m) or getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None)
+            for name, m in bridge.named_modules()
+            if name  # the bridge's own (pre-)hooks stay and still run: only its hook points must be bare
+        ):
+            return None
+        if any(getattr(bridge, h, None) for h in ("_backward_hooks", "_backward_pre_hooks")):
+            return None
+        return ln.weight, ln.bias, float(getattr(bridge.config, "eps", 1e-05))
+    except Exception:
+        return None
+
+
+def _fused_bridge_forward(bridge: Any, weight: Tensor, bias: Tensor | None, eps: float) -> Any:
+    original = type(bridge).forward
+
+    def forward(hidden_states: Tensor, **kwargs: Any) -> Tensor:
+        if hidden_states.dtype not in (torch.float32, torch.float64) or kwargs:
+            return original(bridge, hidden_states, **kwargs)
+        return F.layer_norm(hidden_states, (hidden_states.shape[-1],), weight, bias, eps)
+
+    return forward
 
 
 @contextlib.contextmanager
@@ -150,12 +198,14 @@ def fused_layer_norms(model: torch.nn.Module) -> Iterator[int]:
     """Within the context, compute the model's TL 3 ``LayerNorm`` / ``LayerNormPre`` normalisations with
     ``F.layer_norm`` (:class:`FusedLayerNorm`).
 
-    Yields the number replaced (0 on TL 4 bridges and on models with other normalisations). A component
-    with a hook on itself or on one of its hook points is left alone. Everything replaced is put back on
-    exit, in reverse order, even on error.
+    Yields the number replaced (0 on models with other normalisations). A component with a hook on itself or
+    on one of its hook points is left alone (a TL 4 bridge may keep its own forward pre-hooks). Everything
+    replaced is put back on exit, in reverse order, even on error.
     """
     types = _tl_layer_norm_types()
+    bridge_type = _bridge_norm_type()
     undo: list[tuple[torch.nn.Module, str, Any]] = []
+    patched: list[torch.nn.Module] = []  # TL 4 bridges with an instance-level forward for the call
     try:
         if types:
             for parent in list(model.modules()):
@@ -163,9 +213,19 @@ def fused_layer_norms(model: torch.nn.Module) -> Iterator[int]:
                     if type(child) in types and not _hooked_anywhere(child):
                         undo.append((parent, name, child))
                         setattr(parent, name, FusedLayerNorm(child))
-        if undo:
-            logger.debug("fused %d layer norms of %s", len(undo), type(model).__name__)
-        yield len(undo)
+        if bridge_type is not None:
+            for mod in list(model.modules()):
+                if type(mod) is bridge_type and mod not in patched:
+                    args = _bridge_layer_norm_args(mod)
+                    if args is not None:
+                        patched.append(mod)
+                        object.__setattr__(mod, "forward", _fused_bridge_forward(mod, *args))
+        n = len(undo) + len(patched)
+        if n:
+            logger.debug("fused %d layer norms of %s", n, type(model).__name__)
+        yield n
     finally:
+        for mod in reversed(patched):
+            vars(mod).pop("forward", None)
         for parent, name, old in reversed(undo):
             setattr(parent, name, old)
