@@ -1448,7 +1448,11 @@ def _run_group(
         rows_t = torch.tensor(idxs, dtype=torch.long, device=dev)
         post = torch.stack([prep.resid_post[l][rows_t] for l in prep.layers], dim=1)  # [G, nl, d_model]
         v = torch.stack(
-            [((bases[:, :, l] - wbar[:, None, l]).to(W[l].dtype) @ W[l]).to(acc) for l in prep.layers], dim=2
+            [
+                ((bases[:, :, l] - wbar[:, None, l]).reshape(G * J, D).to(W[l].dtype) @ W[l]).to(acc).view(G, J, -1)
+                for l in prep.layers
+            ],
+            dim=2,
         )  # [G, J, nl, d_model]
         li_of = {l: i for i, l in enumerate(prep.layers)}
     integral = torch.zeros(G, nl * J, post.shape[-1] if resid else D, dtype=acc, device=dev)
@@ -1506,8 +1510,13 @@ def _run_group(
         else:
             ev.end_prompt()
     if resid:  # Σ_k w_k ∇_r F → Σ_k w_k ∇_x F, one product per prompt, path and layer
+        d = integral.shape[-1]
         integral = torch.cat(
-            [integral[:, i * J : (i + 1) * J] @ W[l].to(acc).T for i, l in enumerate(prep.layers)], dim=1
+            [
+                (integral[:, i * J : (i + 1) * J].reshape(-1, d) @ W[l].to(acc).T).view(G, J, -1)
+                for i, l in enumerate(prep.layers)
+            ],
+            dim=1,
         )
     return integral, f0, p0
 
