@@ -146,8 +146,13 @@ class FusedLayerNorm(torch.nn.Module):
         return F.layer_norm(x, (x.shape[-1],), getattr(o, "w", None), getattr(o, "b", None), o.eps)
 
 
+def _hooked(m: torch.nn.Module) -> bool:
+    """PyTorch hooks on ``m``, or (a TL hook point) hooks in its own lists."""
+    return _has_hooks(m) or bool(getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None))
+
+
 def _hooked_anywhere(module: torch.nn.Module) -> bool:
-    return any(_has_hooks(m) or getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None) for m in module.modules())
+    return any(_hooked(m) for m in module.modules())
 
 
 def _bridge_norm_type() -> type | None:
@@ -169,11 +174,8 @@ def _bridge_layer_norm_args(bridge: Any) -> tuple[Tensor, Tensor | None, float] 
             return None
         if getattr(bridge.config, "layer_norm_folding", False) or bridge.weight is not ln.weight:
             return None
-        if "forward" in vars(bridge) or any(
-            _has_hooks(m) or getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None)
-            for name, m in bridge.named_modules()
-            if name  # the bridge's own (pre-)hooks stay and still run: only its hook points must be bare
-        ):
+        # the bridge's own forward (pre-)hooks stay and still run: only its hook points must be bare
+        if "forward" in vars(bridge) or any(_hooked(m) for name, m in bridge.named_modules() if name):
             return None
         if any(getattr(bridge, h, None) for h in ("_backward_hooks", "_backward_pre_hooks")):
             return None
@@ -195,12 +197,13 @@ def _fused_bridge_forward(bridge: Any, weight: Tensor, bias: Tensor | None, eps:
 
 @contextlib.contextmanager
 def fused_layer_norms(model: torch.nn.Module) -> Iterator[int]:
-    """Within the context, compute the model's TL 3 ``LayerNorm`` / ``LayerNormPre`` normalisations with
-    ``F.layer_norm`` (:class:`FusedLayerNorm`).
+    """Within the context, compute the model's LayerNorms with ``F.layer_norm``: TL 3 ``LayerNorm`` /
+    ``LayerNormPre`` components are replaced by :class:`FusedLayerNorm`; TL 4 LayerNorm bridges on the
+    op-by-op path get an instance-level ``forward`` (see the module docstring).
 
-    Yields the number replaced (0 on models with other normalisations). A component with a hook on itself or
-    on one of its hook points is left alone (a TL 4 bridge may keep its own forward pre-hooks). Everything
-    replaced is put back on exit, in reverse order, even on error.
+    Yields the number changed (0 on models with other normalisations). A component with a hook on itself or
+    on one of its hook points is left alone (a TL 4 bridge may keep its own forward pre-hooks). Everything is
+    put back on exit, in reverse order, even on error.
     """
     types = _tl_layer_norm_types()
     bridge_type = _bridge_norm_type()
@@ -215,7 +218,7 @@ def fused_layer_norms(model: torch.nn.Module) -> Iterator[int]:
                         setattr(parent, name, FusedLayerNorm(child))
         if bridge_type is not None:
             for mod in list(model.modules()):
-                if type(mod) is bridge_type and mod not in patched:
+                if type(mod) is bridge_type:
                     args = _bridge_layer_norm_args(mod)
                     if args is not None:
                         patched.append(mod)
