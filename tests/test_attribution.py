@@ -809,7 +809,7 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
 _BLOCKWISE_MODELS = [(a, s, None) for a, s in MODELS if _expected_path(s) != "full"] + _ROWS3
 
 
-def _count_shortcut_rows(monkeypatch) -> dict:
+def _count_shortcut_passes(monkeypatch) -> dict:
     """Counts the passes that let the samples of layer l join after block l (the shortcut on)."""
     calls = {"n": 0}
     real = ig_module._GroupedEvaluator._joins
@@ -828,7 +828,7 @@ def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, path
     the same path with the shortcut off (which runs block l with the hook_post replacement)."""
     model = _model(arch, source)
     kw = dict(steps=7, rule="trapezoid", **({"fast_path": path} if path else _fast_kw(source)))
-    calls = _count_shortcut_rows(monkeypatch)
+    calls = _count_shortcut_passes(monkeypatch)
     short = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert calls["n"] > 0
     sub = attribute_neurons(model, PROMPTS, ANSWERS, layers=[model.cfg.n_layers - 1], **kw)  # no sample runs a block
@@ -878,7 +878,7 @@ def test_mlp_out_shortcut_is_not_used_under_user_hooks(arch, source, path, monke
     1 too: the shortcut would skip it, so it is not used, and the scores equal the reference's under the
     same hook (and differ from the unhooked scores)."""
     model = _model(arch, source)
-    calls = _count_shortcut_rows(monkeypatch)
+    calls = _count_shortcut_passes(monkeypatch)
     kw = {"fast_path": path} if path else _fast_kw(source)
     hook = [("blocks.1.hook_mlp_out", lambda t, hook: 0.5 * t)]
     with model.hooks(fwd_hooks=hook):
@@ -911,7 +911,7 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
     assert res.path == "kv-hooked" and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
     # the refusal is remembered for these blocks: the next call does not try the shortcut at all
     caplog.clear()
-    calls = _count_shortcut_rows(monkeypatch)
+    calls = _count_shortcut_passes(monkeypatch)
     with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
         again = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
     assert calls["n"] == 0 and not any("MLP-out shortcut" in m for m in caplog.messages)

@@ -283,9 +283,14 @@ def _affine_unembed_key(model: Any) -> Any:
     return mod
 
 
+def _hooked_ln_final(model: Any, resid: Tensor) -> Tensor:
+    """A HookedTransformer's ``ln_final`` of ``resid`` (``resid`` itself for a model without normalisation)."""
+    return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+
+
 def _last_logits_by_map(model: Any, resid_post: Tensor, unembed: tuple[Tensor, Tensor | None]) -> Tensor:
     """``ln_final(resid_post) @ W_U + b_U`` for ``resid_post [R, d_model]`` (the last block's output)."""
-    final = model.ln_final(resid_post) if model.cfg.normalization_type is not None else resid_post
+    final = _hooked_ln_final(model, resid_post)
     W_U, b_U = unembed
     return final.to(W_U.dtype) @ W_U + (b_U if b_U is not None else 0.0)
 
@@ -968,6 +973,7 @@ class _BlockwiseEvaluator(_GroupedEvaluator):
     def _ln_final(self, h: Tensor) -> Tensor:
         return self.model.ln_final(h)
 
+
 class _MaskHook:
     """On ``blocks.{j}.attn.hook_attn_scores`` ``[G, n_heads, N, T + N]`` (N copies; keys: the cached prefix,
     then the copies): sets the scores of the pairs the layout forbids (``blocked``, sliced to ``N`` copies) to
@@ -985,8 +991,8 @@ class _HookedBlockwiseEvaluator(_BlockwiseEvaluator):
     """TL 3 HookedTransformer with standard (learned absolute) position embeddings: the copies of
     :class:`_BlockwiseEvaluator` (one copy of the answer token per sample, a row per prompt) driven through
     ``model.blocks[j](copies, past_kv_cache_entry=…, attention_mask=…)``, the prompts' prefixes in TL's KV
-    cache as for ``"kv-hooked"`` (left-padded to the longest, computed once per group: neither recomputed per
-    block nor copied per row). TL's causal and padding masks apply; a hook on ``hook_attn_scores``
+    cache as for ``"kv-hooked"`` (padded to the longest, built once per group by :func:`_hooked_prefix_cache`:
+    neither recomputed per block nor copied per row). TL's causal and padding masks apply; a hook on ``hook_attn_scores``
     (:class:`_MaskHook`) adds the rest of the layout: a copy sees its prompt's prefix and itself, not the
     copies before it. A block of such a model does not see positions (they enter the residual stream once,
     at the embedding), so a copy computes what the answer token computes at its own position;
@@ -1030,7 +1036,8 @@ class _HookedBlockwiseEvaluator(_BlockwiseEvaluator):
         )
 
     def _ln_final(self, h: Tensor) -> Tensor:
-        return self.model.ln_final(h) if self.model.cfg.normalization_type is not None else h
+        return _hooked_ln_final(self.model, h)
+
 
 def _rows_room(model: Any, n_tok: int) -> int:
     """Samples a chunk of :class:`_HookedBlockwiseEvaluator` may hold for prompts of ``n_tok`` tokens: a row
@@ -1168,8 +1175,8 @@ def _hooked_prefix_cache(model: Any, prep: _Prepared, idxs: list[int]) -> tuple[
 class _HookedKVEvaluator(_GroupedEvaluator):
     """TL 3 HookedTransformer, blockwise, several prompts per pass.
 
-    The prompts' prefixes go into one KV cache, left-padded to the longest (TL's ``attention_mask`` handles
-    positions and masking); a chunk runs only the answer token, one block at a time (``start_at_layer=j,
+    The prompts' prefixes go into one KV cache, padded to the longest (:func:`_hooked_prefix_cache`; TL's
+    ``attention_mask`` handles positions and masking); a chunk runs only the answer token, one block at a time (``start_at_layer=j,
     stop_at_layer=j + 1``, each row with its prompt's cache entry and ``attention_mask``). The samples of
     layer l join the batch at block l (the clean residual entering block l at the answer position,
     ``resid_last``) — with the MLP-out shortcut at block l + 1 (:class:`_GroupedEvaluator`) — so no sample
@@ -1216,9 +1223,7 @@ class _HookedKVEvaluator(_GroupedEvaluator):
             s0 += c
         idx = torch.tensor(self.idxs, device=dev)
         resid, prompt_of = self._climb(counts, _in_order(x, order), idx)
-        final = resid[:, -1]
-        if self.model.cfg.normalization_type is not None:
-            final = self.model.ln_final(final)
+        final = _hooked_ln_final(self.model, resid[:, -1])
         return self._finish_group(final, self.prep.answers[idx][prompt_of], row_of[:, _inverse(order)], x)
 
     def _climb(self, counts: dict[int, int], xs: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
