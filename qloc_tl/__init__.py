@@ -67,6 +67,7 @@ _LAZY = {
     "load_builtin_model": "zoo",
     "builtin_model_dir": "zoo",
     "load_hf_directory": "loading",
+    "load_model": "zoo",
 }
 
 

