@@ -68,6 +68,9 @@ _LAZY = {
     "builtin_model_dir": "zoo",
     "load_hf_directory": "loading",
     "load_model": "zoo",
+    "filter_known": "known",
+    "KnownFacts": "known",
+    "next_token_probs": "known",
 }
 
 

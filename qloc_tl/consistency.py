@@ -518,6 +518,7 @@ def run_consistency(
     out_dir: str | Path | None = None,
     resume: bool = True,
     show_progress: bool = False,
+    known_only: bool | None = None,
 ) -> ConsistencyResult:
     """Attribute every neighbor query of every fact with each method, and analyse KN consistency.
 
@@ -538,6 +539,8 @@ def run_consistency(
         out_dir: run directory for incremental, resumable persistence (``None``: in memory only).
         resume: reuse matching results in ``out_dir`` (False refuses a non-empty directory).
         show_progress: tqdm bars per method.
+        known_only: restrict facts to the queries the model answers top-1 (:func:`qloc_tl.known.filter_known`;
+            facts left with < 2 are dropped). ``None`` (default): on every model but the built-in one.
 
     Returns:
         :class:`ConsistencyResult`.
@@ -546,6 +549,7 @@ def run_consistency(
     from tqdm.auto import tqdm
 
     from .attribution import attribute_neurons
+    from .known import restrict_to_known
     from .model import check_model, require_eval
     from .store import RunStore
 
@@ -553,6 +557,7 @@ def run_consistency(
     check_model(model)
     require_eval(model)
     facts = _check_facts(facts)
+    facts, _ = restrict_to_known(model, facts, known_only, what="run_consistency")
     store = None
     if out_dir is not None:
         cfg = {"experiment": "consistency", "model": model_name, **asdict(config)}
@@ -719,17 +724,26 @@ def plot_fact_heatmap(
     max_neurons: int = 40,
     attribution: Any = None,
     path: str | Path | None = None,
+    percentile: float | None = 99.0,
     **attribute_kwargs: Any,
 ) -> Any:
     """The paper's Figure-1 view: one row per neighbor query, one column per neuron of the union of the
     queries' KNs; cells are attribution scores (normalised by each query's max) or activations.
 
     A consistent fact shows the same columns lit in every row; an inconsistent one a block diagonal.
+
+    Colour scale: symmetric limits ±v with v the ``percentile``-th percentile (default 99) of |cell values|
+    over all rows (:func:`qloc_tl.views.robust_limits`), on a colour map diverging at 0, and the colour bar
+    extended at both ends: cells beyond ±v are drawn in the end colours. Normalised scores are ≤ 1 by
+    construction but their negative side is unbounded (a query's negative attributions can reach several
+    times its maximum); a scale set by those few cells would leave every other cell near the middle colour.
+    ``percentile=None`` uses the full range.
     """
     import matplotlib.pyplot as plt
     import torch
 
     from .attribution import attribute_neurons, select_neurons
+    from .views import robust_limits
 
     if attribution is None:
         attribution = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.queries), method=method, **attribute_kwargs)
@@ -748,10 +762,11 @@ def plot_fact_heatmap(
     data = np.array([[float(mat[q, n.layer, n.index]) for n in union] for q in range(len(fact.queries))])
     cs = consistency_score([s.to_frozenset() for s in sets])
     fig, ax = plt.subplots(figsize=(max(4, 0.28 * len(union) + 2), 0.45 * len(fact.queries) + 1.8))
-    im = ax.imshow(data, aspect="auto", cmap="viridis" if value == "score" else "coolwarm")
+    vmin, vmax = robust_limits(data, percentile)
+    im = ax.imshow(data, aspect="auto", cmap="RdBu_r" if value == "score" else "coolwarm", vmin=vmin, vmax=vmax)
     ax.set_yticks(range(len(fact.queries)), [q.text for q in fact.queries], fontsize=7)
     ax.set_xticks(range(len(union)), [str(n) for n in union], rotation=90, fontsize=6)
     ax.set_title(f"{fact.subject} → {fact.object} ({fact.relation}); CS = {cs:.2f}", fontsize=9)
-    fig.colorbar(im, ax=ax, label="score / max" if value == "score" else "activation")
+    fig.colorbar(im, ax=ax, label="score / max" if value == "score" else "activation", extend="both")
     plt.close(fig)
     return _save(fig, path)

@@ -94,6 +94,7 @@ from .errors import CapabilityError, InvalidInputError, UnsupportedModelError
 from .facts import Fact
 from .hooks import _as_neurons, _validate_neurons
 from .identities import Neuron
+from .known import restrict_to_known
 from .model import (
     answer_token_id,
     check_model,
@@ -1434,6 +1435,7 @@ def run_editing_experiment(
     out_dir: str | Path | None = None,
     resume: bool = True,
     show_progress: bool = False,
+    known_only: bool | None = None,
 ) -> EditingResult:
     """Erase and update K_C and K_I facts with N_i, N_u and CAS neuron sets; score Rel/Gen/Loc/ΔPPL.
 
@@ -1469,6 +1471,8 @@ def run_editing_experiment(
             ``editing_rows`` and ``editing_table``.
         resume: reuse stored facts of the same configuration (see ``RunStore.open``).
         show_progress: a tqdm bar over facts.
+        known_only: restrict facts to the queries the model answers top-1 (:func:`qloc_tl.known.filter_known`;
+            ``attributions`` follow their queries). ``None`` (default): on every model but the built-in one.
 
     Returns:
         :class:`EditingResult`.
@@ -1485,6 +1489,10 @@ def run_editing_experiment(
     if len(set(keys)) != len(keys):
         dup = sorted({k for k in keys if keys.count(k) > 1})[:3]
         raise InvalidInputError(f"duplicate fact keys {dup}; give each fact once")
+    facts, known = restrict_to_known(model, facts, known_only, what="run_editing_experiment")
+    if known is not None and attributions is not None:
+        kept = known.kept_queries()
+        attributions = {k: _scores_of(v)[list(kept[k])] for k, v in attributions.items() if k in kept}
     if classes is not None:
         bad = {k: v for k, v in classes.items() if v not in (*CLASSES, "excluded")}
         if bad:
@@ -1922,14 +1930,50 @@ def _evaluate_edit(
     return after_q, after_u, ppl_after
 
 
-def claims(out_dir: str | Path) -> list[tuple[str, str, str]]:
+def _bootstrap_mean_ci(
+    values: np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap CI (resampling facts, i.e. rows) of the mean over columns of the column means of
+    ``values`` (``[n_facts]`` or ``[n_facts, n_cols]``; NaN entries skipped per column, as in :func:`summarize`).
+    NaN bounds with fewer than two facts."""
+    import warnings
+
+    v = np.asarray(values, dtype=float)
+    v = v[:, None] if v.ndim == 1 else v
+    if v.shape[0] < 2:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, v.shape[0], size=(n_boot, v.shape[0]))
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stat = np.nanmean(v[idx], axis=1).mean(axis=1)
+    stat = stat[np.isfinite(stat)]
+    if stat.size == 0:
+        return (math.nan, math.nan)
+    a = (1 - level) / 2
+    return float(np.quantile(stat, a)), float(np.quantile(stat, 1 - a))
+
+
+def claims(
+    out_dir: str | Path, *, min_facts: int | None = None, n_boot: int = 1000, seed: int = 0
+) -> list[tuple[str, str, str]]:
     """Verdicts on the paper's editing claims from a run directory's ``editing_table``:
-    ``[(claim, status, evidence)]`` with status ``supported`` / ``partial`` / ``not supported`` / ``not run``.
+    ``[(claim, status, evidence)]`` with status ``supported`` / ``partial`` / ``not supported`` /
+    ``too few facts`` / ``not run``.
 
     A claim is checked per (edit, class) cell (K_I vs K_C per (edit, method)); ``supported`` when it holds
     in every cell, ``partial`` in some, ``not supported`` in none. Differences under ``margin = 0.02`` count
-    as ties (not holding).
+    as ties (not holding). A cell counts only when each class it involves holds ≥ ``min_facts`` facts
+    (default :data:`qloc_tl.report.MIN_FACTS_PER_CLASS`); cells with fewer are named in the evidence, and a
+    claim with no such cell is ``too few facts``. Evidence gives each cell's n and a 95 % percentile
+    bootstrap CI over facts (:func:`_bootstrap_mean_ci`, ``n_boot`` resamples, seeded per cell from ``seed``)
+    of the compared metric, computed from ``editing_rows`` (``CI n/a`` without that table).
     """
+    import zlib
+
+    from .report import TOO_FEW, _need
+
+    need = _need(min_facts)
     path = Path(out_dir) / "editing_table.parquet"
     names = [
         "Edits of inconsistent facts (K_I) generalise worse than of consistent ones (K_C)",
@@ -1941,29 +1985,58 @@ def claims(out_dir: str | Path) -> list[tuple[str, str, str]]:
         return [(n, "not run", f"no {path.name} in {out_dir}") for n in names]
     t = pd.read_parquet(path)
     t = t[t["n_facts"] > 0]
+    rows_path = Path(out_dir) / "editing_rows.parquet"
+    rows = pd.read_parquet(rows_path) if rows_path.is_file() else None
+    if rows is not None and "status" in rows.columns:
+        rows = rows[rows["status"] == "ok"]
     margin = 0.02
 
     def cell(edit: str, cls: str, method: str, col: str) -> float:
         sel = t[(t["edit"] == edit) & (t["class"] == cls) & (t["method"] == method)]
         return float(sel[col].iloc[0]) if len(sel) else math.nan
 
-    def verdict(results: list[tuple[bool, str]]) -> tuple[str, str]:
+    def n_of(edit: str, cls: str, method: str) -> int:
+        return int(cell(edit, cls, method, "n_facts")) if not math.isnan(cell(edit, cls, method, "n_facts")) else 0
+
+    def ci(edit: str, cls: str, method: str, col: str) -> str:
+        cols = ["rel", "gen", "loc"] if col == "avg" else [col]
+        if rows is None or not set(cols) <= set(rows.columns):
+            return "CI n/a"
+        g = rows[(rows["edit"] == edit) & (rows["class"] == cls) & (rows["method"] == method)]
+        cell_seed = zlib.crc32(f"{seed}|{edit}|{cls}|{method}|{col}".encode())
+        lo, hi = _bootstrap_mean_ci(g[cols].to_numpy(dtype=float), n_boot=n_boot, seed=cell_seed)
+        return f"95% CI [{lo:.2f}, {hi:.2f}]" if math.isfinite(lo) and math.isfinite(hi) else "CI n/a"
+
+    def verdict(results: list[tuple[bool, str]], short: list[str]) -> tuple[str, str]:
         if not results:
+            if short:
+                return TOO_FEW, f"a verdict needs ≥ {need} facts in each class it compares; this run has " + "; ".join(short)
             return "not run", "no cells with data"
         held = sum(ok for ok, _ in results)
         status = "supported" if held == len(results) else ("partial" if held else "not supported")
-        return status, f"holds in {held}/{len(results)} cells: " + "; ".join(e for _, e in results)
+        ev = f"holds in {held}/{len(results)} cells: " + "; ".join(e for _, e in results)
+        if short:
+            ev += f"; too few facts (< {need}) in: " + "; ".join(short)
+        return status, ev
 
     edits = list(dict.fromkeys(t["edit"]))
     out = []
-    res1 = []
+    res1: list[tuple[bool, str]] = []
+    short1: list[str] = []
     for edit in edits:
         for m in ("N_i", "N_u", "CAS"):
             c, i = cell(edit, "K_C", m, "gen"), cell(edit, "K_I", m, "gen")
-            if not (math.isnan(c) or math.isnan(i)):
-                res1.append((i < c - margin, f"{edit}/{m} Gen K_I {i:.2f} vs K_C {c:.2f}"))
-    out.append((names[0], *verdict(res1)))
-    res2 = []
+            if math.isnan(c) or math.isnan(i):
+                continue
+            nc, ni = n_of(edit, "K_C", m), n_of(edit, "K_I", m)
+            if nc < need or ni < need:
+                short1.append(f"{edit}/{m} K_I n={ni}, K_C n={nc}")
+                continue
+            res1.append((i < c - margin, f"{edit}/{m} Gen K_I {i:.2f} (n={ni}, {ci(edit, 'K_I', m, 'gen')}) vs "
+                         f"K_C {c:.2f} (n={nc}, {ci(edit, 'K_C', m, 'gen')})"))  # fmt: skip
+    out.append((names[0], *verdict(res1, short1)))
+    res2: list[tuple[bool, str]] = []
+    short2: list[str] = []
     for edit in edits:
         for cls in CLASSES:
             rel, gen, gen_u = (
@@ -1971,37 +2044,55 @@ def claims(out_dir: str | Path) -> list[tuple[str, str, str]]:
                 cell(edit, cls, "N_i", "gen"),
                 cell(edit, cls, "N_u", "gen"),
             )
-            if not (math.isnan(rel) or math.isnan(gen)):
-                ok = gen < rel - margin and (math.isnan(gen_u) or gen < gen_u - margin)
-                res2.append((ok, f"{edit}/{cls} N_i Rel {rel:.2f} Gen {gen:.2f} (N_u Gen {gen_u:.2f})"))
-    out.append((names[1], *verdict(res2)))
-    res3 = []
+            if math.isnan(rel) or math.isnan(gen):
+                continue
+            n = n_of(edit, cls, "N_i")
+            if n < need:
+                short2.append(f"{edit}/{cls} n={n}")
+                continue
+            ok = gen < rel - margin and (math.isnan(gen_u) or gen < gen_u - margin)
+            res2.append((ok, f"{edit}/{cls} (n={n}) N_i Rel {rel:.2f} ({ci(edit, cls, 'N_i', 'rel')}) Gen {gen:.2f} "
+                         f"({ci(edit, cls, 'N_i', 'gen')}) (N_u Gen {gen_u:.2f})"))  # fmt: skip
+    out.append((names[1], *verdict(res2, short2)))
+    res3: list[tuple[bool, str]] = []
+    short3: list[str] = []
     for edit in edits:
         for cls in CLASSES:
             loc = {m: cell(edit, cls, m, "loc") for m in ("N_i", "N_u", "CAS")}
             ppl = {m: cell(edit, cls, m, "ppl_rel_delta") for m in ("N_i", "N_u", "CAS")}
             if math.isnan(loc["N_u"]):
                 continue
+            n = n_of(edit, cls, "N_u")
+            if n < need:
+                short3.append(f"{edit}/{cls} n={n}")
+                continue
             others = [m for m in ("N_i", "CAS") if not math.isnan(loc[m])]
             worst_loc = all(loc["N_u"] < loc[m] - margin for m in others)
             worst_ppl = not math.isnan(ppl["N_u"]) and all(
                 ppl["N_u"] > ppl[m] + margin for m in others if not math.isnan(ppl[m])
             )
-            res3.append((worst_loc or worst_ppl, f"{edit}/{cls} Loc N_u {loc['N_u']:.2f} vs "
-                         + ", ".join(f"{m} {loc[m]:.2f}" for m in others) + f"; rel.ΔPPL N_u {ppl['N_u']:.3g}"))  # fmt: skip
-    out.append((names[2], *verdict(res3)))
-    res4 = []
+            res3.append((worst_loc or worst_ppl, f"{edit}/{cls} (n={n}) Loc N_u {loc['N_u']:.2f} "
+                         f"({ci(edit, cls, 'N_u', 'loc')}) vs " + ", ".join(f"{m} {loc[m]:.2f}" for m in others)
+                         + f"; rel.ΔPPL N_u {ppl['N_u']:.3g}"))  # fmt: skip
+    out.append((names[2], *verdict(res3, short3)))
+    res4: list[tuple[bool, str]] = []
+    short4: list[str] = []
     for edit in edits:
         for cls in CLASSES:
             avg = {m: cell(edit, cls, m, "avg") for m in ("N_i", "N_u", "CAS")}
             if math.isnan(avg["CAS"]):
                 continue
+            n = n_of(edit, cls, "CAS")
+            if n < need:
+                short4.append(f"{edit}/{cls} n={n}")
+                continue
             others = [m for m in ("N_i", "N_u") if not math.isnan(avg[m])]
             ok = all(avg["CAS"] > avg[m] + margin for m in others)
             res4.append(
-                (ok, f"{edit}/{cls} Avg " + ", ".join(f"{m} {avg[m]:.2f}" for m in ("N_i", "N_u", "CAS")))
-            )
-    out.append((names[3], *verdict(res4)))
+                (ok, f"{edit}/{cls} (n={n}) Avg " + ", ".join(
+                    f"{m} {avg[m]:.2f} ({ci(edit, cls, m, 'avg')})" for m in ("N_i", "N_u", "CAS")))
+            )  # fmt: skip
+    out.append((names[3], *verdict(res4, short4)))
     return out
 
 

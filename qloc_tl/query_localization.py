@@ -57,6 +57,7 @@ from .dynamic import enh_vs_sup, measure_dynamic_selection, summarize_dynamic
 from .errors import InvalidInputError
 from .facts import Fact
 from .identities import Neuron, Synapse
+from .known import restrict_to_known
 from .mapping import (
     _as_neuron_sets,
     measure_query_kn_mapping,
@@ -106,8 +107,10 @@ class QLConfig:
         refine_min_count (2: "appears in more than one query"), include_self (True), suppress (0.0), enhance (2.0).
     Knowledge synapses / dynamic KN selection:
         dynamic (True: run it), ks_method (``"attattr"``), ks_steps (20), ks_rule (``"left"``),
-        ks_threshold_method (``"fraction_of_max"``), ks_threshold (0.2), ks_per_head (True),
-        ks_head_threshold (None), ks_exclude_keys (()), renormalize (False).
+        ks_threshold_method (``"fraction_of_max"``), ks_threshold (0.2), ks_per_head (False: one threshold
+        over every head's key columns at the answer row; True: one threshold per head; see
+        :func:`qloc_tl.synapses.select_synapses`), ks_head_threshold (None), ks_exclude_keys (()),
+        renormalize (False).
     Data and run:
         max_queries_per_fact (None: all), multi_token (``"first"``), seed (0), chunk_size (8 facts per stored
         part), batch_size (64 rows per pass for the synapse IG), n_bootstrap (1000), ci (0.95).
@@ -131,7 +134,7 @@ class QLConfig:
     ks_rule: str = "left"
     ks_threshold_method: str = "fraction_of_max"
     ks_threshold: float | None = 0.2
-    ks_per_head: bool = True
+    ks_per_head: bool = False
     ks_head_threshold: float | None = None
     ks_exclude_keys: tuple[int, ...] = ()
     renormalize: bool = False
@@ -375,6 +378,7 @@ def run_query_localization(
     out_dir: str | Path | None = None,
     resume: bool = True,
     show_progress: bool = False,
+    known_only: bool | None = None,
 ) -> QLResult:
     """Run the Query-KN mapping and dynamic-KN-selection experiments on ``facts`` (see module docstring).
 
@@ -389,6 +393,8 @@ def run_query_localization(
         out_dir: a run directory for :class:`~qloc_tl.store.RunStore` (parts per chunk and final tables).
         resume: reuse facts already stored in ``out_dir`` (a directory of another configuration is refused).
         show_progress: tqdm bars.
+        known_only: restrict facts to the queries the model answers top-1 (:func:`qloc_tl.known.filter_known`;
+            ``kn_sets`` follow their queries). ``None`` (default): on every model but the built-in one.
 
     Returns:
         A :class:`QLResult`.
@@ -409,6 +415,11 @@ def run_query_localization(
     dup = sorted({k for k in keys if keys.count(k) > 1})
     if dup:
         raise InvalidInputError(f"duplicate fact keys {dup[:3]}: each fact must appear once (give facts distinct uuids)")
+    facts, known = restrict_to_known(model, facts, known_only, what="run_query_localization")
+    if known is not None and kn_sets is not None:
+        kept = known.kept_queries()
+        kn_sets = {k: [list(v)[i] for i in kept[k]] for k, v in kn_sets.items() if k in kept}
+    keys = [f.key for f in facts]
     facts = [_trim(f, cfg.max_queries_per_fact) for f in facts]
     given_kn: dict[str, list[frozenset[Neuron]]] | None = None
     if kn_sets is not None:

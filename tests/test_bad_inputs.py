@@ -129,7 +129,7 @@ CASES = [
     Case("answer-multi-token", "object of several tokens (error mode)", lambda t: q.model.answer_token_id(model(), "alice was born in", "paris london"), E.InvalidInputError, "2 tokens.*multi_token='first'"),
     Case("answer-oov", "object not in the vocabulary", lambda t: q.model.answer_token_id(model(), "alice was born in", "zanzibar"), E.InvalidInputError, "not in the model's vocabulary"),
     Case("fact-no-queries", "empty neighbor set", lambda t: q.Fact("alice", "P19", "paris", []), E.InvalidInputError, "has no queries"),
-    Case("fact-one-query", "one-query neighbor set in the consistency runner", lambda t: __import__("qloc_tl.consistency", fromlist=["x"]).run_consistency(model(), [q.Fact("alice", "P19", "paris", ["alice was born in"])]), E.InvalidInputError, "at least 2 are needed"),
+    Case("fact-one-query", "one-query neighbor set in the consistency runner", lambda t: __import__("qloc_tl.consistency", fromlist=["x"]).run_consistency(model(), [q.Fact("alice", "P19", "paris", ["alice was born in"])], known_only=False), E.InvalidInputError, "at least 2 are needed"),
     Case("prompt-too-long", "prompt longer than n_ctx", _attr(prompt=" ".join(["the"] * 40)), E.InvalidInputError, "longer than the model's context n_ctx=32"),
     Case("prompt-empty", "empty prompt", _attr(prompt="   "), E.InvalidInputError, "empty prompt"),
     Case("layer-range", "layer index out of range", lambda t: q.scale_neurons([q.Neuron(9, 0)], 0.0, model=model()), E.InvalidInputError, "out of range: the model has layers 0..2"),

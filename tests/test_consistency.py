@@ -114,7 +114,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def full_result(model):
-    return run_consistency(model, FACTS, CFG, model_name="tiny")
+    return run_consistency(model, FACTS, CFG, model_name="tiny", known_only=False)
 
 
 def test_runner_tables_are_consistent(model, full_result):
@@ -165,11 +165,11 @@ def test_kill_and_resume_gives_identical_tables(model, full_result, tmp_path, mo
 
     monkeypatch.setattr(attr_mod, "attribute_neurons", flaky)
     with pytest.raises(KeyboardInterrupt):
-        run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path)
+        run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path, known_only=False)
     monkeypatch.setattr(attr_mod, "attribute_neurons", real)
     parts_before = len(list((tmp_path / "parts" / "scores").glob("*.parquet")))
     assert parts_before == 2
-    resumed = run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path)
+    resumed = run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path, known_only=False)
     for name, df in _tables(full_result).items():
         pd.testing.assert_frame_equal(_tables(resumed)[name].reset_index(drop=True), df.reset_index(drop=True), check_exact=False, rtol=1e-6)
     q = resumed.queries
@@ -177,15 +177,15 @@ def test_kill_and_resume_gives_identical_tables(model, full_result, tmp_path, mo
     assert (tmp_path / "consistency_summary.parquet").is_file() and (tmp_path / "consistency_facts.csv").is_file()
     # a third run recomputes nothing
     monkeypatch.setattr(attr_mod, "attribute_neurons", lambda *a, **k: pytest.fail("recomputed a finished fact"))
-    again = run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path)
+    again = run_consistency(model, FACTS, CFG, model_name="tiny", out_dir=tmp_path, known_only=False)
     pd.testing.assert_frame_equal(again.facts, resumed.facts)
 
 
 def test_resume_with_other_config_is_refused(model, tmp_path):
     small = ConsistencyConfig(methods=("ig",), steps=2, n_boot=10, n_perm=10, sweep=(0.2,))
-    run_consistency(model, FACTS[:2], small, out_dir=tmp_path)
+    run_consistency(model, FACTS[:2], small, out_dir=tmp_path, known_only=False)
     with pytest.raises(ResumeMismatchError, match="steps"):
-        run_consistency(model, FACTS[:2], ConsistencyConfig(methods=("ig",), steps=3, n_boot=10, n_perm=10, sweep=(0.2,)), out_dir=tmp_path)
+        run_consistency(model, FACTS[:2], ConsistencyConfig(methods=("ig",), steps=3, n_boot=10, n_perm=10, sweep=(0.2,)), out_dir=tmp_path, known_only=False)
     # more facts in the same directory: the first two are reused, only the third is computed
     import qloc_tl.attribution as attr_mod
 
@@ -197,7 +197,7 @@ def test_resume_with_other_config_is_refused(model, tmp_path):
 
     attr_mod.attribute_neurons = spy
     try:
-        res = run_consistency(model, FACTS[:3], small, out_dir=tmp_path)
+        res = run_consistency(model, FACTS[:3], small, out_dir=tmp_path, known_only=False)
     finally:
         attr_mod.attribute_neurons = real
     assert seen == list(FACTS[2].prompts)
@@ -206,9 +206,9 @@ def test_resume_with_other_config_is_refused(model, tmp_path):
 
 def test_bad_inputs(model):
     with pytest.raises(InvalidInputError, match="at least 2"):
-        run_consistency(model, [Fact("alice", "P19", "paris", ["alice was born in"])], CFG)
+        run_consistency(model, [Fact("alice", "P19", "paris", ["alice was born in"])], CFG, known_only=False)
     with pytest.raises(InvalidInputError, match="twice"):
-        run_consistency(model, [FACTS[0], FACTS[0]], CFG)
+        run_consistency(model, [FACTS[0], FACTS[0]], CFG, known_only=False)
     with pytest.raises(InvalidInputError, match="unknown attribution method"):
         ConsistencyConfig(methods=("ig", "lrp"))
     with pytest.raises(InvalidInputError, match="keep_fraction"):

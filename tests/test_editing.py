@@ -484,7 +484,7 @@ def test_runner_rows_match_direct_recomputation(gpt2_model, tmp_path):
     attrs = _attributions(model, facts)
     texts = ["alice was born in paris", "bob plays the guitar", "the river is blue"]
     res = run_editing_experiment(
-        model, facts, config=_small_cfg(), attributions=attrs, ppl_texts=texts, out_dir=tmp_path
+        model, facts, config=_small_cfg(), attributions=attrs, ppl_texts=texts, out_dir=tmp_path, known_only=False
     )
     assert isinstance(res, EditingResult)
     assert (
@@ -572,22 +572,22 @@ def test_runner_resume_no_duplicates_and_mismatch(gpt2_model, tmp_path):
     attrs = _attributions(model, facts)
     cfg = _small_cfg(methods=("N_i", "CAS"), edits=("erase",))
     kw = dict(config=cfg, attributions=attrs, unrelated_facts=facts)
-    first = run_editing_experiment(model, facts[:4], out_dir=tmp_path, **kw)
-    full = run_editing_experiment(model, facts, out_dir=tmp_path, **kw)
-    again = run_editing_experiment(model, facts, out_dir=tmp_path, **kw)
+    first = run_editing_experiment(model, facts[:4], out_dir=tmp_path, **kw, known_only=False)
+    full = run_editing_experiment(model, facts, out_dir=tmp_path, **kw, known_only=False)
+    again = run_editing_experiment(model, facts, out_dir=tmp_path, **kw, known_only=False)
     assert len(full.rows) == len(facts) * 2 and full.rows.groupby(["fact_key", "method"]).size().max() == 1
     key = ["fact_key", "method", "edit"]
     pd.testing.assert_frame_equal(
         full.rows.sort_values(key).reset_index(drop=True), again.rows.sort_values(key).reset_index(drop=True)
     )
-    fresh = run_editing_experiment(model, facts, **kw)  # no store: the same numbers
+    fresh = run_editing_experiment(model, facts, **kw, known_only=False)  # no store: the same numbers
     pd.testing.assert_frame_equal(
         full.rows.sort_values(key).reset_index(drop=True), fresh.rows.sort_values(key).reset_index(drop=True)
     )
     assert set(first.rows.fact_key) <= set(full.rows.fact_key)
     with pytest.raises(ResumeMismatchError):
         run_editing_experiment(model, facts, config=_small_cfg(seed=2), attributions=attrs, unrelated_facts=facts,
-                               out_dir=tmp_path)  # fmt: skip
+                               out_dir=tmp_path, known_only=False)  # fmt: skip
 
 
 def test_runner_given_classes_max_per_class_and_skips(gpt2_model):
@@ -597,7 +597,7 @@ def test_runner_given_classes_max_per_class_and_skips(gpt2_model):
     attrs = _attributions(model, facts)
     classes = {f.key: ("K_C" if n < 6 else "K_I") for n, f in enumerate(facts)}
     cfg = _small_cfg(max_facts_per_class=2, edits=("erase",))
-    res = run_editing_experiment(model, facts, config=cfg, attributions=attrs, classes=classes)
+    res = run_editing_experiment(model, facts, config=cfg, attributions=attrs, classes=classes, known_only=False)
     counts = res.rows.drop_duplicates("fact_key")["class"].value_counts().to_dict()
     assert counts == {"K_C": 2, "K_I": 2}
     for f in facts:
@@ -613,7 +613,7 @@ def test_runner_with_attribute_neurons(gpt2_model):
     model = gpt2_model
     facts = _facts()[:2] + _facts()[5:7]
     cfg = _small_cfg(steps=3, edits=("update",), methods=("N_i", "CAS"))
-    res = run_editing_experiment(model, facts, config=cfg)
+    res = run_editing_experiment(model, facts, config=cfg, known_only=False)
     assert len(res.rows) + len(res.skipped) >= len(facts)
     assert (res.rows["n_neurons"] >= 0).all()
 
@@ -647,7 +647,7 @@ def test_classify_facts_matches_consistency_split(gpt2_model):
     got = fact_attributions(gpt2_model, small, config=cfg)
     assert set(got) == {f.key for f in small} and got[small[0].key].shape == (3, 3, 128)
     res = run_editing_experiment(
-        gpt2_model, small, config=cfg, attributions=got, classes=classify_facts(got).classes
+        gpt2_model, small, config=cfg, attributions=got, classes=classify_facts(got).classes, known_only=False
     )
     assert len(res.rows) == 2
 
@@ -689,7 +689,7 @@ def test_plot_editing(gpt2_model, tmp_path):
     pytest.importorskip("matplotlib")
     facts = _facts()
     res = run_editing_experiment(
-        gpt2_model, facts, config=_small_cfg(), attributions=_attributions(gpt2_model, facts)
+        gpt2_model, facts, config=_small_cfg(), attributions=_attributions(gpt2_model, facts), known_only=False
     )
     fig = plot_editing(res, tmp_path / "edit.png")
     assert (tmp_path / "edit.png").stat().st_size > 1000

@@ -238,7 +238,7 @@ CFG = QLConfig(ks_steps=2, n_bootstrap=20, chunk_size=1, kn_steps=2)
 
 
 def test_runner_tables_and_classes(gpt2, tmp_path):
-    res = run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path / "run")
+    res = run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path / "run", known_only=False)
     classes, cs, _ = classify_facts(KNS, cs_threshold=CFG.cs_threshold)
     assert res.classes == classes
     assert res.facts["cs"].tolist() == pytest.approx([cs[f.key] for f in FACTS])
@@ -259,7 +259,7 @@ def test_runner_tables_and_classes(gpt2, tmp_path):
 
 
 def test_runner_resume_after_crash_equals_uninterrupted_run(gpt2, tmp_path, monkeypatch):
-    full = run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, classes={f.key: "K_I" for f in FACTS})
+    full = run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, classes={f.key: "K_I" for f in FACTS}, known_only=False)
     real = ql_mod._chunk_tables
     calls = []
 
@@ -271,7 +271,7 @@ def test_runner_resume_after_crash_equals_uninterrupted_run(gpt2, tmp_path, monk
 
     monkeypatch.setattr(ql_mod, "_chunk_tables", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path, classes={f.key: "K_I" for f in FACTS})
+        run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path, classes={f.key: "K_I" for f in FACTS}, known_only=False)
     assert registered_hooks(gpt2) == 0
     counted = []
 
@@ -280,7 +280,7 @@ def test_runner_resume_after_crash_equals_uninterrupted_run(gpt2, tmp_path, monk
         return real(*a, **k)
 
     monkeypatch.setattr(ql_mod, "_chunk_tables", counting)
-    res = run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path, classes={f.key: "K_I" for f in FACTS})
+    res = run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path, classes={f.key: "K_I" for f in FACTS}, known_only=False)
     assert [f.key for chunk in counted for f in chunk] == [FACTS[1].key]  # only the missing fact
     key = ["fact_key", "query_index", "set", "op"]
     a = res.mapping_rows.sort_values(key).reset_index(drop=True)
@@ -293,17 +293,17 @@ def test_runner_resume_after_crash_equals_uninterrupted_run(gpt2, tmp_path, monk
     assert np.allclose(da["dprob"], db["dprob"], atol=1e-7)
     # complete directory: nothing recomputed; another configuration is refused
     counted.clear()
-    run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path, classes={f.key: "K_I" for f in FACTS})
+    run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path, classes={f.key: "K_I" for f in FACTS}, known_only=False)
     assert counted == []
     with pytest.raises(ResumeMismatchError):
-        run_query_localization(gpt2, FACTS, config=QLConfig(ks_steps=3, chunk_size=1), kn_sets=KNS, out_dir=tmp_path)
+        run_query_localization(gpt2, FACTS, config=QLConfig(ks_steps=3, chunk_size=1), kn_sets=KNS, out_dir=tmp_path, known_only=False)
 
 
 def test_runner_localizes_kns_with_attribution(gpt2):
     from qloc_tl.attribution import attribute_neurons, select_neurons
 
     cfg = QLConfig(kn_steps=2, dynamic=False, n_bootstrap=10, max_queries_per_fact=2, kn_threshold=0.5)
-    res = run_query_localization(gpt2, FACTS, config=cfg)
+    res = run_query_localization(gpt2, FACTS, config=cfg, known_only=False)
     prompts = [q for f in FACTS for q in f.prompts[:2]]
     answers = [f.answer for f in FACTS for _ in f.prompts[:2]]
     attr = attribute_neurons(gpt2, prompts, answers, steps=2, multi_token="first")
@@ -326,11 +326,11 @@ def test_config_validation():
 
 def test_runner_input_validation(gpt2):
     with pytest.raises(InvalidInputError, match="duplicate"):
-        run_query_localization(gpt2, [FACTS[0], FACTS[0]], config=CFG, kn_sets=KNS)
+        run_query_localization(gpt2, [FACTS[0], FACTS[0]], config=CFG, kn_sets=KNS, known_only=False)
     with pytest.raises(InvalidInputError, match="classes has no entry"):
-        run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, classes={})
+        run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, classes={}, known_only=False)
     with pytest.raises(InvalidInputError, match="kn_sets has no entry"):
-        run_query_localization(gpt2, FACTS, config=CFG, kn_sets={})
+        run_query_localization(gpt2, FACTS, config=CFG, kn_sets={}, known_only=False)
 
 
 def test_builtin_model_one_call_tables():
@@ -343,7 +343,7 @@ def test_builtin_model_one_call_tables():
     model = zoo.load_builtin_model()
     facts = list(builtin_facts())[:1]
     cfg = QLConfig(kn_steps=2, ks_steps=2, n_bootstrap=20, max_queries_per_fact=3)
-    res = run_query_localization(model, facts, config=cfg)
+    res = run_query_localization(model, facts, config=cfg, known_only=False)
     assert set(res.mapping["set"]) == set(SET_NAMES) and len(res.dynamic) > 0
     assert len(res.mapping_rows) == 3 * len(SET_NAMES) * 2
     r = res.mapping_rows[(res.mapping_rows["set"] == "Self") & (res.mapping_rows.op == "suppress")].iloc[0]

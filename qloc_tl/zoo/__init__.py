@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,9 +24,13 @@ from .smollm2 import SMOLLM2_NAME, convert_smollm2
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["builtin_model_dir", "load_builtin_model", "load_model", "MODEL_NAMES"]
+__all__ = ["builtin_model_dir", "load_builtin_model", "load_model", "is_builtin_model", "MODEL_NAMES"]
 
 MODEL_NAMES = ("builtin", "smollm2-135m")
+
+# Models returned by load_builtin_model: the experiment runners do not filter facts on these (see
+# qloc_tl.known.restrict_to_known), since the model was trained to answer exactly them.
+_BUILTIN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "facts.json")
 
@@ -66,7 +71,17 @@ def load_builtin_model(
     if missing:
         raise DataError(f"the built-in model directory {str(path)!r} lacks {missing}; reinstall qloc_tl")
     logger.debug("loading the built-in fact model from %s", path)
-    return load_hf_directory(path, processing=processing, device=device, dtype=dtype)
+    model = load_hf_directory(path, processing=processing, device=device, dtype=dtype)
+    _BUILTIN.add(model)
+    return model
+
+
+def is_builtin_model(model: Any) -> bool:
+    """Whether ``model`` was returned by :func:`load_builtin_model` (or ``load_model("builtin")``)."""
+    try:
+        return model in _BUILTIN
+    except TypeError:  # not weak-referenceable: not one of ours
+        return False
 
 
 def load_model(
