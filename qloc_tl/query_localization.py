@@ -28,7 +28,7 @@ Examples:
     >>> facts = [Fact("alice", "P19", "paris", ["alice was born in", "alice is from"])]
     >>> kns = {facts[0].key: [{Neuron(0, 1), Neuron(2, 5)}, {Neuron(2, 5)}]}
     >>> cfg = QLConfig(ks_steps=2, n_bootstrap=10)
-    >>> res = run_query_localization(model, facts, config=cfg, kn_sets=kns)
+    >>> res = run_query_localization(model, facts, config=cfg, kn_sets=kns, known_only=False)
     >>> res.classes
     {'P19|alice|paris': 'K_C'}
     >>> sorted(res.mapping["set"].unique())

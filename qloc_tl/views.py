@@ -12,6 +12,12 @@ lazily, inside the renderers.
   :func:`qloc_tl.mapping.summarize_mapping` and :func:`qloc_tl.dynamic.summarize_dynamic`, with CI error bars.
 * :func:`plot_causal_trace` — the ROME-style heatmap of a :class:`~qloc_tl.tracing.TraceResult`.
 
+Heatmap colour scales are robust (:func:`robust_limits`): symmetric limits ±P of |values|, P the 99th
+percentile of all cells pooled over rows, on a colour map diverging at 0, with the colour bar extended at
+both ends (cells beyond the limits are drawn in the end colours). One query or position with extreme values
+(e.g. an attribution row whose negative scores reach several times its maximum) then no longer compresses
+every other row into a single colour; a whole matrix of similar values keeps its full range.
+
 Matplotlib figures are built with ``matplotlib.figure.Figure`` (no pyplot state, no GUI backend needed).
 """
 
@@ -34,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "KS_MARK",
+    "robust_limits",
     "synapse_heads_view",
     "save_html",
     "plot_mapping",
@@ -42,6 +49,9 @@ __all__ = [
 ]
 
 KS_MARK = "⟨KS⟩"
+
+#: Percentile of |values| that sets the symmetric colour limits of heatmaps (see :func:`robust_limits`).
+HEATMAP_PERCENTILE = 99.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -153,6 +163,34 @@ def _prepare_bars(summary: Any, *, x_col: str, x: list[str], metric: str, series
             hi.append(max(0.0, hi_v - v) if math.isfinite(hi_v) else math.nan)
         out.append((label, vals, lo, hi))
     return {"x": x, "series": out, "ylabel": metric}
+
+
+def robust_limits(values: Any, percentile: float | None = HEATMAP_PERCENTILE) -> tuple[float, float]:
+    """Symmetric colour limits ``(−v, v)`` of a heatmap, ``v`` = the ``percentile``-th percentile of |values|
+    over all finite cells (rows pooled; numpy's linear interpolation).
+
+    Cells beyond ``v`` are clipped to the end colours, so fewer than ``100 − percentile`` % of the cells (e.g.
+    one query's extreme scores) cannot set the scale for the rest. ``percentile=None`` (or 100) gives the
+    full range ``v = max |values|``. ``v`` falls back to the largest |value|, then 1.0, when it would be 0.
+
+    Examples:
+        >>> robust_limits(np.array([[1.0, -0.5], [0.25, 2.0]]), None)
+        (-2.0, 2.0)
+        >>> v = np.concatenate([np.linspace(-1, 1, 999), [-50.0]])
+        >>> lo, hi = robust_limits(v)
+        >>> lo == -hi and hi < 1.0 + 1e-9
+        True
+    """
+    a = values.detach().to("cpu", torch.float64).numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=np.float64)
+    a = np.abs(a[np.isfinite(a)])
+    if percentile is not None and (isinstance(percentile, bool) or not 0 < float(percentile) <= 100):
+        raise InvalidInputError(f"percentile must be in (0, 100] or None, got {percentile!r}")
+    if a.size == 0:
+        return (-1.0, 1.0)
+    v = float(a.max()) if percentile is None else float(np.percentile(a, float(percentile)))
+    if v <= 0:
+        v = float(a.max()) or 1.0
+    return (-v, v)
 
 
 def _prepare_trace_heatmap(result: Any, kind: str) -> dict[str, Any]:
@@ -289,15 +327,24 @@ def plot_dynamic(summary: Any, *, metric: str = "dvalue_rel_agg", ax: Any = None
     return _bars(_new_ax(ax, (8, 4)), data, f"Dynamic KN selection: {metric}")
 
 
-def plot_causal_trace(result: Any, kind: str = "resid", *, ax: Any = None) -> Any:
-    """ROME-style heatmap (rows = tokens, subject starred; columns = layers) of a trace's IE; returns the Figure."""
+def plot_causal_trace(
+    result: Any, kind: str = "resid", *, ax: Any = None, percentile: float | None = HEATMAP_PERCENTILE
+) -> Any:
+    """ROME-style heatmap (rows = tokens, subject starred; columns = layers) of a trace's IE; returns the Figure.
+
+    Colours: a map diverging at IE = 0 (purple / green / red for positive IE of the residual / MLP /
+    attention states, as in ROME's figures; negative IE, where restoring a state lowers P(answer), in the
+    opposite colour), limits ±(the ``percentile``-th percentile of |IE|) from :func:`robust_limits`
+    (``None``: the full range), colour bar extended at both ends for clipped cells.
+    """
     d = _prepare_trace_heatmap(result, kind)
     ax = _new_ax(ax, (max(4.0, 0.35 * len(d["cols"]) + 2), max(2.5, 0.3 * len(d["rows"]) + 1)))
-    cmap = {"resid": "Purples", "mlp": "Greens", "attn": "Reds"}.get(kind, "viridis")
-    im = ax.imshow(d["matrix"], aspect="auto", cmap=cmap, interpolation="nearest")
+    cmap = {"resid": "PuOr", "mlp": "PRGn", "attn": "RdBu_r"}.get(kind, "RdBu_r")
+    vmin, vmax = robust_limits(d["matrix"], percentile)
+    im = ax.imshow(d["matrix"], aspect="auto", cmap=cmap, interpolation="nearest", vmin=vmin, vmax=vmax)
     ax.set_yticks(range(len(d["rows"])), d["rows"])
     ax.set_xticks(range(len(d["cols"])), d["cols"])
     ax.set_xlabel("layer")
     ax.set_title(d["title"], fontsize="small")
-    ax.figure.colorbar(im, ax=ax, label="indirect effect on P(answer)")
+    ax.figure.colorbar(im, ax=ax, label="indirect effect on P(answer)", extend="both")
     return ax.figure

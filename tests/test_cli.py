@@ -288,3 +288,39 @@ def test_shards_merge_to_the_unsharded_tables(reference_run, tmp_path):
         pd.testing.assert_frame_equal(x[deltas], y[deltas], check_exact=False, rtol=1e-4, atol=5e-5, obj=name)
         x, y = x.drop(columns=deltas), y.drop(columns=deltas)
         pd.testing.assert_frame_equal(x, y, check_exact=False, rtol=1e-4, atol=1e-6, obj=name)
+
+
+def test_report_text_names_the_model_of_the_run(tmp_path):
+    """A report rebuilt from a run of another model names that model (run.json settings["model"]) in its
+    heading and claim texts, and never speaks of the built-in model."""
+    import numpy as np
+    import pandas as pd
+
+    from qloc_tl.dynamic import enh_vs_sup, summarize_dynamic
+    from qloc_tl.report import claim_verdicts, write_report
+
+    out = tmp_path / "run"
+    (out / "ql").mkdir(parents=True)
+    (out / "run.json").write_text(json.dumps({"settings": {"model": "smollm2-135m"}, "status": "finished"}))
+    rng = np.random.default_rng(0)
+    rows = []
+    for cls in ("K_C", "K_I"):
+        for f in range(20):
+            for inter in ("KS", "irrelevant"):
+                for op, dp in (("suppress", -0.3), ("enhance", 0.05)):
+                    d = dp * (1.0 if inter == "KS" else 0.1) + rng.normal(0, 0.01)
+                    for g in ("query", "neighbor", "random"):
+                        rows.append({"fact_key": f"{cls}{f}", "class": cls, "query_index": 0, "intervention": inter,
+                                     "op": op, "group": g, "n_neurons": 2, "empty_group": False, "empty_ks": False,
+                                     "p_before": 0.4, "dprob": d, "dprob_ratio": d / 0.4, "dprob_via": d / 2,
+                                     "dvalue_rel": d, "dvalue_rel_agg": d, "dvalue_abs": d, "dvalue_mag": abs(d)})  # fmt: skip
+    rows = pd.DataFrame(rows)
+    rows.to_parquet(out / "ql" / "dynamic_rows.parquet")
+    summarize_dynamic(rows, n_bootstrap=50).to_parquet(out / "ql" / "dynamic_summary.parquet")
+    enh_vs_sup(rows).to_parquet(out / "ql" / "dynamic_enh_vs_sup.parquet")
+    enh = {c: v for c, v in claim_verdicts(out)}["Enh < Sup: enhancing moves P(answer) less than suppressing"]
+    assert enh["status"] == "supported"
+    assert "smollm2-135m answers at mean p≈0.40" in enh["evidence"]
+    page = write_report(out).read_text()
+    assert "qloc-tl report — smollm2-135m" in page and "smollm2-135m answers at mean p≈0.40" in page
+    assert "built-in model" not in page and "builtin" not in page

@@ -225,3 +225,85 @@ def test_figures(model, full_result, tmp_path):
     fig = plot_fact_heatmap(model, FACTS[0], steps=4, path=tmp_path / "heat.png")
     ax = fig.axes[0]
     assert len(ax.get_yticklabels()) == 3 and (tmp_path / "heat.png").is_file()
+
+
+def test_fact_heatmap_colour_scale_ignores_an_outlier_query():
+    """8 queries × 40 union neurons; one query's normalised scores reach −5.8 and −4.0 at two neurons. The
+    colour limits are ±(numpy's 99th percentile of |drawn cells|), which those two cells do not set."""
+    from types import SimpleNamespace
+
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
+    rng = np.random.default_rng(0)
+    Q, L, D = 8, 2, 20
+    scores = torch.tensor(rng.uniform(0.0, 0.1, size=(Q, L, D)))  # below 0.2·max: never KNs
+    for q in range(Q):
+        for j, v in enumerate((1.0, 0.8, 0.6, 0.5, 0.4)):
+            scores[q, q % 2, (5 * (q // 2) + j) % D] = v  # 5 KNs per query; 40 neurons in the union
+    scores[7, 0, 0], scores[7, 0, 1] = -5.8, -4.0  # query 7 (max 1.0) at two of query 0's KNs
+    fact = SimpleNamespace(queries=[SimpleNamespace(text=f"q{i}") for i in range(Q)], subject="s", object="o",
+                           relation="P0", prompts=[f"q{i}" for i in range(Q)], answer="o")  # fmt: skip
+    fig = plot_fact_heatmap(None, fact, attribution=SimpleNamespace(scores_batched=scores), max_neurons=40)
+    im = fig.axes[0].images[0]
+    drawn = np.asarray(im.get_array())
+    assert drawn.shape == (8, 40) and drawn.min() == pytest.approx(-5.8)
+    want = np.percentile(np.abs(drawn), 99)
+    assert im.get_clim() == pytest.approx((-want, want)) and want <= 1.0
+    assert im.colorbar.extend == "both"
+    full = plot_fact_heatmap(None, fact, attribution=SimpleNamespace(scores_batched=scores), percentile=None)
+    assert full.axes[0].images[0].get_clim() == pytest.approx((-5.8, 5.8))
+
+
+# ------------------------------------------------------------------------------------- claim verdicts
+
+
+def _write_consistency_tables(out, kc, ki):
+    """consistency_summary / consistency_facts of one method ("ig") whose facts have CS ``kc`` (K_C) and ``ki``
+    (K_I), built with the library's own class_statistics (static τ = 0.3)."""
+    cs = np.concatenate([kc, ki])
+    labels = np.array(["K_C"] * len(kc) + ["K_I"] * len(ki), dtype=object)
+    st = class_statistics(cs, labels, n_perm=50)
+    summary = pd.DataFrame([{"model": "m", "method": "ig", "threshold": "static", "tau": 0.3, **st}])
+    facts = pd.DataFrame({"method": "ig", "fact_key": [f"f{i}" for i in range(len(cs))], "cs": cs,
+                          "class_static": labels})  # fmt: skip
+    (out / "consistency").mkdir(parents=True, exist_ok=True)
+    summary.to_parquet(out / "consistency" / "consistency_summary.parquet")
+    facts.to_parquet(out / "consistency" / "consistency_facts.parquet")
+    return st
+
+
+def test_consistency_claims_need_enough_facts_per_class(tmp_path):
+    import re
+
+    from qloc_tl import report
+
+    rng = np.random.default_rng(3)
+    # below the minimum (20): 25 K_C, 5 K_I
+    kc, ki = rng.uniform(0.4, 1.0, 25), rng.uniform(0.0, 0.29, 5)
+    _write_consistency_tables(tmp_path, kc, ki)
+    (share, s1), (welch, s2) = report.claim_verdicts(tmp_path)[:2]
+    assert s1["status"] != report.TOO_FEW  # 30 facts in all: the K_I share gets a verdict
+    assert "n = 30 facts" in s1["evidence"]
+    assert s2["status"] == "too few facts" and "K_I n=5" in s2["evidence"] and "K_C n=25" in s2["evidence"]
+    # the minimum can be lowered per call and for the session
+    assert report.claim_verdicts(tmp_path, min_facts=5)[1][1]["status"] == "supported"
+    old = report.MIN_FACTS_PER_CLASS
+    try:
+        report.MIN_FACTS_PER_CLASS = 31
+        assert report.claim_verdicts(tmp_path)[0][1]["status"] == "too few facts"
+    finally:
+        report.MIN_FACTS_PER_CLASS = old
+    # above the minimum: a real verdict, with n and the Welch CI of the mean-CS difference (oracle: scipy)
+    kc, ki = rng.uniform(0.4, 1.0, 24), rng.uniform(0.0, 0.29, 21)
+    st = _write_consistency_tables(tmp_path, kc, ki)
+    share, welch = (v for _, v in report.claim_verdicts(tmp_path)[:2])
+    assert welch["status"] == "supported"
+    assert "K_C n=24, K_I n=21" in welch["evidence"]
+    lo, hi = stats.ttest_ind(kc, ki, equal_var=False).confidence_interval(0.95)
+    m = re.search(r"95% CI \[([-+0-9.]+), ([-+0-9.]+)\]", welch["evidence"])
+    assert m and float(m.group(1)) == pytest.approx(lo, abs=0.006) and float(m.group(2)) == pytest.approx(hi, abs=0.006)
+    # the K_I share: 21/45 ≥ 20 % -> supported; its bootstrap CI from the summary is quoted
+    assert share["status"] == "supported" and "n = 45 facts" in share["evidence"]
+    assert f"{21 / 45:.0%} (95% CI [{st['prop_KI_ci_lo']:.0%}, {st['prop_KI_ci_hi']:.0%}])" in share["evidence"]

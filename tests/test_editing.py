@@ -662,13 +662,56 @@ def test_claims_from_a_hand_made_table(tmp_path):
             rows.append(dict(edit="erase", **{"class": cls}, method=m, n_facts=10, rel=rel, gen=gen + gshift, loc=loc,
                              avg=(rel + gen + gshift + loc) / 3, ppl_rel_delta=0.5 if m == "N_u" else 0.1))  # fmt: skip
     pd.DataFrame(rows).to_parquet(tmp_path / "editing_table.parquet")
-    got = {c: (st, ev) for c, st, ev in claims(tmp_path)}
+    # 10 facts per class is below the default minimum (20): no verdict, the counts are given
+    low = claims(tmp_path)
+    assert {st for _, st, _ in low} == {"too few facts"}
+    assert "erase/N_i K_I n=10, K_C n=10" in low[0][2] and "≥ 20 facts" in low[0][2]
+    got = {c: (st, ev) for c, st, ev in claims(tmp_path, min_facts=10)}
     assert [st for st, _ in got.values()] == ["supported"] * 4
+    assert all("CI n/a" in ev for _, ev in got.values())  # no editing_rows: no CI
     # CAS no longer best in K_I -> partial; no table -> not run
     rows[5]["avg"] = 0.1
     pd.DataFrame(rows).to_parquet(tmp_path / "editing_table.parquet")
-    assert claims(tmp_path)[3][1] == "partial"
+    assert claims(tmp_path, min_facts=10)[3][1] == "partial"
     assert {st for _, st, _ in claims(tmp_path / "missing")} == {"not run"}
+
+
+def test_claims_give_n_and_bootstrap_ci_from_fact_rows(tmp_path):
+    """Per-fact rows (25 K_C, 22 K_I facts) summarised by the library's ``summarize``: real verdicts whose
+    evidence gives each cell's n and a 95 % bootstrap CI over facts. Oracle for the CI: Gen of K_C alternates
+    0.5 / 0.7 (13 / 12 facts), so the mean's sampling sd is sd/√n and the CI ≈ mean ± 1.96·sd/√n."""
+    import re
+
+    from qloc_tl.editing import claims, summarize
+
+    rows = []
+    for cls, n, gens in (("K_C", 25, (0.5, 0.7)), ("K_I", 22, (0.2, 0.2))):
+        for f in range(n):
+            for m, rel, loc in (("N_i", 0.9, 0.95), ("N_u", 0.95, 0.6), ("CAS", 0.95, 0.95)):
+                gen = gens[f % 2] - (0.3 if m == "N_i" else 0.0)
+                rows.append(dict(fact_key=f"{cls}{f}", status="ok", edit="erase", method=m, rel=rel, gen=gen, loc=loc,
+                                 ppl_delta=0.1, ppl_rel_delta=0.5 if m == "N_u" else 0.1, n_neurons=3,
+                                 dprob_old_edited=-0.5, dprob_new_edited=0.0, dprob_old_neighbors=-0.2,
+                                 dprob_new_neighbors=0.0, **{"class": cls}))  # fmt: skip
+    rows = pd.DataFrame(rows)
+    rows.to_parquet(tmp_path / "editing_rows.parquet")
+    summarize(rows, EditingConfig(edits=("erase",))).to_parquet(tmp_path / "editing_table.parquet")
+    got = claims(tmp_path)
+    assert [st for _, st, _ in got] == ["supported"] * 4
+    ev = got[0][2]  # Gen K_I < Gen K_C per method
+    m = re.search(r"erase/CAS Gen K_I 0\.20 \(n=22, 95% CI \[0\.20, 0\.20\]\) vs K_C 0\.60 \(n=25, 95% CI \[([0-9.]+), ([0-9.]+)\]\)", ev)
+    assert m, ev
+    g = np.array([0.5, 0.7] * 12 + [0.5])
+    half = 1.96 * g.std() / math.sqrt(len(g))
+    assert float(m.group(1)) == pytest.approx(g.mean() - half, abs=0.011)
+    assert float(m.group(2)) == pytest.approx(g.mean() + half, abs=0.011)
+    # one class below the minimum: that claim's cells are named, no verdict from them
+    few = rows[~rows["fact_key"].isin([f"K_I{f}" for f in range(5, 22)])]  # 5 K_I facts left
+    few.to_parquet(tmp_path / "editing_rows.parquet")
+    summarize(few, EditingConfig(edits=("erase",))).to_parquet(tmp_path / "editing_table.parquet")
+    got = claims(tmp_path)
+    assert got[0][1] == "too few facts" and "K_I n=5, K_C n=25" in got[0][2]
+    assert got[1][1] == "supported" and "too few facts (< 20) in: erase/K_I n=5" in got[1][2]
 
 
 def test_config_validation():

@@ -353,3 +353,84 @@ def test_builtin_model_one_call_tables():
     aid = answer_token_id(model, q, fact.answer, multi_token="first")
     assert r.p_before == pytest.approx(_manual_prob(model, q, aid, [], 1.0), abs=2e-6)
     assert r.p_after == pytest.approx(_manual_prob(model, q, aid, kns, 0.0), abs=2e-6)
+
+
+# ------------------------------------------------------------------------------------- claim verdicts
+
+
+def _write_ql_tables(ql, n_kc, n_ki, seed=0):
+    """Synthetic ``ql`` stage tables (2 queries per fact) summarised with the library's own functions.
+    Mapping: Self −0.8 / Intersection −0.2 Δp/p for K_I, −0.5 / −0.4 for K_C under suppression. Dynamic: KS
+    suppression moves P(answer) by −0.5 (enhance +0.1), the query KNs' ΔValue −0.6 vs neighbor −0.2 / random
+    −0.05, Δp via query KNs −0.3 vs neighbor −0.05; irrelevant-KS edits move everything ten times less."""
+    from qloc_tl.dynamic import enh_vs_sup, summarize_dynamic
+
+    rng = np.random.default_rng(seed)
+    mrows, drows = [], []
+    for cls, n in (("K_C", n_kc), ("K_I", n_ki)):
+        for f in range(n):
+            key = f"{cls}|{f}"
+            for qi in range(2):
+                for name, base in (("Self", -0.8 if cls == "K_I" else -0.5), ("Intersection", -0.2 if cls == "K_I" else -0.4)):
+                    for op, factor in (("suppress", 1.0), ("enhance", -0.2)):
+                        r = base * factor + rng.normal(0, 0.05)
+                        mrows.append({"class": cls, "set": name, "op": op, "fact_key": key, "query_index": qi,
+                                      "empty": False, "n_neurons": 3, "p_before": 0.6, "dprob": 0.6 * r, "dprob_ratio": r})  # fmt: skip
+                for inter in ("KS", "irrelevant"):
+                    for op in ("suppress", "enhance"):
+                        scale = (1.0 if inter == "KS" else 0.1) * (1.0 if op == "suppress" else -0.2)
+                        dp = -0.5 * scale + rng.normal(0, 0.02)
+                        for g, dv, via in (("query", -0.6, -0.3), ("neighbor", -0.2, -0.05), ("random", -0.05, -0.01)):
+                            v = dv * scale + rng.normal(0, 0.02)
+                            drows.append({"fact_key": key, "class": cls, "query_index": qi, "intervention": inter, "op": op,
+                                          "group": g, "n_synapses": 2, "empty_ks": False, "n_neurons": 3, "empty_group": False,
+                                          "p_before": 0.6, "dprob": dp, "dprob_ratio": dp / 0.6,
+                                          "dprob_via": via * scale + rng.normal(0, 0.01), "dvalue_rel": v, "dvalue_rel_agg": v,
+                                          "dvalue_abs": v, "dvalue_mag": abs(v)})  # fmt: skip
+    m, d = pd.DataFrame(mrows), pd.DataFrame(drows)
+    ql.mkdir(parents=True, exist_ok=True)
+    summ = summarize_mapping(m, n_bootstrap=200)
+    summ.to_parquet(ql / "mapping_summary.parquet")
+    d.to_parquet(ql / "dynamic_rows.parquet")
+    dsum = summarize_dynamic(d, n_bootstrap=200)
+    dsum.to_parquet(ql / "dynamic_summary.parquet")
+    enh_vs_sup(d).to_parquet(ql / "dynamic_enh_vs_sup.parquet")
+    return summ, d, dsum
+
+
+def _ql_verdicts(out, **kw):
+    from qloc_tl.report import claim_verdicts
+
+    return {c.split(":")[0]: v for c, v in claim_verdicts(out, **kw) if c.startswith(("QL", "Enh"))}
+
+
+def test_ql_claims_need_enough_facts_per_class(tmp_path):
+    import re
+
+    # K_I below the minimum (20): the mapping claim (K_I vs K_C) is "too few facts"; the pooled dynamic claim
+    # (33 facts) gets a verdict; Enh < Sup is judged on K_C only and names K_I as left out
+    _write_ql_tables(tmp_path / "ql", 25, 8)
+    v = _ql_verdicts(tmp_path)
+    mp, dyn, es = v["QL (Query-KN mapping)"], v["QL (dynamic KN selection)"], v["Enh < Sup"]
+    assert mp["status"] == "too few facts" and "K_I n=8" in mp["evidence"] and "K_C n=25" in mp["evidence"]
+    assert dyn["status"] == "supported" and "n = 33 facts (K_C 25, K_I 8)" in dyn["evidence"]
+    assert es["status"] == "supported" and "K_C (n=25)" in es["evidence"] and "too few facts for a verdict: K_I n=8" in es["evidence"]
+    # 15 facts in all: every QL claim is "too few facts"
+    _write_ql_tables(tmp_path / "small" / "ql", 10, 5)
+    assert {x["status"] for x in _ql_verdicts(tmp_path / "small").values()} == {"too few facts"}
+    assert _ql_verdicts(tmp_path / "small", min_facts=5)["QL (Query-KN mapping)"]["status"] == "supported"
+    # enough facts in both classes: real verdicts with n and CIs
+    summ, rows, dsum = _write_ql_tables(tmp_path / "big" / "ql", 25, 22, seed=1)
+    v = _ql_verdicts(tmp_path / "big")
+    mp, dyn, es = v["QL (Query-KN mapping)"], v["QL (dynamic KN selection)"], v["Enh < Sup"]
+    assert mp["status"] == "supported"  # K_I gap 0.6 > 0.1 and > K_C gap 0.1
+    ki_self = summ[(summ["class"] == "K_I") & (summ["set"] == "Self") & (summ["op"] == "suppress")].iloc[0]
+    assert f"K_I (n=22): Self {ki_self.mean_of_ratios:+.2f} (95% CI [{ki_self.mean_of_ratios_lo:+.2f}, {ki_self.mean_of_ratios_hi:+.2f}])" in mp["evidence"]
+    assert dyn["status"] == "supported" and "n = 47 facts (K_C 25, K_I 22)" in dyn["evidence"]
+    q = rows[(rows["intervention"] == "KS") & (rows["op"] == "suppress") & (rows["group"] == "query")]
+    got = re.search(r"ΔValue query ([-+0-9.]+) \(95% CI \[([-+0-9.]+), ([-+0-9.]+)\]\)", dyn["evidence"])
+    assert got and float(got.group(1)) == pytest.approx(q["dvalue_rel_agg"].mean(), abs=0.006)  # pooled mean (numpy)
+    assert float(got.group(2)) < q["dvalue_rel_agg"].mean() < float(got.group(3))
+    assert es["status"] == "supported" and "K_I (n=22)" in es["evidence"] and "too few" not in es["evidence"]
+    ki_sup = dsum[(dsum["class"] == "K_I") & (dsum["intervention"] == "KS") & (dsum["op"] == "suppress") & (dsum["group"] == "query")].iloc[0]
+    assert f"sup 95% CI [{ki_sup.dprob_lo:+.2f}, {ki_sup.dprob_hi:+.2f}]" in es["evidence"]

@@ -162,20 +162,56 @@ def test_select_synapses_hand_thresholds():
         [[[0.0, 1.0, 0.5, 0.1], [0.3, 0.0, 0.07, -1.0]], [[0.05, 0.0, 0.0, 0.0], [-0.2, -0.1, -0.3, -0.4]]]
     )
     # per head: >= 0.2 * head max; heads with max <= 0 select nothing
-    assert set(select_synapses(s)) == {
+    assert set(select_synapses(s, per_head=True)) == {
         Synapse(0, 0, 1), Synapse(0, 0, 2), Synapse(0, 1, 0), Synapse(0, 1, 2), Synapse(1, 0, 0)
     }  # fmt: skip
-    # over all entries: >= 0.2 * global max (1.0)
-    assert set(select_synapses(s, per_head=False)) == {Synapse(0, 0, 1), Synapse(0, 0, 2), Synapse(0, 1, 0)}
+    # default, over all entries: >= 0.2 * global max (1.0)
+    assert set(select_synapses(s)) == {Synapse(0, 0, 1), Synapse(0, 0, 2), Synapse(0, 1, 0)}
+    assert set(select_synapses(s, per_head=False)) == set(select_synapses(s))
     # head filter: heads whose max reaches 0.4 of the global max
-    assert {x.as_head() for x in select_synapses(s, head_threshold=0.4)} == {Head(0, 0)}
+    assert {x.as_head() for x in select_synapses(s, head_threshold=0.4, per_head=True)} == {Head(0, 0)}
     # excluded keys never selected
     assert all(x.key_position != 0 for x in select_synapses(s, exclude_keys=(0,)))
-    assert set(select_synapses(s, threshold_method="topk", threshold=1)) == {
+    assert all(x.key_position != 0 for x in select_synapses(s, exclude_keys=(0,), per_head=True))
+    assert set(select_synapses(s, threshold_method="topk", threshold=1, per_head=True)) == {
         Synapse(0, 0, 1), Synapse(0, 1, 0), Synapse(1, 0, 0), Synapse(1, 1, 1)
     }  # fmt: skip
+    assert set(select_synapses(s, threshold_method="topk", threshold=1)) == {Synapse(0, 0, 1)}
     with pytest.raises(InvalidInputError):
         select_synapses(s[0])
+
+
+def test_global_selection_is_the_default_and_ignores_weak_heads():
+    """One strong head among many weak ones (the shape seen on a 30-layer model): per-head fraction-of-max
+    keeps a column in every head, global selection only the strong head's large entries.
+
+    Hand computation: global τ = 0.2 · 2.0 = 0.4, so only 2.0 and 0.6 of head L2H1 pass; per head, every head's
+    own max passes (0.05 ≥ 0.2 · 0.05), and in L2H1 2.0 and 0.6 (≥ 0.4), not 0.1.
+    """
+    s = torch.zeros(3, 3, 4)
+    for layer in range(3):
+        for h in range(3):
+            s[layer, h, (layer + h) % 4] = 0.05  # one weak positive entry in every head
+    s[2, 1] = torch.tensor([0.0, 2.0, 0.6, 0.1])
+    weak = {Synapse(layer, h, (layer + h) % 4) for layer in range(3) for h in range(3) if (layer, h) != (2, 1)}
+    assert set(select_synapses(s)) == {Synapse(2, 1, 1), Synapse(2, 1, 2)}
+    assert set(select_synapses(s, per_head=True)) == weak | {Synapse(2, 1, 1), Synapse(2, 1, 2)}
+    assert len({x.as_head() for x in select_synapses(s, per_head=True)}) == 9
+    # QLConfig and find_synapses use the same default
+    from qloc_tl.query_localization import QLConfig
+
+    assert QLConfig().ks_per_head is False
+
+
+def test_find_synapses_selects_globally_by_default(gpt2):
+    r = find_synapses(gpt2, PROMPT, ANSWER, steps=2)
+    assert r.per_head is False
+    assert set(r.synapses) == set(select_synapses(r.scores, per_head=False))
+    # the per-head option selects from every head with a positive best score
+    ph = r.reselect(per_head=True)
+    heads_pos = {Head(layer, h) for layer in range(3) for h in range(4) if float(r.scores[layer, h].max()) > 0}
+    assert {x.as_head() for x in ph.synapses} == heads_pos
+    assert set(r.synapses) <= set(ph.synapses)
 
 
 def test_result_views(gpt2):

@@ -25,6 +25,7 @@ from qloc_tl.views import (
     plot_causal_trace,
     plot_dynamic,
     plot_mapping,
+    robust_limits,
     save_html,
     synapse_heads_view,
 )
@@ -116,6 +117,41 @@ def test_plots_draw_the_numbers():
     assert arr.tolist() == [[0.0, 0.375], [0.125, 0.5], [0.25, 0.625]]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["<s>", "alice*", "was"]
     assert _trace().plot("mlp") is not None
+
+
+def test_robust_limits_ignore_an_outlier_row():
+    """40 rows of values in [-1, 1] and one row of -50: the limits are ±(numpy's 99th percentile of |values|),
+    which the outlier row (< 1 % of the cells) does not reach."""
+    rng = np.random.default_rng(0)
+    m = rng.uniform(-1, 1, size=(200, 30))
+    m[7, :] = -50.0  # one row of extremes: 30 of 6000 cells (0.5 %)
+    lo, hi = robust_limits(m)
+    want = np.percentile(np.abs(m), 99)
+    assert (lo, hi) == pytest.approx((-want, want)) and hi <= 1.0
+    assert robust_limits(m, None) == pytest.approx((-50.0, 50.0))
+    p90 = np.percentile(np.abs(m), 90)
+    assert robust_limits(torch.tensor(m), 90.0) == pytest.approx((-p90, p90))
+    assert robust_limits(np.zeros((2, 2))) == (-1.0, 1.0)
+    assert robust_limits(np.array([[np.nan, 2.0], [-1.0, np.inf]]), None) == (-2.0, 2.0)
+    with pytest.raises(InvalidInputError, match="percentile"):
+        robust_limits(m, 0)
+
+
+def test_causal_trace_colour_scale_is_robust():
+    from qloc_tl.tracing import TraceResult
+
+    rng = np.random.default_rng(1)
+    ie = rng.uniform(-0.05, 0.3, size=(12, 10))  # [layers, positions]: 120 cells
+    ie[4, 3] = 5.0  # one extreme cell
+    r = TraceResult(ie={"attn": torch.tensor(ie)}, p_restored={"attn": torch.tensor(ie)}, p_clean=0.5, p_corrupt=0.1,
+                    tokens=torch.arange(10), str_tokens=tuple("abcdefghij"), subject_positions=(1,), answer_id=3,
+                    noise_std=0.3, samples=2, window={"attn": 10})  # fmt: skip
+    fig = plot_causal_trace(r, "attn")
+    im = fig.axes[0].images[0]
+    want = np.percentile(np.abs(ie), 99)
+    assert im.get_clim() == pytest.approx((-want, want)) and want < 5.0
+    assert fig.axes[-1] is not fig.axes[0] and im.colorbar.extend == "both"
+    assert plot_causal_trace(r, "attn", percentile=None).axes[0].images[0].get_clim() == pytest.approx((-5.0, 5.0))
 
 
 def _props(html: str) -> dict:
