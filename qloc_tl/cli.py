@@ -106,6 +106,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed for sampling, placebos and statistics (default 0)")
     p.add_argument("--threads", type=_positive, default=1,
                    help="torch CPU threads (default 1: fastest for the small built-in model; raise it for large models)")
+    p.add_argument("--min-facts", type=_positive, default=None, metavar="N",
+                   help="fewest facts per compared class for a claim verdict (default 20; fewer: 'too few facts')")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -140,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("-v", "--verbose", action="store_true")
     r = sub.add_parser("report", help="rebuild report.html from an output directory")
     r.add_argument("out", help="an output directory written by 'qloc-tl run'")
+    r.add_argument("--min-facts", type=_positive, default=None, metavar="N",
+                   help="fewest facts per compared class for a claim verdict (default 20)")
     m = sub.add_parser("merge", help="combine shard output directories into one, then finish the run there")
     m.add_argument("out", help="the merged output directory")
     m.add_argument("shards", nargs="+", help="output directories of 'qloc-tl run --shard i/n'")
@@ -549,12 +553,12 @@ def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     timings["total"] = time.perf_counter() - t0
     info = {**run_info, "status": "finished", "n_facts": len(facts), "timings_s": {k: round(v, 2) for k, v in timings.items()}}
     atomic_write_text(out / "run.json", json.dumps(info, indent=2))
-    write_report(out)
+    write_report(out, min_facts=getattr(args, "min_facts", None))
     results["timings"] = timings
     return results
 
 
-def _summary_lines(out: Path) -> list[str]:
+def _summary_lines(out: Path, min_facts: int | None = None) -> list[str]:
     from .report import claim_verdicts
 
     info = json.loads((out / "run.json").read_text())
@@ -562,7 +566,7 @@ def _summary_lines(out: Path) -> list[str]:
         f"qloc-tl: {info['n_facts']} facts, model {info['settings']['model']}, methods {','.join(info['settings']['methods'])}, "
         f"{info['timings_s']['total']:.0f} s",
     ]
-    for claim, verdict in claim_verdicts(out):
+    for claim, verdict in claim_verdicts(out, min_facts=min_facts):
         lines.append(f"  [{verdict['status']:>13}] {claim}: {verdict['evidence']}")
     lines.append(f"  report: {out / 'report.html'}")
     return lines
@@ -694,7 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "report":
             from .report import write_report
 
-            path = write_report(Path(args.out))
+            path = write_report(Path(args.out), min_facts=args.min_facts)
             print(f"qloc-tl: wrote {path}")
             return 0
         if args.command == "known":
@@ -708,7 +712,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stages = STAGES if args.command == "run" else (args.command,)
             execute(args, stages)
             out = Path(args.out)
-        print("\n".join(_summary_lines(out)))
+        print("\n".join(_summary_lines(out, getattr(args, "min_facts", None))))
         return 0
     except QlocError as exc:
         sys.stderr.write(f"qloc-tl: error: {exc}\n")

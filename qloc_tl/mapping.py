@@ -1,15 +1,20 @@
 """Query-KN mapping (Chen et al., ICLR 2025, §4.5 of the method spec): which neuron sets control a query?
 
 For a fact with neighbor queries q_1..q_k and their knowledge-neuron (KN) sets N_1..N_k
-(c(n) = #{j : n ∈ N_j}), each query q_i is intervened on with five sets:
+(c(n) = #{j : n ∈ N_j}), each query q_i is intervened on with five sets. The neighbor sets are built from the
+other queries by default: with q_i's own KNs included, Intersection ⊆ Self ⊆ Union by construction, and the
+paper's finding for inconsistent knowledge (Self clearly above every other set, Intersection worst) could not
+be tested.
 
 ================ ======================================================================================
 set              definition
 ================ ======================================================================================
 ``Self``         N_i, the query's own KNs
-``Union``        ∪_j N_j (``include_self=True``, default: j runs over all k queries; else j ≠ i)
-``Intersection`` ∩_j N_j (strict; same ``include_self`` rule)
-``Refine``       {n : c(n) ≥ ``refine_min_count``} (default 2: "appears in more than one query")
+``Union``        ∪_{j≠i} N_j: the *other* queries' KNs (default, ``include_self=False``); with
+                 ``include_self=True`` j runs over all k queries
+``Intersection`` ∩_{j≠i} N_j (strict; same ``include_self`` rule)
+``Refine``       {n : c(n) ≥ ``refine_min_count``}, c counted over the same queries (default 2: "appears in
+                 more than one query")
 ``Unrelated``    a placebo: random neurons matched to Self in count *and* per-layer distribution, drawn
                  from neurons outside the fact's Union; seeded per (seed, fact key, query index), so it
                  does not depend on chunking or on which other facts are in the run
@@ -160,7 +165,7 @@ def query_neuron_sets(
     *,
     d_mlp: int,
     refine_min_count: int = 2,
-    include_self: bool = True,
+    include_self: bool = False,
     seed: int = 0,
     key: str = "",
 ) -> list[dict[str, tuple[Neuron, ...]]]:
@@ -170,7 +175,8 @@ def query_neuron_sets(
         kn_sets: one KN set per query, in query order.
         d_mlp: neurons per layer (for the Unrelated placebo).
         refine_min_count: Refine keeps neurons appearing in at least this many queries' sets.
-        include_self: Union / Intersection / Refine over all queries (default) or over the others only.
+        include_self: Union / Intersection / Refine over the other queries only (False, default: the paper's
+            reading) or over all queries including query i (True).
         seed, key: the Unrelated placebo of query i is drawn with ``derive_seed(seed, key, i)``.
 
     Returns:
@@ -360,7 +366,7 @@ def measure_query_kn_mapping(
     *,
     ops: Mapping[str, float] | None = None,
     refine_min_count: int = 2,
-    include_self: bool = True,
+    include_self: bool = False,
     seed: int = 0,
     site: str = "post",
     multi_token: Literal["error", "first"] = "first",

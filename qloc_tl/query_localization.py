@@ -104,7 +104,8 @@ class QLConfig:
     K_C / K_I split (used only when ``classes`` is not given):
         cs_threshold: τ in [0, 1] (default 0.3) or ``"otsu"``; cs_mode: ``"relaxed"`` (default) or ``"strict"``.
     Query-KN mapping:
-        refine_min_count (2: "appears in more than one query"), include_self (True), suppress (0.0), enhance (2.0).
+        refine_min_count (2: "appears in more than one query"), include_self (False: Union, Intersection and Refine
+        of query i from the other queries j ≠ i), suppress (0.0), enhance (2.0).
     Knowledge synapses / dynamic KN selection:
         dynamic (True: run it), ks_method (``"attattr"``), ks_steps (20), ks_rule (``"left"``),
         ks_threshold_method (``"fraction_of_max"``), ks_threshold (0.2), ks_per_head (False: one threshold
@@ -125,7 +126,7 @@ class QLConfig:
     cs_threshold: float | Literal["otsu"] = 0.3
     cs_mode: Literal["relaxed", "strict"] = "relaxed"
     refine_min_count: int = 2
-    include_self: bool = True
+    include_self: bool = False
     suppress: float = 0.0
     enhance: float = 2.0
     dynamic: bool = True

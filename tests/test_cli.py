@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from qloc_tl import Fact
-from qloc_tl.cli import build_parser, cap_facts, main, run_settings
+from qloc_tl.cli import build_parser, cap_facts, main, round_robin, run_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,8 +44,30 @@ def test_library_errors_become_one_line_exit_2(tmp_path, capsys):
 
 def test_help_documents_every_option():
     text = build_parser()._subparsers._group_actions[0].choices["run"].format_help()  # type: ignore[union-attr]
-    for opt in ("--model", "--facts", "--relations", "--max-facts", "--methods", "--device", "--out", "--quick", "--resume", "--shard"):
+    for opt in ("--model", "--facts", "--relations", "--max-facts", "--methods", "--device", "--out", "--quick", "--resume",
+                "--shard", "--all-queries", "--min-facts"):  # fmt: skip
         assert opt in text
+
+
+def test_help_and_code_agree_on_quick_steps():
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["run"].format_help().split())  # type: ignore[union-attr]
+    steps = run_settings(build_parser().parse_args(["run", "--quick"]))["steps"]
+    assert f"--quick: {steps})" in text
+
+
+def test_settings_per_model_kind():
+    p = build_parser()
+    b = run_settings(p.parse_args(["run"]))
+    assert (b["facts"], b["known"]) == ("builtin", "off")  # the toy was trained on its facts: no filter
+    s = run_settings(p.parse_args(["run", "--model", "smollm2-135m"]))
+    assert (s["facts"], s["known"], s["methods"]) == ("pararel", "top1", ["ig", "amig"])
+    a = run_settings(p.parse_args(["run", "--model", "smollm2-135m", "--all-queries", "--facts", "builtin"]))
+    assert (a["facts"], a["known"]) == ("builtin", "off")
+
+
+def test_round_robin_interleaves_relations_in_file_order():
+    facts = [Fact(f"s{i}", rel, "o", ["q a", "q b"]) for i, rel in enumerate(["P1", "P1", "P1", "P2", "P3", "P3"])]
+    assert [f.subject for f in round_robin(facts)] == ["s0", "s3", "s4", "s1", "s5", "s2"]
 
 
 def test_settings_defaults_and_quick():
@@ -324,3 +346,28 @@ def test_report_text_names_the_model_of_the_run(tmp_path):
     page = write_report(out).read_text()
     assert "qloc-tl report — smollm2-135m" in page and "smollm2-135m answers at mean p≈0.40" in page
     assert "built-in model" not in page and "builtin" not in page
+
+
+def test_smollm2_consistency_run_uses_only_known_queries(tmp_path):
+    """A short real-model CLI run: facts screened for what SmolLM2 knows, then the consistency stage."""
+    from conftest import smollm2_or_skip
+
+    smollm2_or_skip()
+    import pandas as pd
+
+    out = tmp_path / "smol"
+    proc = subprocess.run(
+        [sys.executable, "-m", "qloc_tl.cli", "consistency", "--model", "smollm2-135m", "--relations", "P36,P1376",
+         "--max-facts", "2", "--methods", "ig", "--steps", "2", "--no-progress", "--threads", "2", "--out", str(out)],
+        capture_output=True, text=True, cwd=ROOT, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    screened = pd.read_csv(out / "known" / "queries.csv")
+    used = pd.read_parquet(out / "consistency" / "consistency_queries.parquet")
+    assert len(used["fact_key"].unique()) == 2
+    known_texts = set(screened.loc[screened["known"], "text"])
+    assert set(used["text"]) <= known_texts  # no stage consumes a query the model does not answer
+    assert used["top1"].all()
+    info = json.loads((out / "run.json").read_text())
+    assert info["settings"]["known"] == "top1" and info["status"] == "finished"
+    assert "smollm2-135m" in (out / "report.html").read_text()

@@ -80,9 +80,27 @@ def _manual_prob(model, prompt, answer_id, neurons, factor):
 # ----------------------------------------------------------------------------------------------- sets
 
 
+def test_neighbor_sets_default_to_the_other_queries():
+    """The paper's reading (j != i) is the default: a hand-built fact where query 0's own KNs are private."""
+    a, b, c, d, e = N(0, 1), N(0, 2), N(1, 3), N(2, 4), N(3, 5)
+    kn = [{a, e}, {b, c}, {b, c, d}]  # query 0 (a K_I-like query) shares nothing with its neighbors
+    sets = query_neuron_sets(kn, d_mlp=16)
+    assert sets[0]["Union"] == (b, c, d)  # {b,c} ∪ {b,c,d}: not containing query 0's own a, e
+    assert sets[0]["Intersection"] == (b, c)
+    assert sets[0]["Refine"] == (b, c)  # in both other queries
+    assert not set(sets[0]["Union"]) & set(sets[0]["Self"])
+    assert sets[2]["Intersection"] == ()  # {a,e} ∩ {b,c} = ∅
+    assert sets[2]["Union"] == (a, b, c, e)
+    # with the query included, Intersection ⊆ Self ⊆ Union holds by construction for every query
+    incl = query_neuron_sets(kn, d_mlp=16, include_self=True)
+    for s in incl:
+        assert set(s["Intersection"]) <= set(s["Self"]) <= set(s["Union"])
+    assert QLConfig().include_self is False
+
+
 def test_query_neuron_sets_match_hand_algebra():
     a, b, c, d = N(0, 1), N(0, 2), N(1, 3), N(2, 4)
-    sets = query_neuron_sets([{a, b}, {a, c}, {a, d, b}], d_mlp=16, seed=3, key="f")
+    sets = query_neuron_sets([{a, b}, {a, c}, {a, d, b}], d_mlp=16, seed=3, key="f", include_self=True)
     assert sets[0]["Self"] == (a, b)
     assert sets[1]["Union"] == (a, b, c, d)
     assert sets[2]["Intersection"] == (a,)
@@ -92,7 +110,7 @@ def test_query_neuron_sets_match_hand_algebra():
     assert others[0]["Intersection"] == (a,)
     assert others[1]["Refine"] == (a, b)
     assert others[2]["Intersection"] == (a,)
-    # Unrelated: same per-layer counts as Self, outside the fact's union, seeded
+    # Unrelated: same per-layer counts as Self, outside the fact's union, seeded (include_self=True above)
     for i, s in enumerate(sets):
         assert Counter(n.layer for n in s["Unrelated"]) == Counter(n.layer for n in s["Self"])
         assert not set(s["Unrelated"]) & {a, b, c, d}
@@ -146,7 +164,7 @@ def test_table_dprob_equals_manual_hook(model):
 
 
 def test_empty_sets_are_recorded_not_dropped(gpt2):
-    rows = measure_query_kn_mapping(gpt2, [FACTS[1]], {FACTS[1].key: KNS[FACTS[1].key]})
+    rows = measure_query_kn_mapping(gpt2, [FACTS[1]], {FACTS[1].key: KNS[FACTS[1].key]}, include_self=True)
     inter = rows[rows["set"] == "Intersection"]
     assert len(inter) == 3 * 2
     assert (inter["n_neurons"] == 0).all() and inter["empty"].all()
