@@ -97,7 +97,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "queries the model answers top-1 are used and facts left with fewer than 2 are dropped")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default="qloc_runs/latest", help="output directory (default qloc_runs/latest)")
-    p.add_argument("--quick", action="store_true", help="a small, fast version of the run (<= 2 min on 2 CPU cores)")
+    p.add_argument("--quick", action="store_true", help="a small, fast version of the run (<= 2 min on 2 CPU cores on the built-in model)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out without redoing finished facts")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="run only shard I of N of the facts (see 'merge')")
     p.add_argument("--split", choices=("otsu", "static"), default="otsu",
@@ -483,9 +483,21 @@ def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Pat
         from .datasets import generic_ppl_texts
 
         texts = generic_ppl_texts()[:: (4 if settings["quick"] else 2)]
+    pool = None
+    if settings["facts"] != "builtin":
+        # o' (the update's new object) is drawn from the pool's objects of the fact's relation, and Locality
+        # queries from the pool's other relations: with a few known facts per relation the run's own facts
+        # are too few, so the pool is every ParaRel fact of the run's relations (Locality: any prompt's top-1
+        # should survive an edit, known or not)
+        from .facts import load_pararel
+
+        path = None if settings["facts"] == "pararel" else settings["facts"]
+        rels = sorted({f.relation for f in facts})
+        keys = {f.key for f in facts}
+        pool = list(facts) + [f for f in load_pararel(path, relations=rels, min_queries=2).facts if f.key not in keys]
     res = editing.run_editing_experiment(
         model, facts, config=cfg, classes=_classes(cons, settings), ppl_texts=texts, out_dir=out / "editing",
-        show_progress=progress, known_only=False,
+        show_progress=progress, known_only=False, unrelated_facts=pool,
     )  # fmt: skip
     figs = out / "figures"
     figs.mkdir(parents=True, exist_ok=True)
