@@ -999,18 +999,21 @@ def cas_scores(
     *,
     beta1: float = 1.0,
     beta2: float = 1.0,
-    spread: Literal["std", "var"] = "std",
+    spread: Literal["std", "var"] = "var",
     normalize: Literal["max", "none"] = "max",
 ) -> Float[Tensor, "n_layers d_mlp"]:
     """Consistency-Aware Score ``β1·μ − β2·σ`` per neuron over a fact's k neighbor queries.
 
     ``normalize="max"`` first divides each query's map by its maximum (by its largest absolute value when
     no score is positive; an all-zero map stays zero); ``μ`` is the mean over queries and ``σ`` the
-    population standard deviation (``spread="std"``) or variance (``"var"``). Computed in float64.
+    population variance (``spread="var"``, default: the paper's "variance across neighbor queries") or
+    standard deviation (``"std"``). Computed in float64.
 
     Examples:
         >>> s = torch.tensor([[[1.0, 0.5]], [[1.0, 0.0]]])      # k=2 queries, 1 layer, 2 neurons
-        >>> cas_scores(s).tolist()                               # [1-0, 0.25-0.25]
+        >>> cas_scores(s).tolist()                               # [1-0, 0.25-0.0625]
+        [[1.0, 0.1875]]
+        >>> cas_scores(s, spread="std").tolist()                 # [1-0, 0.25-0.25]
         [[1.0, 0.0]]
     """
     s = _check_scores(scores).double()
@@ -1093,7 +1096,7 @@ def select_cas(
     *,
     beta1: float = 1.0,
     beta2: float = 1.0,
-    spread: Literal["std", "var"] = "std",
+    spread: Literal["std", "var"] = "var",
     normalize: Literal["max", "none"] = "max",
     method: Literal["fraction_of_max", "topk"] = "fraction_of_max",
     value: float = 0.2,
@@ -1102,8 +1105,10 @@ def select_cas(
 
     Examples:
         >>> s = torch.tensor([[[1.0, 0.9, 0.0]], [[1.0, 0.0, 0.8]]])
-        >>> [str(n) for n in select_cas(s)]      # the consistent neuron only
+        >>> [str(n) for n in select_cas(s, spread="std")]   # the consistent neuron only
         ['L0N0']
+        >>> [str(n) for n in select_cas(s)]   # variance (default): 1.0, 0.45-0.2025, 0.4-0.16, all >= 0.2·max
+        ['L0N0', 'L0N1', 'L0N2']
     """
     cas = cas_scores(scores, beta1=beta1, beta2=beta2, spread=spread, normalize=normalize)
     return select_by_cas(cas, method=method, value=value)
@@ -1131,7 +1136,7 @@ def fact_neuron_sets(
     kn_threshold: float = 0.2,
     beta1: float = 1.0,
     beta2: float = 1.0,
-    spread: Literal["std", "var"] = "std",
+    spread: Literal["std", "var"] = "var",
     normalize: Literal["max", "none"] = "max",
     cas_method: Literal["fraction_of_max", "topk"] = "fraction_of_max",
     cas_value: float = 0.2,
@@ -1206,7 +1211,7 @@ class EditingConfig:
     kn_threshold: float = 0.2
     cas_beta1: float = 1.0
     cas_beta2: float = 1.0
-    cas_spread: Literal["std", "var"] = "std"
+    cas_spread: Literal["std", "var"] = "var"
     cas_normalize: Literal["max", "none"] = "max"
     cas_method: Literal["fraction_of_max", "topk"] = "fraction_of_max"
     cas_value: float = 0.2

@@ -420,10 +420,14 @@ def test_fact_neuron_sets_by_construction():
     sets, per_query = fact_neuron_sets(s, 0)
     assert set(sets["N_i"]) == {Neuron(0, 1), Neuron(1, 4)}
     assert set(sets["N_u"]) == {Neuron(0, 1), Neuron(1, 4), Neuron(1, 5)}
-    assert set(sets["CAS"]) == {Neuron(0, 1)}  # mean 1, std 0; the others: mean 0.3, std 0.42 < 0
-    assert set(sets["CAS_k"]) == {Neuron(0, 1)}  # top-|N_i| = 2, but only one neuron has CAS > 0
-    s[:, 0, 2] = 0.5  # a second consistent neuron: CAS 0.5 > 0
-    assert set(fact_neuron_sets(s, 0)[0]["CAS_k"]) == {Neuron(0, 1), Neuron(0, 2)}
+    assert set(sets["CAS"]) == {Neuron(0, 1)}  # CAS 1 (mean 1, var 0); L1N4 0.3-0.18=0.12 < 0.2·max
+    # top-|N_i| = 2 by CAS (variance, the default): L0N1 1.0, then L1N5 0.267-0.142=0.124 > L1N4 0.12
+    assert set(sets["CAS_k"]) == {Neuron(0, 1), Neuron(1, 5)}
+    std_sets, _ = fact_neuron_sets(s, 0, spread="std")  # std penalises harder: 0.3-0.42 < 0, only L0N1 > 0
+    assert set(std_sets["CAS_k"]) == {Neuron(0, 1)}
+    s[:, 0, 2] = 0.5  # a second consistent neuron (CAS 0.5) that also joins N_i, so |N_i| = 3
+    assert set(fact_neuron_sets(s, 0)[0]["CAS_k"]) == {Neuron(0, 1), Neuron(0, 2), Neuron(1, 5)}
+    assert set(fact_neuron_sets(s, 0, spread="std")[0]["CAS_k"]) == {Neuron(0, 1), Neuron(0, 2)}
     assert [len(q) for q in per_query] == [2, 2, 1]
 
 
