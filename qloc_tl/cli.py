@@ -358,6 +358,7 @@ def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], o
         ConsistencyConfig,
         plot_cs_histogram,
         plot_relation_ki,
+        plot_tau_sweep,
         plot_threshold_sweep,
         run_consistency,
     )
@@ -377,6 +378,11 @@ def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], o
     for kind in ("static", "otsu"):  # both splits: on a model where the static τ finds no K_I, Otsu's shows the tail
         plot_relation_ki(res, kind, path=figs / f"ki_per_relation_{kind}.png")
         plot_threshold_sweep(res, kind, path=figs / f"threshold_sweep_{kind}.png")
+    from .store import atomic_write_table
+
+    n_boot = 200 if settings["quick"] else 1000
+    atomic_write_table(out / "consistency" / "consistency_tau_sweep", res.tau_sweep(n_boot=n_boot, seed=settings["seed"]))
+    plot_tau_sweep(res, path=figs / "tau_sweep.png", n_boot=n_boot, seed=settings["seed"])
     _heatmaps(model, facts, res, settings, figs)
     return res
 

@@ -50,6 +50,7 @@ __all__ = [
     "plot_cs_histogram",
     "plot_relation_ki",
     "plot_threshold_sweep",
+    "plot_tau_sweep",
     "plot_fact_heatmap",
 ]
 
@@ -334,6 +335,35 @@ class ConsistencyResult:
     kn_sets: Mapping[tuple[str, str], list[Any]]
     config: ConsistencyConfig
     timings: Mapping[str, float] = field(default_factory=dict)
+
+    def tau_sweep(
+        self, taus: Sequence[float] | None = None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+    ) -> pd.DataFrame:
+        """The share of inconsistent knowledge as the **CS threshold τ** varies (K_I: CS < τ), per method.
+
+        This is the sweep of the paper's "threshold as a variable" figure (a fact with CS 0.15 counts as
+        consistent at τ = 0.1); :attr:`sweep` varies the KN threshold t instead.
+
+        Args:
+            taus: thresholds in [0, 1] (default 0.0, 0.05, ..., 1.0).
+            n_boot, level, seed: percentile bootstrap over facts for the CI of each share.
+
+        Returns:
+            One row per (method, τ): ``n_facts`` (facts with a finite CS), ``prop_KI``, ``ci_low``, ``ci_high``.
+        """
+        grid = np.round(np.linspace(0.0, 1.0, 21), 4) if taus is None else np.asarray(list(taus), dtype=float)
+        if grid.size == 0 or not np.all(np.isfinite(grid)) or (grid < 0).any() or (grid > 1).any():
+            raise InvalidInputError(f"taus must be non-empty numbers in [0, 1], got {taus!r}")
+        rows = []
+        for m, g in self.facts[self.facts["method"] != "∩"].groupby("method", sort=False):
+            cs = g["cs"].to_numpy(dtype=float)
+            cs = cs[np.isfinite(cs)]
+            for tau in grid:
+                flags = cs < tau
+                lo, hi = bootstrap_proportion_ci(flags, n_boot=n_boot, level=level, seed=seed)
+                rows.append({"method": m, "tau": float(tau), "n_facts": int(cs.size),
+                             "prop_KI": float(flags.mean()) if cs.size else math.nan, "ci_low": lo, "ci_high": hi})  # fmt: skip
+        return pd.DataFrame(rows, columns=["method", "tau", "n_facts", "prop_KI", "ci_low", "ci_high"])
 
     def classes(self, method: str = "ig", kind: ThresholdKind = "static") -> dict[str, str]:
         """``{fact_key: "K_C" | "K_I" | "excluded"}`` for one method (or ``"∩"``) and threshold kind."""
@@ -700,6 +730,23 @@ def plot_relation_ki(result: ConsistencyResult, kind: ThresholdKind = "static", 
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(piv)), 3.2))
     piv.plot.bar(ax=ax, width=0.8)
     ax.set(ylabel="proportion K_I", ylim=(0, 1), title=f"inconsistent knowledge per relation ({kind} τ)")
+    plt.close(fig)
+    return _save(fig, path)
+
+
+def plot_tau_sweep(result: ConsistencyResult, path: str | Path | None = None, **kw: Any) -> Any:
+    """Share of K_I against the CS threshold τ (:meth:`ConsistencyResult.tau_sweep`), one line per method
+    with its bootstrap band."""
+    import matplotlib.pyplot as plt
+
+    df = result.tau_sweep(**kw)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for m, g in df.groupby("method", sort=False):
+        (line,) = ax.plot(g["tau"], g["prop_KI"], marker="o", ms=3, label=f"{m} (n={int(g['n_facts'].iloc[0])})")
+        ax.fill_between(g["tau"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="CS threshold τ (K_I: CS < τ)", ylabel="proportion K_I", ylim=(0, 1), xlim=(0, 1),
+           title="K_I share against τ")  # fmt: skip
+    ax.legend()
     plt.close(fig)
     return _save(fig, path)
 

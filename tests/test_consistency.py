@@ -307,3 +307,22 @@ def test_consistency_claims_need_enough_facts_per_class(tmp_path):
     # the K_I share: 21/45 ≥ 20 % -> supported; its bootstrap CI from the summary is quoted
     assert share["status"] == "supported" and "n = 45 facts" in share["evidence"]
     assert f"{21 / 45:.0%} (95% CI [{st['prop_KI_ci_lo']:.0%}, {st['prop_KI_ci_hi']:.0%}])" in share["evidence"]
+
+
+def test_tau_sweep_counts_facts_below_each_threshold(full_result):
+    """K_I share at τ = #(CS < τ) / #(finite CS), by hand, per method; the CI brackets it."""
+    taus = [0.0, 0.1, 0.3, 0.5, 1.0]
+    df = full_result.tau_sweep(taus, n_boot=200)
+    for m in ("ig", "amig"):
+        cs = full_result.facts.loc[full_result.facts["method"] == m, "cs"].to_numpy(dtype=float)
+        cs = cs[np.isfinite(cs)]
+        got = df[df["method"] == m].set_index("tau")
+        assert got["n_facts"].iloc[0] == len(cs)
+        for tau in taus:
+            want = sum(c < tau for c in cs) / len(cs)
+            assert got.loc[tau, "prop_KI"] == pytest.approx(want)
+            assert got.loc[tau, "ci_low"] - 1e-12 <= want <= got.loc[tau, "ci_high"] + 1e-12
+    assert (df[df["tau"] == 0.0]["prop_KI"] == 0).all()  # nothing is below 0
+    assert "∩" not in set(df["method"])
+    with pytest.raises(InvalidInputError):
+        full_result.tau_sweep([1.5])
