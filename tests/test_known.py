@@ -173,3 +173,19 @@ def test_missing_wheel_is_a_typed_error_naming_the_install(monkeypatch):
     with pytest.raises(InvalidInputError, match="unknown model"):
         q.load_model("smollm3-9000b")
     logging.getLogger(__name__).debug("done")
+
+
+def test_smollm2_ig_equal_across_tl_majors(smollm2_model):
+    """IG of one known fact equals the committed reference, computed under the other TL major (the file names
+    its version), within float32 tolerance: the two majors run the same model the same way."""
+    import json
+    from pathlib import Path
+
+    ref = json.loads((Path(__file__).parent / "data" / "smollm2_ig_reference.json").read_text())
+    res = q.attribute_neurons(smollm2_model, ref["prompt"], ref["answer"], steps=ref["steps"])
+    scores = res.scores.detach().double()
+    assert float(res.clean_prob[0]) == pytest.approx(ref["clean_prob"], rel=1e-4)
+    scale = max(abs(s) for s in ref["scores"])
+    got = [float(scores[layer, i]) for layer, i in ref["neurons"]]
+    assert max(abs(a - b) for a, b in zip(got, ref["scores"])) <= 1e-3 * scale
+    torch.testing.assert_close(scores.sum(-1), torch.tensor(ref["layer_sums"], dtype=torch.float64), atol=1e-3 * scale, rtol=0)

@@ -86,3 +86,94 @@ def test_compat_mode_keeps_probabilities():
     t = torch.tensor([[0, 5, 6, 7]])
     with torch.no_grad():
         torch.testing.assert_close(raw(t).log_softmax(-1), compat(t).log_softmax(-1), atol=1e-5, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# capability probes: comparisons relative to the logits' scale
+# ------------------------------------------------------------------------------------------------
+
+
+def test_logits_mismatch_is_relative_to_the_logit_scale():
+    """Hand-computed: max|Δ| / (1 + max|want|) per row, the worst row. Float-reordering noise on large
+    logits (what a 30-layer float32 model shows through a KV cache: 1.2e-3 on logits of magnitude ~31) is
+    accepted although an absolute tolerance refuses it; a wrong logit is refused."""
+    from qloc_tl.model import logit_tolerance, logits_mismatch
+
+    want = torch.tensor([[31.0, -4.0, 0.0, 2.5], [1.0, 0.0, -1.0, 0.5]], dtype=torch.float64)
+    noise = torch.tensor([[1.2e-3, -1.2e-3, 1.0e-3, 0.0], [0.0, 1e-5, 0.0, 0.0]], dtype=torch.float64)
+    assert logits_mismatch(want + noise, want) == pytest.approx(1.2e-3 / 32.0, rel=1e-9)
+    assert logits_mismatch(want + noise, want) <= logit_tolerance(torch.float32)
+    assert not torch.allclose(want + noise, want, atol=1e-5, rtol=1e-4)  # an absolute test refuses it
+    wrong = want.clone()
+    wrong[1, 2] += 0.05  # one logit of the small-scale row off by 0.05: 0.05 / (1 + 1) = 2.5e-2
+    assert logits_mismatch(wrong, want) == pytest.approx(0.025, rel=1e-9)
+    assert logits_mismatch(wrong, want) > logit_tolerance(torch.float32)
+    assert logits_mismatch(wrong, want) > logit_tolerance(torch.bfloat16) * 0.5
+    nan = want.clone()
+    nan[0, 0] = float("nan")
+    assert logits_mismatch(nan, want) == float("inf")
+    assert logits_mismatch(want[:, :3], want) == float("inf")
+    assert logit_tolerance(torch.float64) < logit_tolerance(torch.float32) < logit_tolerance(torch.float16)
+
+
+@pytest.mark.skipif(TL_MAJOR >= 4, reason="the KV-cache probe is TL 3 HookedTransformer's")
+def test_kv_probe_refuses_a_cache_holding_a_stale_prefix(monkeypatch):
+    """A cache that already holds two tokens of another prefix gives the last token wrong keys, values and
+    position: the probe must refuse it (kv_cache None, with the reason in notes); the real cache passes."""
+    import qloc_tl.model as model_mod
+
+    m = tiny_model("llama", dtype=torch.float32)
+    ok = capabilities(m, refresh=True)
+    assert ok.kv_cache == "hooked" and ok.notes == ()
+    real = model_mod.hooked_kv_cache
+
+    def stale(model, batch):
+        cache = real(model, batch)
+        model(torch.tensor([[7, 8]]), past_kv_cache=cache)
+        return cache
+
+    monkeypatch.setattr(model_mod, "hooked_kv_cache", stale)
+    bad = capabilities(m, refresh=True)
+    assert bad.kv_cache is None and bad.start_at_layer == "fast"
+    assert len(bad.notes) == 1 and bad.notes[0].startswith("kv_cache:") and "relative" in bad.notes[0]
+    assert bad == ok.__class__(ok.backend, ok.pattern_editable, ok.scores_editable, ok.start_at_layer, None)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_start_probe_accepts_rounding_noise_and_refuses_a_wrong_result(arch, monkeypatch):
+    """``model(resid, start_at_layer=1)`` made to return the right logits plus noise at 2e-5 of the logits'
+    scale (accepted) or plus an error at 1e-2 of it (refused, with the reason in notes)."""
+    m = tiny_model(arch, dtype=torch.float32)
+    plain = capabilities(m, refresh=True).start_at_layer
+    assert plain == ("fast" if TL_MAJOR < 4 else "no_saving")
+    real = m.forward
+
+    def skewed(rel):
+        def forward(*args, **kwargs):
+            out = real(*args, **kwargs)
+            if kwargs.get("start_at_layer") is None:
+                return out
+            scale = 1.0 + out.detach().abs().amax(-1, keepdim=True)
+            bump = torch.zeros_like(out)
+            bump[..., 3] = rel * scale[..., 0]
+            return out + bump
+
+        return forward
+
+    monkeypatch.setattr(m, "forward", skewed(2e-5))
+    assert capabilities(m, refresh=True).start_at_layer == plain
+    monkeypatch.setattr(m, "forward", skewed(1e-2))
+    caps = capabilities(m, refresh=True)
+    assert caps.start_at_layer == "unsupported"
+    assert any(n.startswith("start_at_layer:") for n in caps.notes)
+
+
+def test_smollm2_capabilities_despite_float_noise(smollm2_model):
+    """SmolLM2-135M (30 layers, float32): its KV cache (TL 3) and start_at_layer pass the probes, whose
+    4-token input reproduces the full forward only up to float reordering noise."""
+    caps = capabilities(smollm2_model)
+    assert caps.notes == ()
+    if TL_MAJOR < 4:
+        assert caps.backend == "hooked" and caps.kv_cache == "hooked" and caps.start_at_layer == "fast"
+    else:
+        assert caps.backend == "bridge" and caps.start_at_layer == "no_saving"

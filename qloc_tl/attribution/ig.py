@@ -31,9 +31,12 @@ Engines (``implementation=``):
 * ``"fast"`` (default) — the answer position is the last token, and in a causal model every earlier
   position's keys/values are unchanged when layer l's neurons at t change, so only position t has to be
   recomputed per sample. Samples of several layers share one pass (a hook per layer overwrites its rows).
-  Four paths, picked per backend and validated once per call against the clean logits (unedited samples at
-  the first chunk's lowest and highest layer; on a mismatch the next path, with one warning on reaching
-  ``"full"``):
+  Four paths, picked per backend (from :func:`~qloc_tl.model.capabilities`) and validated once per call
+  against the clean logits (unedited samples at the first chunk's lowest and highest layer, compared
+  relative to the logits' scale by :func:`~qloc_tl.model.logits_mismatch`; on a mismatch the next path).
+  Whenever a call runs slower than the model's normal schedule — a capability probe or a validation failed,
+  or hooks on the model keep the MLP-out shortcut off — one WARNING per model names the path taken and why.
+  The paths:
 
   - ``"kv-hooked"`` (TL 3 ``HookedTransformer``, :class:`_HookedKVEvaluator`): blockwise. The prefixes of
     the prompts of a pass go once into TL's KV cache; then one block per call on the answer token only
@@ -92,6 +95,8 @@ from ..model import (
     check_model,
     d_mlp,
     hooked_kv_cache,
+    logit_tolerance,
+    logits_mismatch,
     model_device,
     model_dtype,
     n_layers,
@@ -136,11 +141,10 @@ def _acc_dtype(model: Any) -> torch.dtype:
 
 
 def _tolerance(dtype: torch.dtype) -> float:
-    if dtype == torch.float64:
-        return 1e-6  # HF LLaMA RMSNorm computes in float32 even in a float64 model
-    if dtype == torch.float32:
-        return 2e-4
-    return 3e-2
+    """The relative mismatch (:func:`~qloc_tl.model.logits_mismatch`: ``max|Δ| / (1 + max|logits|)``) a fast
+    path, the clean pass's map and the MLP-out shortcut may show: :func:`~qloc_tl.model.logit_tolerance`, the
+    same as the capability probes'."""
+    return logit_tolerance(dtype)
 
 
 def _objective(
@@ -376,7 +380,7 @@ def _prepare(
                 by_map = _last_logits_by_map(model, cache[final_name][rows, pos], unembed)
                 if not skip:  # the first call on this model: is the map the model's own unembedding?
                     own = logits[rows, pos].to(by_map.dtype)
-                    err = float(((by_map - own).abs().amax(-1) / (1.0 + own.abs().amax(-1))).max())
+                    err = logits_mismatch(by_map, own)
                     _AFFINE_UNEMBED[key] = ok = err <= _tolerance(model_dtype(model))
                     if not ok:
                         logger.info("clean logits: the model's unembedding is not ln_final(r) @ W_U + b_U")
@@ -831,20 +835,38 @@ def _shortcut_eligible(model: Any, config: AttributionConfig, kind: str) -> bool
     their own on the wrapped HF modules (output capturing). A plain PyTorch hook a user put on some other
     module is not seen here; if it changes what block l computes from ``hook_post``, the probes of
     :class:`_GroupedEvaluator` turn the shortcut off."""
-    if not _MLP_SHORTCUT or config.site != "post" or kind not in ("kv-hooked", "blockwise"):
-        return False
-    from torch.nn.modules import module as nn_module
-    from transformer_lens.hook_points import HookPoint
+    return _shortcut_applies(model, config, kind) and _shortcut_blocker(model) is None
 
-    if any(getattr(nn_module, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks")):
-        return False
-    if any(isinstance(m, HookPoint) and _has_hooks(m) for m in model.modules()):
+
+def _shortcut_applies(model: Any, config: AttributionConfig, kind: str) -> bool:
+    """The shortcut is part of ``kind``'s normal schedule on this model (hooks aside): ``_MLP_SHORTCUT`` on,
+    ``site="post"``, a blockwise path and ``blocks[l].mlp.W_out`` of shape ``[d_mlp, d_model]`` everywhere."""
+    if not _MLP_SHORTCUT or config.site != "post" or kind not in ("kv-hooked", "blockwise"):
         return False
     want = (d_mlp(model), int(model.cfg.d_model))
     try:
         return all(tuple(model.blocks[l].mlp.W_out.shape) == want for l in range(n_layers(model)))
     except Exception:  # no blocks[l].mlp.W_out on this backend
         return False
+
+
+def _shortcut_blocker(model: Any) -> str | None:
+    """Why hooks keep the MLP-out shortcut off (global module hooks, or TL hook points carrying hooks, named),
+    else ``None``."""
+    from torch.nn.modules import module as nn_module
+    from transformer_lens.hook_points import HookPoint
+
+    if any(getattr(nn_module, g, None) for g in ("_global_forward_hooks", "_global_forward_pre_hooks")):
+        return "global PyTorch module hooks are registered (the MLP-out shortcut would skip them)"
+    points = [(n, m) for n, m in model.named_modules() if isinstance(m, HookPoint) and _has_hooks(m)]
+    if points:
+        aliases: dict[int, list[str]] = {}  # the hook names a user knows (TL 4: a point has several)
+        for name, hp in getattr(model, "hook_dict", {}).items():
+            aliases.setdefault(id(hp), []).append(name)
+        hooked = [" / ".join(aliases.get(id(m), [n])) for n, m in points]
+        shown = ", ".join(hooked[:3]) + (f" and {len(hooked) - 3} more" if len(hooked) > 3 else "")
+        return f"hooks on {shown} (the MLP-out shortcut would skip them for the samples of their layer)"
+    return None
 
 
 class _BlockwiseEvaluator(_GroupedEvaluator):
@@ -1334,6 +1356,12 @@ def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
             # with one or two copies per row (a prompt that nearly fills n_ctx) a packed row is as long as the
             # full path's and gains nothing, so "auto" does not pack then
             return "packed"
+    if fp in ("kv", "blockwise") and caps.backend == "hooked" and _is_hooked_transformer(model):
+        why = "; ".join(caps.notes) or "the capability probes found no usable KV cache / start_at_layer"
+        raise CapabilityError(
+            f"fast_path={fp!r} needs TL's KV cache and start_at_layer on this {type(model).__name__}, and its "
+            f"capability probes refused them: {why}; use fast_path='auto' or 'full'"
+        )
     if fp == "kv":
         raise InvalidInputError(
             f"fast_path='kv' needs a HookedTransformer KV cache or an HF-backed bridge; this "
@@ -1498,8 +1526,8 @@ def _run_group(
             if check:
                 got = ev.tail_logits.reshape(G, -1, ev.tail_logits.shape[-1])[:, -n_check:].to(acc)
                 ref = prep.clean_last_logits[idxs].to(acc).unsqueeze(1)  # [G, 1, V]
-                err = float(((got - ref).abs().amax(-1) / (1.0 + ref.abs().amax(-1))).max())
-                if not err <= _tolerance(model_dtype(model)):  # NaN fails too
+                err = logits_mismatch(got, ref.expand_as(got))
+                if not err <= _tolerance(model_dtype(model)):  # NaN / inf fail too
                     raise _PathMismatch(err)
                 o, p, g, check = o[:, :-n_check], p[:, :-n_check], g[:, :-n_check], False
                 lay = lay[:-n_check]
@@ -1664,9 +1692,8 @@ def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float, lon
         if kind == "packed":
             _PACKED_FAILED[model] = _mode(model)
         nxt = "full"
-    # one warning per model: when the last prefix-reusing path fails (a native bridge fails them all)
-    logger.log(
-        logging.WARNING if nxt == "full" else logging.INFO,
+    # the detail of each event; the one warning per model is _warn_slower's, once the call runs on a path
+    logger.info(
         "the %s fast path does not reproduce the clean logits on this %s (relative error %.2e; e.g. a native "
         "bridge ignores 4-D attention masks); using the %s path",
         kind,
@@ -1677,6 +1704,68 @@ def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float, lon
     return nxt
 
 
+# slower-than-normal runs warned about, per model: {(mode, path, shortcut used)}
+_SLOW_WARNED: weakref.WeakKeyDictionary[Any, set[Any]] = weakref.WeakKeyDictionary()
+_PATH_WORDS = {
+    "full": "'full' (batched full-sequence)",
+    "packed": "'packed'",
+    "kv-hooked": "'kv-hooked' (KV cache)",
+    "blockwise": "'blockwise'",
+}
+
+
+def _is_hooked_transformer(model: Any) -> bool:
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError:  # pragma: no cover - a TL without it
+        return False
+    return isinstance(model, HookedTransformer)
+
+
+def _start_reasons(model: Any, config: AttributionConfig, kind: str) -> tuple[str | None, list[str]]:
+    """``(normal path, reasons)`` when the fast implementation starts on a slower path than the one it takes
+    on this kind of model (``(None, [])`` otherwise): a HookedTransformer whose capability probes found no
+    usable KV cache or ``start_at_layer`` (:attr:`~qloc_tl.model.Capabilities.notes` say why), or a path that
+    failed validation on an earlier call (remembered per model). ``fast_path="full"`` and the reference are
+    what the user asked for: never slower than normal."""
+    if config.implementation == "reference" or config.fast_path == "full":
+        return None, []
+    caps, mode = capabilities(model), _mode(model)
+    earlier = "the %s path did not reproduce the clean logits on an earlier call"
+    if caps.backend == "hooked":
+        if kind == "full" and _is_hooked_transformer(model):
+            notes = list(caps.notes) or ["the capability probes found no usable KV cache / start_at_layer"]
+            return "'kv-hooked' / 'blockwise'", notes
+        if kind == "kv-hooked" and config.fast_path == "auto" and _BLOCKWISE_FAILED.get(model) == mode:
+            return "blockwise", [earlier % "blockwise"]
+        return None, []
+    reasons = []
+    if kind != "blockwise" and _BLOCKWISE_FAILED.get(model) == mode:
+        reasons.append(earlier % "blockwise")
+    if kind == "full" and _PACKED_FAILED.get(model) == mode:
+        reasons.append(earlier % "packed")
+    return ("blockwise" if reasons else None), reasons
+
+
+def _warn_slower(model: Any, normal: str, kind: str, shortcut: bool, lost_shortcut: bool, reasons: list[str]) -> None:
+    """One WARNING per model (and mode, path and shortcut) that the attribution runs slower than it would
+    normally: the path taken, the one it would take and why not."""
+    key = (_mode(model), kind, shortcut)
+    seen = _SLOW_WARNED.setdefault(model, set())
+    if key in seen:
+        return
+    seen.add(key)
+    taken = _PATH_WORDS.get(kind, repr(kind)) + " path" + (" without the MLP-out shortcut" if lost_shortcut else "")
+    instead = _PATH_WORDS.get(normal, normal) + (" with it" if lost_shortcut and normal == kind else "")
+    logger.warning(
+        "attribute_neurons on this %s runs the slower %s instead of %s, because %s (warned once per model)",
+        type(model).__name__,
+        taken,
+        instead,
+        "; ".join(reasons),
+    )
+
+
 def _attribute(
     model: Any, plist: list[Any], ids: list[int], single: bool, config: AttributionConfig, signature: Any = None
 ) -> NeuronAttribution:
@@ -1684,11 +1773,19 @@ def _attribute(
     shortcut's verdict is neither remembered nor looked up)."""
     longest = _longest(model, plist, config)
     kind = "reference" if config.implementation == "reference" else _fast_kind(model, config, longest)
-    shortcut = _shortcut_eligible(model, config, kind)
+    # why this call runs slower than it would normally (warned once per model by _warn_slower)
+    normal, reasons = _start_reasons(model, config, kind)
+    shortcut = _shortcut_applies(model, config, kind)
+    blocker = _shortcut_blocker(model) if shortcut else None
+    if blocker is not None:
+        shortcut = False
+        normal, reasons = normal or kind, [*reasons, blocker]
     signature = signature if shortcut else None
     verdict = _shortcut_verdict(model, signature)
     if verdict is False:  # the probes refused it on an earlier call, for the same blocks
         shortcut = False
+        reasons.append("the MLP-out shortcut's probes refused it on an earlier call for these blocks")
+        normal = normal or kind
     # TL 3's prefix-reusing paths (and the one they fall back to) compute the clean logits by the map
     hooked_path = kind in ("kv-hooked", "blockwise") and capabilities(model).backend == "hooked"
     prep = _prepare(
@@ -1761,12 +1858,20 @@ def _attribute(
                     type(model).__name__,
                     exc.err,
                 )
+                reasons.append(f"the MLP-out shortcut does not reproduce block outputs (relative error {exc.err:.2e})")
+                normal = normal or kind
                 ev.shortcut = False
                 continue  # the same prompts again, without it
             except _PathMismatch as exc:
+                reasons.append(f"the {kind} path does not reproduce the clean logits (relative error {exc.err:.2e})")
+                normal = normal or kind
                 kind = _fall_back(model, config, kind, exc.err, longest)
                 ev = _evaluator(model, kind, prep, config)
                 continue  # the same prompts again, on the next path
+            if reasons and not validated:  # the path of the call is settled: say once per model why it is slower
+                used = bool(getattr(ev, "shortcut", False))
+                lost = not used and _shortcut_applies(model, config, kind)
+                _warn_slower(model, normal or kind, kind, used, lost, reasons)
             validated = True
             J = bases.shape[1]
             for r, i in enumerate(idxs):
