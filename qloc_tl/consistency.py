@@ -593,7 +593,10 @@ def run_consistency(
     facts, _ = restrict_to_known(model, facts, known_only, what="run_consistency")
     store = None
     if out_dir is not None:
+        # parts are keyed by method, so the methods are not part of the fingerprint: a run directory can be
+        # extended with another method later (its parts are added; the others are reused)
         cfg = {"experiment": "consistency", "model": model_name, **asdict(config)}
+        del cfg["methods"]
         store = RunStore.open(out_dir, cfg, resume=resume)
     mem: dict[str, list[pd.DataFrame]] = {"scores": [], "queries": []}
     order = {f.key: i for i, f in enumerate(facts)}

@@ -371,3 +371,53 @@ def test_smollm2_consistency_run_uses_only_known_queries(tmp_path):
     info = json.loads((out / "run.json").read_text())
     assert info["settings"]["known"] == "top1" and info["status"] == "finished"
     assert "smollm2-135m" in (out / "report.html").read_text()
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "qloc_tl.cli", *args, "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=900
+    )  # fmt: skip
+
+
+@needs_builtin
+def test_run_on_a_known_screening_uses_its_facts_and_queries(tmp_path):
+    """--facts <'qloc-tl known' output>: the run's facts are the screening's known facts, each with exactly
+    its known queries (no second screening)."""
+    import pandas as pd
+
+    known = tmp_path / "known"
+    proc = _cli("known", "--model", "builtin", "--facts", "builtin", "--relations", "P36,P19", "--out", str(known))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    blob = json.loads((known / "known_facts.json").read_text())
+    out = tmp_path / "run"
+    proc = _cli("consistency", "--model", "builtin", "--facts", str(known), "--max-facts", "4", "--methods", "ig", "--steps", "2",
+                "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    used = pd.read_parquet(out / "consistency" / "consistency_queries.parquet")
+    got = {k: sorted(g["text"]) for k, g in used.groupby("fact_key")}
+    assert len(got) == 4 and got == {k: sorted(blob[k]["queries"]) for k in got}
+    proc = _cli("consistency", "--model", "smollm2-135m", "--facts", str(known), "--out", str(tmp_path / "other"))
+    assert proc.returncode == 2 and "screened model 'builtin'" in proc.stderr
+
+
+@needs_builtin
+def test_resume_with_more_methods_adds_only_the_new_method(tmp_path):
+    import pandas as pd
+
+    out = tmp_path / "ext"
+    base = ("consistency", "--model", "builtin", "--max-facts", "3", "--steps", "2", "--out", str(out))
+    assert _cli(*base, "--methods", "ig").returncode == 0
+    parts = {p.name: p.stat().st_mtime_ns for p in (out / "consistency" / "parts").rglob("*.parquet")}
+    before = pd.read_parquet(out / "consistency" / "consistency_facts.parquet")
+    proc = _cli(*base, "--methods", "ig,amig", "--resume")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = pd.read_parquet(out / "consistency" / "consistency_facts.parquet")
+    now = {p.name: p.stat().st_mtime_ns for p in (out / "consistency" / "parts").rglob("*.parquet")}
+    assert all(now[k] == v for k, v in parts.items()) and len(now) > len(parts)  # ig parts reused, amig added
+    assert set(after["method"]) == {"ig", "amig", "∩"}  # ∩: K_I under every method
+    pd.testing.assert_frame_equal(
+        before[before.method == "ig"].reset_index(drop=True), after[after.method == "ig"].reset_index(drop=True),
+        check_dtype=False,  # the ∩ rows (no union size) make integer columns float
+    )
+    proc = _cli(*base, "--methods", "amig,ig", "--resume")  # another first method: QL / editing would change
+    assert proc.returncode == 2 and "methods" in proc.stderr
