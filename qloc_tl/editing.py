@@ -35,8 +35,11 @@ weight edits. It has four layers, each usable on its own:
    * Generalization — the same criterion averaged over the neighbors. For erase only the neighbors that
      predicted o *before* the edit count (an unknown neighbor would succeed trivially); ``nan`` when none
      did. For update every neighbor counts.
-   * Locality — the fraction of unrelated queries whose top-1 prediction is unchanged.
-   * Avg = (Rel + Gen + Loc) / 3.
+   * Locality — the fraction of unrelated queries whose top-1 prediction is unchanged: ``loc`` on queries of
+     facts of *other* relations, ``loc_same`` on queries of other facts of the *same* relation (other
+     subjects, other objects: "The capital of Germany is" after editing France's capital). On a real model
+     the KNs of a relation are shared by its facts, so the two can differ widely.
+   * Avg = (Rel + Gen + Loc) / 3, with Loc the other-relation Locality (the lineage's definition).
    * PPL = exp(Σ token NLL / #tokens) over a fixed held-out text set (every token after BOS is predicted);
      ΔPPL = PPL_after − PPL_before, relative ΔPPL = ΔPPL / PPL_before.
    * Also reported: the probability change of o (and o') on the edited query and on the neighbors.
@@ -1196,6 +1199,8 @@ class EditingConfig:
         edit_query: which query is edited — ``"random"`` (seeded per fact, among the known ones) or
             ``"first"`` (the first known one).
         n_unrelated: unrelated queries per fact for Locality (one query each of facts of other relations).
+        n_same_relation: queries per fact for the same-relation Locality ``loc_same`` (one query each of
+            other facts of the fact's relation with another subject and another object; 0 turns it off).
         max_facts_per_class: stop once this many facts of each class were edited (``None``: all facts).
         chunk_size: facts per stored part (the unit of resumption).
         batch_size: prompts per forward pass.
@@ -1226,6 +1231,7 @@ class EditingConfig:
     require_known: bool = True
     edit_query: Literal["random", "first"] = "random"
     n_unrelated: int = 20
+    n_same_relation: int = 10
     max_facts_per_class: int | None = None
     chunk_size: int = 8
     batch_size: int = 32
@@ -1280,12 +1286,10 @@ class EditingConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidInputError(f"{name} must be a positive int, got {v!r}")
-        if (
-            isinstance(self.n_unrelated, bool)
-            or not isinstance(self.n_unrelated, int)
-            or self.n_unrelated < 0
-        ):
-            raise InvalidInputError(f"n_unrelated must be an int >= 0, got {self.n_unrelated!r}")
+        for name in ("n_unrelated", "n_same_relation"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise InvalidInputError(f"{name} must be an int >= 0, got {v!r}")
         if self.max_facts_per_class is not None and (
             isinstance(self.max_facts_per_class, bool)
             or not isinstance(self.max_facts_per_class, int)
@@ -1376,14 +1380,15 @@ def summarize(rows: pd.DataFrame, config: EditingConfig | None = None) -> pd.Dat
                     else ok
                 )
                 rec: dict[str, Any] = {"edit": edit, "class": cls, "method": method, "n_facts": int(len(g))}
-                for c in ("rel", "gen", "loc", "ppl_delta", "ppl_rel_delta", "n_neurons",
+                for c in ("rel", "gen", "loc", "loc_same", "ppl_delta", "ppl_rel_delta", "n_neurons",
                           "dprob_old_edited", "dprob_new_edited", "dprob_old_neighbors", "dprob_new_neighbors"):  # fmt: skip
-                    rec[c] = float(g[c].astype(float).mean()) if len(g) and g[c].notna().any() else math.nan
+                    has = c in g.columns and len(g) and g[c].notna().any()  # loc_same: absent in older rows
+                    rec[c] = float(g[c].astype(float).mean()) if has else math.nan
                 rec["avg"] = (rec["rel"] + rec["gen"] + rec["loc"]) / 3
                 v = g["ppl_rel_delta"].astype(float).dropna() if len(g) else pd.Series(dtype=float)
                 rec["ppl_rel_delta_median"] = float(v.median()) if len(v) else math.nan
                 out.append(rec)
-    cols = ["edit", "class", "method", "n_facts", "rel", "gen", "loc", "avg", "ppl_delta", "ppl_rel_delta",
+    cols = ["edit", "class", "method", "n_facts", "rel", "gen", "loc", "loc_same", "avg", "ppl_delta", "ppl_rel_delta",
             "ppl_rel_delta_median", "n_neurons", "dprob_old_edited", "dprob_new_edited", "dprob_old_neighbors", "dprob_new_neighbors"]  # fmt: skip
     return pd.DataFrame(out, columns=cols)
 
@@ -1456,7 +1461,8 @@ def run_editing_experiment(
     4. neuron sets N_i, N_u, CAS; o' = a seeded random other object of the same relation (drawn from the
        pool, ``unrelated_facts`` or ``facts``) that is a single token;
     5. for each method × edit: apply the edit in a context, evaluate all the fact's queries, ``n_unrelated``
-       queries of facts of other relations and the PPL texts, restore; :func:`edit_metrics`.
+       queries of facts of other relations, ``n_same_relation`` queries of other facts of its relation and
+       the PPL texts, restore; :func:`edit_metrics` and ``loc_same``.
 
     An empty neuron set is not edited: its row holds the unedited model's metrics and ``n_neurons = 0``.
 
@@ -1624,7 +1630,7 @@ def run_editing_experiment(
 _ROW_COLS = [
     "fact_key", "relation", "subject", "object", "status", "class", "cs", "method", "edit", "n_neurons",
     "n_layers_touched", "edited_query", "old_token", "new_token", "old_object", "new_object", "n_queries",
-    "n_neighbors", "n_unrelated", "rel", "gen", "loc", "avg", "ppl_before", "ppl_after", "ppl_delta",
+    "n_neighbors", "n_unrelated", "n_same_relation", "rel", "gen", "loc", "loc_same", "avg", "ppl_before", "ppl_after", "ppl_delta",
     "ppl_rel_delta", "dprob_old_edited", "dprob_new_edited", "dprob_old_neighbors", "dprob_new_neighbors",
 ]  # fmt: skip
 
@@ -1638,7 +1644,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for c in ("fact_key", "relation", "subject", "object", "status", "class", "method", "edit", "edited_query",
               "old_object", "new_object"):  # fmt: skip
         df[c] = df[c].astype("string")
-    for c in ("cs", "rel", "gen", "loc", "avg", "ppl_before", "ppl_after", "ppl_delta", "ppl_rel_delta",
+    for c in ("cs", "rel", "gen", "loc", "loc_same", "avg", "ppl_before", "ppl_after", "ppl_delta", "ppl_rel_delta",
               "dprob_old_edited", "dprob_new_edited", "dprob_old_neighbors", "dprob_new_neighbors"):  # fmt: skip
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("float64")
     for c in (
@@ -1649,6 +1655,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
         "n_queries",
         "n_neighbors",
         "n_unrelated",
+        "n_same_relation",
     ):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype("Int64")
     return df
@@ -1670,6 +1677,27 @@ def _unrelated_prompts(fact: Fact, pool: Sequence[Fact], cfg: EditingConfig) -> 
         return []
     chosen = rng.sample(others, min(cfg.n_unrelated, len(others)))
     return [rng.choice(f.queries).text for f in chosen]
+
+
+def _same_relation_prompts(fact: Fact, pool: Sequence[Fact], cfg: EditingConfig) -> list[str]:
+    """One query each of up to ``n_same_relation`` other facts of the fact's relation, with another subject
+    and another object (a fact sharing the object would make an erase of o look like a Locality failure)."""
+    if cfg.n_same_relation == 0:
+        return []
+    rng = _fact_rng(cfg.seed, fact.key, "same_relation")
+    others = [
+        f for f in pool
+        if f.relation == fact.relation and f.key != fact.key and f.subject != fact.subject and f.object != fact.object
+    ]  # fmt: skip
+    chosen = rng.sample(others, min(cfg.n_same_relation, len(others)))
+    return [rng.choice(f.queries).text for f in chosen]
+
+
+def _top1_kept(before: Tensor | None, after: Tensor | None) -> float:
+    """The fraction of rows whose argmax is unchanged (``nan`` for no rows)."""
+    if before is None or after is None or before.shape[0] == 0:
+        return math.nan
+    return float((before.argmax(-1) == after.argmax(-1)).double().mean())
 
 
 def _new_object(
@@ -1848,18 +1876,20 @@ def _process_fact(
             return _skip(fact, "no_new_object", cs=cs, **{"class": cls})
 
     unrelated = _unrelated_prompts(fact, pool, cfg)
-    missing = [p for p in dict.fromkeys(unrelated) if p not in state.logits_cache]
+    same = _same_relation_prompts(fact, pool, cfg)
+    missing = [p for p in dict.fromkeys(unrelated + same) if p not in state.logits_cache]
     if missing:
         lp = last_token_logprobs(model, missing, batch_size=cfg.batch_size)
         for p, row in zip(missing, lp):
             state.logits_cache[p] = row
     unrel_before = torch.stack([state.logits_cache[p] for p in unrelated]) if unrelated else None
+    same_before = torch.stack([state.logits_cache[p] for p in same]) if same else None
     neighbors = [j for j in range(k) if j != i]
 
     base = {
         "fact_key": fact.key, "relation": fact.relation, "subject": fact.subject, "object": fact.object,
         "status": "ok", "class": cls, "cs": cs, "edited_query": prompts[i], "old_token": o,
-        "old_object": _decode(model, o), "n_queries": k, "n_unrelated": len(unrelated),
+        "old_object": _decode(model, o), "n_queries": k, "n_unrelated": len(unrelated), "n_same_relation": len(same),
     }  # fmt: skip
     rows = []
     for method in cfg.methods:
@@ -1873,10 +1903,12 @@ def _process_fact(
                 o,
                 new[1] if new else None,
                 prompts,
-                unrelated,
+                unrelated + same,
                 ppl_batches,
                 ppl_before,
             )
+            same_after = after_u[len(unrelated) :] if (same and after_u is not None) else None
+            after_u = after_u[: len(unrelated)] if (unrelated and after_u is not None) else None
             m = edit_metrics(
                 edit,  # type: ignore[arg-type]
                 edited_before=before[i], edited_after=after_q[i],
@@ -1892,7 +1924,7 @@ def _process_fact(
                 new_token=new[1] if (new and edit == "update") else None,
                 new_object=new[0] if (new and edit == "update") else None,
                 n_neighbors=d["n_neighbors"], rel=d["reliability"], gen=d["generalization"], loc=d["locality"],
-                avg=d["avg"], ppl_before=d["ppl_before"], ppl_after=d["ppl_after"], ppl_delta=d["ppl_delta"],
+                loc_same=_top1_kept(same_before, same_after), avg=d["avg"], ppl_before=d["ppl_before"], ppl_after=d["ppl_after"], ppl_delta=d["ppl_delta"],
                 ppl_rel_delta=d["ppl_rel_delta"], dprob_old_edited=d["dprob_old_edited"],
                 dprob_new_edited=d["dprob_new_edited"], dprob_old_neighbors=d["dprob_old_neighbors"],
                 dprob_new_neighbors=d["dprob_new_neighbors"],
@@ -2107,7 +2139,7 @@ def claims(
 def plot_editing(result: EditingResult | pd.DataFrame, path: str | Path | None = None) -> Any:
     """Bar chart of the editing table: one panel per (edit, metric), K_C / K_I groups, one bar per method.
 
-    Metrics: Rel, Gen, Loc, Avg and the median relative ΔPPL (log scale when it spans orders of magnitude).
+    Metrics: Rel, Gen, Loc (other relations), Loc (same relation), Avg and the median relative ΔPPL (log scale when it spans orders of magnitude).
 
     matplotlib is imported lazily (``pip install qloc-tl[vis]``). Returns the ``Figure``; saved to ``path``
     when given.
@@ -2127,7 +2159,9 @@ def plot_editing(result: EditingResult | pd.DataFrame, path: str | Path | None =
         )
     ppl_col = "ppl_rel_delta_median" if "ppl_rel_delta_median" in table.columns else "ppl_rel_delta"
     ppl_label = "ΔPPL/PPL (median)" if ppl_col.endswith("median") else "ΔPPL/PPL (mean)"
-    metrics = [("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc"), ("avg", "Avg"), (ppl_col, ppl_label)]
+    metrics = [("rel", "Rel"), ("gen", "Gen"), ("loc", "Loc (other rel.)"), ("loc_same", "Loc (same rel.)"), ("avg", "Avg"),
+               (ppl_col, ppl_label)]  # fmt: skip
+    metrics = [(c, lab) for c, lab in metrics if c in table.columns]
     edits = list(dict.fromkeys(table["edit"]))
     methods = list(dict.fromkeys(table["method"]))
     classes = [c for c in CLASSES if c in set(table["class"])]

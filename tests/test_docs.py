@@ -15,7 +15,7 @@ MODULES = [
     "qloc_tl.consistency", "qloc_tl.mapping", "qloc_tl.synapses", "qloc_tl.dynamic", "qloc_tl.tracing",
     "qloc_tl.views", "qloc_tl.query_localization", "qloc_tl.editing", "qloc_tl.zoo", "qloc_tl.datasets",
     "qloc_tl.loading", "qloc_tl.store", "qloc_tl.testing", "qloc_tl.errors", "qloc_tl.report", "qloc_tl.cli",
-    "qloc_tl.known", "qloc_tl.zoo.smollm2",
+    "qloc_tl.known", "qloc_tl.zoo.smollm2", "qloc_tl.strength", "qloc_tl.completeness", "qloc_tl.specificity",
 ]  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 

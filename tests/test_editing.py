@@ -11,6 +11,7 @@ Oracles used:
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -740,7 +741,7 @@ def test_plot_editing(gpt2_model, tmp_path):
     )
     fig = plot_editing(res, tmp_path / "edit.png")
     assert (tmp_path / "edit.png").stat().st_size > 1000
-    assert len(fig.axes) == 2 * 5
+    assert len(fig.axes) == 2 * 6  # Rel, Gen, Loc other / same relation, Avg, PPL
     # the bars are the table's numbers
     ax = fig.axes[0]  # erase: Rel
     heights = sorted(round(b.get_height(), 6) for b in ax.patches if not math.isnan(b.get_height()))
@@ -782,3 +783,81 @@ def test_update_on_builtin_model_makes_new_object_top1():
         top = int(last_token_logprobs(model, [q])[0].argmax())
     assert top == new, f"updating {len(kns)} KNs of {q!r} did not make {new_obj!r} top-1"
     assert int(last_token_logprobs(model, [q])[0].argmax()) == o  # restored
+
+
+def test_locality_same_relation_by_hand(gpt2_model):
+    """``loc_same`` is the share of other same-relation facts' queries whose top-1 survives the edit; facts
+    sharing the edited object are not used (checked with raw W_out edits and plain forwards)."""
+    model = gpt2_model
+    facts = _facts()
+    fact = facts[0]
+    attrs = _attributions(model, facts)
+    same = [Fact(c, "P36", o, [f"the capital of {c} is"]) for c, o in [("peru", "lima"), ("chile", "santiago"), ("japan", "tokyo")]]
+    twin = Fact("gaul", "P36", fact.object, ["the capital of gaul is"])  # same object: not a Locality query
+    other = [Fact(p, "P37", o, [f"{p} speaks"]) for p, o in LANGS]
+    cfg = _small_cfg(methods=("N_u",), edits=("erase",), n_same_relation=10)
+    res = run_editing_experiment(
+        model, [fact], config=cfg, attributions={fact.key: attrs[fact.key]}, unrelated_facts=[fact, *same, twin, *other],
+        known_only=False,
+    )  # fmt: skip
+    row = res.rows.iloc[0]
+    assert row.n_same_relation == 3
+    s = attrs[fact.key]
+    neurons = sorted({(int(l), int(i)) for j in range(len(s)) for l, i in (s[j] >= 0.2 * s[j].max()).nonzero().tolist()})
+    prompts = [f.prompts[0] for f in same]
+    before = [int(_logits(model, model.to_tokens(p))[0, -1].argmax()) for p in prompts]
+    saved = {l: model.blocks[l].mlp.W_out.detach().clone() for l in {l for l, _ in neurons}}
+    try:
+        with torch.no_grad():
+            for l, idx in neurons:
+                model.blocks[l].mlp.W_out[idx] = 0.0
+            after = [int(_logits(model, model.to_tokens(p))[0, -1].argmax()) for p in prompts]
+    finally:
+        with torch.no_grad():
+            for l, W in saved.items():
+                model.blocks[l].mlp.W_out[:] = W
+    assert row.loc_same == pytest.approx(np.mean([a == b for a, b in zip(before, after)]))
+    off = run_editing_experiment(
+        model, [fact], config=_small_cfg(methods=("N_u",), edits=("erase",), n_same_relation=0),
+        attributions={fact.key: attrs[fact.key]}, unrelated_facts=[fact, *same, *other], known_only=False,
+    )  # fmt: skip
+    assert math.isnan(off.rows.iloc[0].loc_same) and off.table["loc_same"].isna().all()
+
+
+def test_update_strength_sweep_by_hand(gpt2_model):
+    """Each λ2 row of the sweep is the update at that strength: Rel recomputed with raw W_out edits for a
+    one-fact run at λ2 = 2, and the λ2 = 8 rows equal the default runner's table."""
+    from qloc_tl.strength import update_strength_sweep
+
+    model = gpt2_model
+    facts = _facts()
+    attrs = _attributions(model, facts)
+    cfg = _small_cfg(methods=("N_u",), n_same_relation=2)
+    df = update_strength_sweep(model, facts, lambdas=(2, 8), config=cfg, attributions=attrs, known_only=False)
+    default = run_editing_experiment(model, facts, config=replace(cfg, edits=("update",)), attributions=attrs, known_only=False)
+    at8 = df[df.lambda2 == 8.0].drop(columns="lambda2").reset_index(drop=True)
+    pd.testing.assert_frame_equal(at8, default.table[at8.columns].reset_index(drop=True))
+    fact = facts[0]
+    one = update_strength_sweep(
+        model, [fact], lambdas=(2,), config=cfg, attributions={fact.key: attrs[fact.key]}, unrelated_facts=facts, known_only=False
+    )  # fmt: skip
+    row = run_editing_experiment(
+        model, [fact], config=replace(cfg, edits=("update",), lambda2=2.0), attributions={fact.key: attrs[fact.key]},
+        unrelated_facts=facts, known_only=False,
+    ).rows.iloc[0]  # fmt: skip
+    s = attrs[fact.key]
+    neurons = sorted({(int(l), int(i)) for j in range(len(s)) for l, i in (s[j] >= 0.2 * s[j].max()).nonzero().tolist()})
+    o, new = int(row.old_token), int(row.new_token)
+    saved = {l: model.blocks[l].mlp.W_out.detach().clone() for l in {l for l, _ in neurons}}
+    try:
+        with torch.no_grad():
+            for l, idx in neurons:
+                v = saved[l][idx]
+                eo, en = model.W_U[:, o], model.W_U[:, new]
+                model.blocks[l].mlp.W_out[idx] = v - (v.norm() / eo.norm()) * eo + 2 * (v.norm() / en.norm()) * en
+            top = int(_logits(model, model.to_tokens(row.edited_query))[0, -1].argmax())
+    finally:
+        with torch.no_grad():
+            for l, W in saved.items():
+                model.blocks[l].mlp.W_out[:] = W
+    assert float(one[one["class"] == row["class"]]["rel"].iloc[0]) == float(top == new)
