@@ -60,7 +60,8 @@ def test_settings_per_model_kind():
     b = run_settings(p.parse_args(["run"]))
     assert (b["facts"], b["known"]) == ("builtin", "off")  # the toy was trained on its facts: no filter
     s = run_settings(p.parse_args(["run", "--model", "smollm2-135m"]))
-    assert (s["facts"], s["known"], s["methods"]) == ("pararel", "top1", ["ig", "amig"])
+    assert (s["facts"], s["known"], s["methods"], s["lambda2"]) == ("pararel", "top1", ["ig", "amig"], 2.0)
+    assert b["lambda2"] == 8.0 and run_settings(p.parse_args(["run", "--lambda2", "1.5"]))["lambda2"] == 1.5
     a = run_settings(p.parse_args(["run", "--model", "smollm2-135m", "--all-queries", "--facts", "builtin"]))
     assert (a["facts"], a["known"]) == ("builtin", "off")
 
