@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -121,3 +123,42 @@ sets = select_neurons(all_q.scores)
 for query, s in zip(fact.queries, sets):
     print(f"{len(s):3d} KNs, shared with query 0: {len(s & sets[0]):3d} | {query.text}")
 print("consistency score (relaxed):", round(q.consistency.consistency_score([s.to_frozenset() for s in sets]), 3))
+
+# %% [markdown]
+# ## 4. Are these neurons specific to the fact?
+#
+# `qloc_tl.specificity` measures it over several facts: the overlap of their KN sets within a relation and
+# across relations, and a control that suppresses *another* fact's KNs. Here three known capital facts and
+# one fact of another relation (a full run does this over every known fact: see the results page).
+
+# %%
+from qloc_tl.specificity import kn_overlap, suppression_control
+
+others = [f for f in q.filter_known(model, q.datasets.pararel_facts(["P1412"])[:20]).facts][:1]
+few = facts[:3] + others
+kn_of = {}
+for f in few:
+    att = attribute_neurons(model, list(f.prompts), [f.answer] * len(f.queries), steps=8)
+    kn_of[f.key] = [s.to_frozenset() for s in select_neurons(att.scores)]
+pairs = kn_overlap(kn_of, {f.key: f.relation for f in few})
+print(pairs[["relation_a", "relation_b", "n_a", "n_b", "shared", "jaccard"]].round(2).to_string(index=False))
+suppression_control(model, few, kn_of)[["relation", "control", "n_neurons", "shared", "rel_change"]].round(3)
+
+# %% [markdown]
+# ## 5. Is the attribution complete?
+#
+# IG's scores of a layer sum to P(clean) − P(baseline) as the number of steps m grows. The gap per layer is
+# the quadrature error of a Riemann sum over the path P(α). Where P(α) is rough, m = 20 is not enough.
+# `path_probabilities` draws the path. `adaptive_steps` integrates such layers more finely: same IG, more
+# steps, until the gap is within `tol`.
+
+# %%
+from qloc_tl.completeness import adaptive_steps, path_probabilities
+
+gap = (res.completeness_delta[0].abs() / (res.clean_prob[0] - res.baseline_prob[0]).abs().clamp_min(1e-9)).nan_to_num()
+worst = int(gap.argmax())
+print(f"largest relative gap at m = 20: layer {worst}, {float(gap[worst]):.2f}")
+curve = path_probabilities(model, query, fact.answer, layer=worst, alphas=[i / 40 for i in range(41)])
+print(curve.iloc[::5].round(3).to_string(index=False))
+ad = adaptive_steps(model, query, fact.answer, steps=20, tol=0.05, max_steps=80, layers=[worst])
+ad.table.round(3)

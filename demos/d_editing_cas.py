@@ -5,6 +5,8 @@
 #     text_representation:
 #       extension: .py
 #       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -81,3 +83,22 @@ with q.update(model, sets["CAS"], fact.answer, " " + new):
     print("edited query top-1:", model.to_string(model(fact.prompts[0])[0, -1].argmax()))
     print("paraphrases top-1: ", [model.to_string(model(p)[0, -1].argmax()) for p in fact.prompts[1:]])
 print("after the context, restored:", model.to_string(model(fact.prompts[0])[0, -1].argmax()), "(gold:", fact.object + ")")
+
+# %% [markdown]
+# ## How strong should the update be? And what else does it hit?
+#
+# `update_strength_sweep` runs the editing experiment's update at several strengths λ2 on the same facts,
+# neuron sets, new objects and Locality queries. Each row has two Localities: `loc` on facts of other
+# relations, `loc_same` on other facts of the *same* relation. On a real LM those share KNs, so `loc_same`
+# suffers first. On this toy model every strength saturates (Rel = Gen = 1). SmolLM2-135M has no strength
+# that works without damage: see the editing docs.
+
+# %%
+from qloc_tl.editing import EditingConfig
+from qloc_tl.strength import update_strength_sweep
+
+few = [f for f in facts if f.relation == fact.relation][:4] + [f for f in facts if f.relation != fact.relation][:2]
+sweep = update_strength_sweep(
+    model, few, lambdas=(1, 8), config=EditingConfig(steps=6, n_unrelated=4, n_same_relation=3), unrelated_facts=facts
+)
+sweep.round(2)

@@ -336,6 +336,24 @@ class ConsistencyResult:
     config: ConsistencyConfig
     timings: Mapping[str, float] = field(default_factory=dict)
 
+    def dense_scores(self, method: str, fact_key: str, n_queries: int, n_layers: int, d_mlp: int) -> Any:
+        """The fact's per-query attributions as a ``[n_queries, n_layers, d_mlp]`` float64 tensor rebuilt from
+        :attr:`scores`: the persisted entries (≥ ``keep_fraction`` · max of their query) in place, zero
+        elsewhere. Exact for any selection at a fraction of max ≥ ``keep_fraction`` (KN sets at 0.2 · max);
+        a statistic over all entries (CAS) sees the small entries as zero."""
+        import torch
+
+        out = torch.zeros(n_queries, n_layers, d_mlp, dtype=torch.float64)
+        sc = self.scores
+        if len(sc):
+            sel = sc[(sc["method"] == method) & (sc["fact_key"] == fact_key)]
+            if len(sel):
+                q = torch.tensor(sel["query_index"].to_numpy(dtype="int64"))  # copies: pandas' arrays are read-only
+                lay = torch.tensor(sel["layer"].to_numpy(dtype="int64"))
+                neu = torch.tensor(sel["neuron"].to_numpy(dtype="int64"))
+                out[q, lay, neu] = torch.tensor(sel["score"].to_numpy(dtype="float64"))
+        return out
+
     def tau_sweep(
         self, taus: Sequence[float] | None = None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
     ) -> pd.DataFrame:

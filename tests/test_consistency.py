@@ -147,6 +147,22 @@ def test_runner_kn_sets_match_direct_selection(model, full_result):
     assert [set(s) for s in full_result.kn_sets[("ig", fact.key)]] == [set(s) for s in direct]
 
 
+def test_dense_scores_are_the_attributions_above_keep_fraction(model, full_result):
+    """dense_scores rebuilds each query's map: the direct attribution where it is ≥ keep_fraction · max, 0 below."""
+    import torch
+
+    from qloc_tl.attribution import attribute_neurons
+
+    fact = FACTS[1]
+    att = attribute_neurons(model, list(fact.prompts), [fact.answer] * 3, method="ig", steps=4).scores.double()
+    L, D = att.shape[1:]
+    dense = full_result.dense_scores("ig", fact.key, 3, L, D)
+    for j in range(3):
+        keep = att[j] >= CFG.keep_fraction * att[j].max()
+        torch.testing.assert_close(dense[j][keep], att[j][keep], rtol=1e-6, atol=1e-9)
+        assert bool((dense[j][~keep] == 0).all())
+
+
 def _tables(res):
     return {k: getattr(res, k) for k in ("facts", "summary", "per_relation", "sweep")}
 
