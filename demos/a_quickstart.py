@@ -158,7 +158,8 @@ from qloc_tl.completeness import adaptive_steps, path_probabilities
 gap = (res.completeness_delta[0].abs() / (res.clean_prob[0] - res.baseline_prob[0]).abs().clamp_min(1e-9)).nan_to_num()
 worst = int(gap.argmax())
 print(f"largest relative gap at m = 20: layer {worst}, {float(gap[worst]):.2f}")
-curve = path_probabilities(model, query, fact.answer, layer=worst, alphas=[i / 40 for i in range(41)])
+prompt = fact.prompts[0]  # the query attributed in section 1
+curve = path_probabilities(model, prompt, fact.answer, layer=worst, alphas=[i / 40 for i in range(41)])
 print(curve.iloc[::5].round(3).to_string(index=False))
-ad = adaptive_steps(model, query, fact.answer, steps=20, tol=0.05, max_steps=80, layers=[worst])
+ad = adaptive_steps(model, prompt, fact.answer, steps=20, tol=0.05, max_steps=80, layers=[worst])
 ad.table.round(3)
