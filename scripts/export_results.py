@@ -31,6 +31,19 @@ def _ci(values: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, f
     return float(np.quantile(b, 0.025)), float(np.quantile(b, 0.975))
 
 
+def strict_tau_sweep(facts: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
+    """K_I share (CS_strict < τ) per method and τ, with a 95 % percentile bootstrap CI over facts."""
+    out = []
+    for method, g in facts[facts["method"] != "∩"].groupby("method", sort=False):
+        v = g["cs_strict"].to_numpy(dtype=float)
+        v = v[np.isfinite(v)]
+        for tau in np.round(np.arange(0.0, 1.0001, 0.05), 2):
+            x = (v < tau).astype(float)
+            lo, hi = _ci(x, seed=seed)
+            out.append({"method": method, "tau": float(tau), "n_facts": len(x), "prop_KI": float(x.mean()), "ci_low": lo, "ci_high": hi})
+    return pd.DataFrame(out)
+
+
 def editing_table_with_cis(rows: pd.DataFrame) -> pd.DataFrame:
     """Per (edit, class, method): n and the mean of Rel, Gen, Loc (other relations), Loc (same relation),
     Avg and relative ΔPPL, each with a 95 % percentile bootstrap CI over facts."""
@@ -75,6 +88,8 @@ def main() -> None:
     put("consistency_per_relation", pd.read_csv(c / "consistency_per_relation.csv"), "K_I share and mean CS per relation")
     put("consistency_tau_sweep", pd.read_csv(c / "consistency_tau_sweep.csv"), "K_I share against the CS threshold τ, CI")
     put("consistency_kn_sweep", pd.read_csv(c / "consistency_sweep.csv"), "K_I share against the KN threshold t")
+    put("consistency_tau_sweep_strict", strict_tau_sweep(facts, seed=settings["seed"]),
+        "K_I share against τ with the strict CS (|∩| / |∪|), bootstrap CI")  # fmt: skip
     keep = ["method", "fact_key", "relation", "subject", "object", "n_queries", "n_union", "cs_relaxed", "cs_strict",
             "class_static", "class_otsu", "tau_otsu"]  # fmt: skip
     put("consistency_facts", facts[[k for k in keep if k in facts.columns]], "per-fact CS and class (the reproduction oracle)")
