@@ -70,6 +70,7 @@ def main() -> None:
     ap.add_argument("--command", required=True, help="the exact command(s) that produced RUN_DIR")
     ap.add_argument("--extra", nargs="*", default=[], help="directories of side studies whose CSVs are copied")
     ap.add_argument("--no-model", action="store_true", help="skip the measurements that need the model")
+    ap.add_argument("--shards", nargs="*", default=[], help="shard directories whose run.json timings to record")
     a = ap.parse_args()
     run, dest = Path(a.run), Path(a.dest)
     (dest / "figures").mkdir(parents=True, exist_ok=True)
@@ -112,14 +113,24 @@ def main() -> None:
             tables[p.name] = f"side study ({Path(d).name})"
         for p in sorted(Path(d).glob("*.png")):
             shutil.copy2(p, dest / "figures" / p.name)
+    from qloc_tl.cli import load_facts
+
+    run_facts = load_facts({**settings, "shard": None}, None, run, False)
+    blob = [{"key": f.key, "relation": f.relation, "subject": f.subject, "object": f.object,
+             "queries": [[q.text, q.template] for q in f.queries]} for f in run_facts]  # fmt: skip
+    (dest / "facts.json").write_text(json.dumps(blob, indent=0, ensure_ascii=False))
+    tables["facts.json"] = "the run's facts, each with its known queries (text, template)"
+    shards = {}
+    for d in a.shards:
+        shards[Path(d).name] = json.loads((Path(d) / "run.json").read_text()).get("timings_s")
     t_spec = None
     if not a.no_model:
         t0 = time.time()
-        from qloc_tl.cli import load_facts, load_model
+        from qloc_tl.cli import load_model
         from qloc_tl.specificity import control_summary, kn_overlap, overlap_summary, suppression_control
 
         model = load_model(settings["model"], "cpu")
-        fs = load_facts({**settings, "shard": None}, model, run, False)
+        fs = run_facts
         m0 = settings["methods"][0]
         kn = _kn_sets(run, m0, fs, model, settings["methods"])
         rel = {f.key: f.relation for f in fs}
@@ -138,6 +149,7 @@ def main() -> None:
         "command": a.command,
         "versions": info.get("versions"),
         "wall_time_s": info.get("timings_s"),
+        "shard_wall_time_s": shards,
         "specificity_wall_s": t_spec,
         "tables": tables,
     }
