@@ -25,11 +25,12 @@ site            hook                                  meaning
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import logging
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
 from typing import Any, Literal
@@ -65,6 +66,7 @@ __all__ = [
     "logit_tolerance",
     "logits_mismatch",
     "hooked_kv_cache",
+    "frozen_parameters",
 ]
 
 Site = Literal["post", "pre", "pre_linear"]
@@ -258,6 +260,21 @@ def capabilities(model: Any, *, refresh: bool = False) -> Capabilities:
     _CAPS[model] = (key, caps)
     logger.debug("capabilities of %s: %s", type(model).__name__, caps)
     return caps
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: Any) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter, so that a backward pass builds no weight gradients;
+    restore each flag on exit, also on error."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
 
 
 def logit_tolerance(dtype: torch.dtype) -> float:

@@ -108,6 +108,7 @@ from .model import (
     capabilities,
     check_layer,
     check_model,
+    frozen_parameters,
     hooked_kv_cache,
     logit_tolerance,
     logits_mismatch,
@@ -309,21 +310,6 @@ def select_synapses(
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _frozen_parameters(model: Any) -> Iterator[None]:
-    """Set ``requires_grad=False`` on every parameter (no weight gradients are built); restore each flag on
-    exit, also on error."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
-
-
 class _GradTap(CountingHook):
     """Read-only hook: returns ``act + z`` with a zero leaf ``z`` so that ∂output/∂act can be read as z.grad."""
 
@@ -384,7 +370,7 @@ def _attattr_batched(
                 taps[layer] = _GradTap()
                 hooks.append((pattern_hook_name(model, layer), taps[layer]))
         batch = toks.expand(B, -1)
-        with _frozen_parameters(model), torch.enable_grad(), intervene(model, hooks) as mdl:
+        with frozen_parameters(model), torch.enable_grad(), intervene(model, hooks) as mdl:
             logits = mdl(batch)
             p_graph = answer_probability(logits, q, answer)
             tap_layers = sorted(taps)
@@ -721,19 +707,7 @@ def _fast_jobs(layers: Sequence[int], m: int, per_pass: int) -> list[list[tuple[
     return [jobs[i : i + n] for i in range(0, len(jobs), n)]
 
 
-def _attattr_fast(
-    model: Any,
-    path: FastPath,
-    tokens: Tensor,
-    answer: int,
-    layers: Sequence[int],
-    alphas: Tensor,
-    weights: Tensor,
-    per_pass: int,
-    clean_logits: Tensor,
-    resid_q: dict[int, Tensor] | None,
-    show_progress: bool,
-) -> tuple[dict[int, Tensor], dict[int, float]]:
+def _attattr_fast(model: Any, *args: Any) -> tuple[dict[int, Tensor], dict[int, float]]:
     """:func:`_attattr_batched`'s sums and baselines from the answer token alone, on top of the clean prefix.
 
     Validation (first pass): the unedited row's answer logits must equal the clean forward's
@@ -743,12 +717,9 @@ def _attattr_fast(
     that pass, raises :class:`_FastMismatch`.
     """
     # TL 3 (CPU): weights stored in the order the components multiply by, so their per-call copies become
-    # views (the same values; a no-op on TL 4)
+    # views (the same values; a no-op on TL 4). Arguments: those of _attattr_fast_run.
     with matmul_ready_weights(model):
-        return _attattr_fast_run(
-            model, path, tokens, answer, layers, alphas, weights, per_pass, clean_logits, resid_q,
-            show_progress,
-        )  # fmt: skip
+        return _attattr_fast_run(model, *args)
 
 
 def _attattr_fast_run(
@@ -788,7 +759,7 @@ def _attattr_fast_run(
         check = i == 0
         layer_of = [l for l, _ in chunk]
         factors = torch.tensor([0.0 if k < 0 else float(alphas[k]) for _, k in chunk], dtype=torch.float64)
-        with _frozen_parameters(model), torch.enable_grad():
+        with frozen_parameters(model), torch.enable_grad():
             res = ev.run(layer_of, factors, check=check)
         if check:
             assert res.check_logits is not None

@@ -79,7 +79,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,7 @@ from ..model import (
     check_layer,
     check_model,
     d_mlp,
+    frozen_parameters,
     hooked_kv_cache,
     logit_tolerance,
     logits_mismatch,
@@ -120,20 +121,6 @@ __all__ = ["attribute_neurons"]
 # --------------------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def _frozen_params(model: Any) -> Iterator[None]:
-    """Set ``requires_grad=False`` on every parameter; restore each flag on exit (also on error)."""
-    params = list(model.parameters())
-    flags = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p, f in zip(params, flags):
-            p.requires_grad_(f)
 
 
 def _acc_dtype(model: Any) -> torch.dtype:
@@ -1669,7 +1656,7 @@ def attribute_neurons(
     fused = fused_activations(model) if fast else contextlib.nullcontext()
     normed = fused_layer_norms(model) if fast else contextlib.nullcontext()
     laid_out = matmul_ready_weights(model) if fast else contextlib.nullcontext()
-    with _frozen_params(model), fused, normed, laid_out:
+    with frozen_parameters(model), fused, normed, laid_out:
         return _attribute(model, plist, ids, single, config, signature)
 
 
