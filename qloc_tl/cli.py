@@ -175,11 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Defaults per model kind: the built-in model is small enough for every method on 27 facts; a pretrained LM
-# (SmolLM2-135M: 30 layers, vocabulary 49k, about 1 s per IG query on 2 cores) gets fewer facts and no SIG
+# (SmolLM2-135M: 30 layers, vocabulary 49k, about 2 s per IG query with 2 threads) gets fewer facts, no SIG
 # (about 5x IG), which keeps the default run within 15 minutes on a 2-core machine. The update strength λ2
 # of the editing stage: Dai et al.'s 8 on the built-in model (where every strength saturates); 2 on a
 # pretrained LM, where 8 wrecks SmolLM2-135M (PPL × 1e16, Rel ≈ 0.1) and 1 rarely moves the prediction
-# (the sweep: docs/editing.md, update strength).
+# (qloc_tl.strength.update_strength_sweep measures this on any model).
 DEFAULTS = {
     "builtin": {"max_facts": 27, "methods": ["ig", "sig", "amig"], "quick_max_facts": 18, "lambda2": 8.0, "threads": 1},
     "pretrained": {"max_facts": 16, "methods": ["ig", "amig"], "quick_max_facts": 6, "lambda2": 2.0,
