@@ -67,6 +67,7 @@ __all__ = [
     "logits_mismatch",
     "hooked_kv_cache",
     "frozen_parameters",
+    "mode_key",
 ]
 
 Site = Literal["post", "pre", "pre_linear"]
@@ -238,7 +239,9 @@ class Capabilities:
 _CAPS: weakref.WeakKeyDictionary[Any, tuple[Any, Capabilities]] = weakref.WeakKeyDictionary()
 
 
-def _mode_key(model: Any) -> Any:
+def mode_key(model: Any) -> Any:
+    """``(compatibility mode, dtype, device)``: what a per-model cache of a probe's verdict must match, since
+    any of the three can change which computations a model does."""
     return (getattr(model, "compatibility_mode", None), model_dtype(model), str(model_device(model)))
 
 
@@ -251,7 +254,7 @@ def capabilities(model: Any, *, refresh: bool = False) -> Capabilities:
     reordering noise of a deep model is not taken for a missing capability.
     """
     check_model(model)
-    key = _mode_key(model)
+    key = mode_key(model)
     if not refresh:
         hit = _CAPS.get(model)
         if hit is not None and hit[0] == key:

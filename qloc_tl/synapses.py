@@ -112,7 +112,7 @@ from .model import (
     hooked_kv_cache,
     logit_tolerance,
     logits_mismatch,
-    model_device,
+    mode_key,
     model_dtype,
     n_heads,
     n_layers,
@@ -438,10 +438,6 @@ _FAST_FAILED: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyD
 _FAST_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
-def _mode_key(model: Any) -> Any:
-    return (getattr(model, "compatibility_mode", None), model_dtype(model), str(model_device(model)))
-
-
 class _FastMismatch(Exception):
     """The fast engine cannot reproduce this model (its validation failed, or its forward raised)."""
 
@@ -674,7 +670,7 @@ class _PackedRows(_FastRows):
 def _fast_path(model: Any) -> tuple[FastPath | None, str]:
     """The fast engine's path for this model, or ``(None, why not)``."""
     hit = _FAST_FAILED.get(model)
-    if hit is not None and hit[0] == _mode_key(model):
+    if hit is not None and hit[0] == mode_key(model):
         return None, hit[1]
     caps = capabilities(model)
     if caps.backend == "hooked":
@@ -902,7 +898,7 @@ def find_synapses(
                 used_path = fast
             except _FastMismatch as exc:
                 why = str(exc)
-                _FAST_FAILED[model] = (_mode_key(model), why)
+                _FAST_FAILED[model] = (mode_key(model), why)
         if got is None and implementation in ("fast", "batched"):
             if implementation == "fast":
                 _warn_fallback(model, why)

@@ -98,6 +98,7 @@ from ..model import (
     hooked_kv_cache,
     logit_tolerance,
     logits_mismatch,
+    mode_key,
     model_device,
     model_dtype,
     n_layers,
@@ -793,7 +794,7 @@ def _blocks_signature(model: Any) -> Any:
     class whose ``forward`` was patched, a hook added or removed, a config changed: a different signature, so
     the probes run again. A module with an instance-level ``forward`` is never remembered."""
     try:
-        parts: list[Any] = [str(model.cfg), _mode(model)]
+        parts: list[Any] = [str(model.cfg), mode_key(model)]
         for blk in model.blocks:
             for name, m in blk.named_modules():
                 if "forward" in vars(m):
@@ -1290,10 +1291,6 @@ _PACKED_FAILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary(
 _BLOCKWISE_FAILED: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
 
 
-def _mode(model: Any) -> Any:
-    return (getattr(model, "compatibility_mode", None), model_dtype(model), str(model_device(model)))
-
-
 def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
     """The fast implementation's path: ``"kv-hooked"``, ``"blockwise"``, ``"packed"`` or ``"full"``.
 
@@ -1329,17 +1326,17 @@ def _fast_kind(model: Any, config: AttributionConfig, longest: int) -> str:
             return "blockwise"
         # "auto": only where its chunks are as large as kv-hooked's (a chunk is a pass, each with a fixed cost)
         wanted = _rows_chunk_wanted(model, config, longest)
-        if fp == "auto" and rows and room >= wanted and _BLOCKWISE_FAILED.get(model) != _mode(model):
+        if fp == "auto" and rows and room >= wanted and _BLOCKWISE_FAILED.get(model) != mode_key(model):
             return "blockwise"
         return "kv-hooked"
     if caps.backend == "bridge":
         if fp in ("blockwise", "packed"):
             return fp
-        if _BLOCKWISE_FAILED.get(model) != _mode(model):
+        if _BLOCKWISE_FAILED.get(model) != mode_key(model):
             return "blockwise"
         n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
         room = n_ctx - longest if n_ctx else 1 << 30  # copies that fit one row after the prompt, minus one
-        if _PACKED_FAILED.get(model) != _mode(model) and (fp == "kv" or room >= _MIN_PACKED_ROOM):
+        if _PACKED_FAILED.get(model) != mode_key(model) and (fp == "kv" or room >= _MIN_PACKED_ROOM):
             # with one or two copies per row (a prompt that nearly fills n_ctx) a packed row is as long as the
             # full path's and gains nothing, so "auto" does not pack then
             return "packed"
@@ -1673,11 +1670,11 @@ def _fall_back(model: Any, config: AttributionConfig, kind: str, err: float, lon
             f"(relative error {err:.2e}); use fast_path='auto' or 'full'"
         ) from None
     if kind == "blockwise":
-        _BLOCKWISE_FAILED[model] = _mode(model)
+        _BLOCKWISE_FAILED[model] = mode_key(model)
         nxt = _fast_kind(model, config, longest)  # "packed" or "full" now
     else:
         if kind == "packed":
-            _PACKED_FAILED[model] = _mode(model)
+            _PACKED_FAILED[model] = mode_key(model)
         nxt = "full"
     # the detail of each event; the one warning per model is _warn_slower's, once the call runs on a path
     logger.info(
@@ -1717,7 +1714,7 @@ def _start_reasons(model: Any, config: AttributionConfig, kind: str) -> tuple[st
     what the user asked for: never slower than normal."""
     if config.implementation == "reference" or config.fast_path == "full":
         return None, []
-    caps, mode = capabilities(model), _mode(model)
+    caps, mode = capabilities(model), mode_key(model)
     earlier = "the %s path did not reproduce the clean logits on an earlier call"
     if caps.backend == "hooked":
         if kind == "full" and _is_hooked_transformer(model):
@@ -1737,7 +1734,7 @@ def _start_reasons(model: Any, config: AttributionConfig, kind: str) -> tuple[st
 def _warn_slower(model: Any, normal: str, kind: str, shortcut: bool, lost_shortcut: bool, reasons: list[str]) -> None:
     """One WARNING per model (and mode, path and shortcut) that the attribution runs slower than it would
     normally: the path taken, the one it would take and why not."""
-    key = (_mode(model), kind, shortcut)
+    key = (mode_key(model), kind, shortcut)
     seen = _SLOW_WARNED.setdefault(model, set())
     if key in seen:
         return
