@@ -257,6 +257,7 @@ def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = N
     from .errors import InvalidInputError
 
     spec, relations = settings["facts"], settings["relations"]
+    screened = os.path.isfile(os.path.join(spec, "known_facts.json"))  # a 'qloc-tl known' output directory
     if spec == "builtin":
         from .datasets import builtin_facts
 
@@ -267,7 +268,7 @@ def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = N
             if unknown:
                 raise InvalidInputError(f"--relations: {unknown} not in the built-in facts ({', '.join(sorted(have))})")
             facts = [f for f in facts if f.relation in set(relations)]
-    elif os.path.isfile(os.path.join(spec, "known_facts.json")):
+    elif screened:
         facts = screened_facts(Path(spec), settings["model"], relations)
     else:
         from .facts import load_pararel
@@ -279,7 +280,7 @@ def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = N
             )
         facts = list(load_pararel(path, relations=relations, min_queries=2).facts)
     facts = [f for f in facts if len(f.queries) >= 2]
-    if settings.get("known", "off") != "off" and not os.path.isfile(os.path.join(spec, "known_facts.json")):
+    if settings.get("known", "off") != "off" and not screened:
         facts = screen_known(model, facts, settings["max_facts"], out, progress)
     facts = cap_facts(facts, settings["max_facts"])
     if settings["shard"]:

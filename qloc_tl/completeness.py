@@ -27,6 +27,7 @@ Examples:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -86,10 +87,6 @@ def path_probabilities(
             logits = mdl(toks.expand(chunk.numel(), -1))
         probs.append(logits[:, pos].double().softmax(-1)[:, ans].cpu())
     return pd.DataFrame({"layer": layer, "alpha": a.double().numpy(), "prob": torch.cat(probs).numpy()})
-
-
-def _rel(gap: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return gap.abs() / target.abs().clamp_min(1e-12)
 
 
 def completeness_by_layer(
@@ -156,10 +153,10 @@ def adaptive_steps(
 ) -> AdaptiveIG:
     """IG of one prompt with the steps raised per layer until completeness holds within ``tol``.
 
-    Starts from ``steps``; every layer whose relative gap ``|gap| / |P(clean) − P(baseline_l)|`` exceeds
-    ``tol`` (layers whose ``|P(clean) − P(baseline_l)|`` is below ``atol`` count as converged: the relative gap
-    means nothing there) is recomputed alone with twice the steps, until it converges or ``max_steps`` is
-    reached. The path, baseline and rule do not change, so the scores are the same IG, integrated more
+    Starts from ``steps``; every layer whose relative gap ``|gap| / |F(clean) − F(baseline_l)|`` exceeds
+    ``tol`` (F: the attribution's objective, P or log P; layers whose ``|F(clean) − F(baseline_l)|`` is at most
+    ``atol`` count as converged: the relative gap means nothing there) is recomputed alone with twice the
+    steps, until it converges or ``max_steps`` is reached. The path, baseline and rule do not change, so the scores are the same IG, integrated more
     finely. A layer still above ``tol`` at ``max_steps`` is logged as a WARNING and marked
     ``converged=False``.
 
@@ -172,12 +169,16 @@ def adaptive_steps(
     scores = res.scores_batched.clone()
     delta = res.completeness_delta.clone()
     used = {l: steps for l in res.layers}
+    # what each layer's scores must sum to: objective(clean) − objective(baseline), the quantity
+    # completeness_delta is measured against
+    clean = float(res.clean_prob[0]) if res.objective == "prob" else math.log(float(res.clean_prob[0]))
+    target = {l: clean - float(res.baseline_objective[0, l]) for l in res.layers}
+
+    def rel_gap(l: int) -> float:
+        return abs(float(delta[0, l])) / max(abs(target[l]), 1e-12)
 
     def bad(l: int) -> bool:
-        target = float(res.clean_prob[0] - res.baseline_objective[0, l]) if res.objective == "prob" else float("nan")
-        if res.objective == "prob" and abs(target) <= atol:
-            return False
-        return float(_rel(delta[0, l], torch.tensor(target))) > tol
+        return abs(target[l]) > atol and rel_gap(l) > tol
 
     todo = [l for l in res.layers if bad(l)]
     m = steps
@@ -194,13 +195,11 @@ def adaptive_steps(
             "IG completeness: layers %s keep a relative gap above %.3g at %d steps (%s)",
             todo, tol, m, ", ".join(f"L{l}: {float(delta[0, l]):+.3g}" for l in todo),
         )  # fmt: skip
-    rows = []
-    for l in res.layers:
-        target = float(res.clean_prob[0] - res.baseline_objective[0, l])
-        rows.append({
-            "layer": l, "steps": used[l], "target": target, "gap": float(delta[0, l]),
-            "rel_gap": abs(float(delta[0, l])) / max(abs(target), 1e-12), "converged": not bad(l),
-        })  # fmt: skip
+    rows = [
+        {"layer": l, "steps": used[l], "target": target[l], "gap": float(delta[0, l]), "rel_gap": rel_gap(l),
+         "converged": not bad(l)}
+        for l in res.layers
+    ]  # fmt: skip
     out = replace(res, scores_batched=scores, completeness_delta=delta)
     return AdaptiveIG(out, pd.DataFrame(rows))
 

@@ -34,9 +34,10 @@ import torch
 
 from .errors import InvalidInputError
 from .facts import Fact
-from .hooks import intervene, scale_neurons
+from .hooks import intervene
 from .identities import Neuron
-from .model import answer_token_id, check_model, require_eval, tokenize_prompts
+from .mapping import RowBatch, row_neuron_hooks
+from .model import answer_token_id, check_model, require_eval
 
 __all__ = ["kn_overlap", "overlap_summary", "suppression_control", "control_summary"]
 
@@ -125,17 +126,12 @@ def overlap_summary(pairs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -
 
 
 def _probs(model: Any, prompts: list[str], answers: list[int], neurons: Sequence[Neuron] | None) -> np.ndarray:
-    toks, last = tokenize_prompts(model, prompts)
-    rows = torch.arange(len(prompts))
-    with torch.no_grad():
-        if neurons:
-            hooks = scale_neurons(list(neurons), 0.0, row_positions=last, model=model)
-            with intervene(model, hooks) as mdl:
-                logits = mdl(toks)
-        else:
-            logits = model(toks)
-    p = logits[rows, last].double().softmax(-1)[rows, torch.tensor(answers)]
-    return p.cpu().numpy()
+    """P(answer) of each prompt, with ``neurons`` suppressed (× 0) at every row's answer position: the
+    Query-KN mapping's batch and hooks (:class:`~qloc_tl.mapping.RowBatch`)."""
+    batch = RowBatch(model, prompts, answers, rows=range(len(prompts)))
+    edits = [(r, list(neurons), 0.0) for r in range(len(batch))] if neurons else []
+    with torch.no_grad(), intervene(model, row_neuron_hooks(model, batch, edits)) as mdl:
+        return batch.probs(mdl(batch.tokens)).double().cpu().numpy()
 
 
 def suppression_control(
