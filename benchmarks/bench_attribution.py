@@ -1,4 +1,4 @@
-"""Benchmark of qloc_tl.attribution: reference vs fast path vs an EleutherAI-style ``get_scores`` loop.
+"""Benchmark of qloc_tl.methods.attribution: reference vs fast path vs an EleutherAI-style ``get_scores`` loop.
 
 For each model it prints the time per query of
 
@@ -54,8 +54,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qloc_tl.attribution import attribute_neurons  # noqa: E402
-from qloc_tl.model import capabilities, tl_major  # noqa: E402
+from qloc_tl.core.model import capabilities, tl_major  # noqa: E402
+from qloc_tl.methods.attribution import attribute_neurons  # noqa: E402
 
 # --------------------------------------------------------------------------------------------------
 # models
@@ -66,7 +66,7 @@ def _hf_dir(name: str, cfg: Any, seed: int = 0) -> Path:
     """Save (once) a random HF model of config ``cfg`` with the tiny tokenizer; return its directory."""
     from transformers import AutoModelForCausalLM
 
-    from qloc_tl.testing import tiny_tokenizer
+    from qloc_tl.zoo.tiny import tiny_tokenizer
 
     path = Path(tempfile.gettempdir()) / "qloc_tl_bench" / name
     if not (path / "config.json").is_file():
@@ -105,7 +105,7 @@ def gpt2_eleuther_small_vocab_dir() -> Path:
     so per-pass overheads dominate (the regime where several prompts per pass pay off most)."""
     from transformers import GPT2Config
 
-    from qloc_tl.testing import tiny_tokenizer
+    from qloc_tl.zoo.tiny import tiny_tokenizer
 
     tok = tiny_tokenizer()
     cfg = GPT2Config(
@@ -127,7 +127,7 @@ def llama_small_dir() -> Path:
 
 
 def load(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> Any:
-    from qloc_tl.loading import load_hf_directory
+    from qloc_tl.zoo.loading import load_hf_directory
 
     return load_hf_directory(path, dtype=dtype, device=device)
 
@@ -280,7 +280,7 @@ def bench_model(
     prompts per pass on the TL 4 blockwise path (default: the library's default for the device). ``hf_dir``:
     the HF GPT-2 directory ``model`` was loaded from; the EleutherAI loop is then also timed on the plain HF
     model (:func:`eleuther_hf_get_scores`)."""
-    import qloc_tl.attribution.ig as ig
+    import qloc_tl.methods.attribution.ig as ig
 
     cap = ig._GROUP_MAX
     try:
@@ -396,11 +396,11 @@ def llama_random_model(device: str, dtype: torch.dtype = torch.bfloat16, **shape
     """A randomly initialised LLaMA-shaped TL model built in memory on ``device`` (default: LLaMA-3-8B shape).
 
     TL 4: ``TransformerBridge.boot_transformers(config_dir, hf_model=...)``; TL 3: a hand-built
-    ``HookedTransformerConfig`` plus ``convert_llama_weights`` (as :mod:`qloc_tl.loading` does).
+    ``HookedTransformerConfig`` plus ``convert_llama_weights`` (as :mod:`qloc_tl.zoo.loading` does).
     """
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qloc_tl.testing import tiny_tokenizer
+    from qloc_tl.zoo.tiny import tiny_tokenizer
 
     shape = {**LLAMA3_8B, **shape}
     cfg = LlamaConfig(**shape, tie_word_embeddings=False)
@@ -582,7 +582,7 @@ def main() -> None:
         return
     q = args.queries or 2
     rows = []
-    from qloc_tl.testing import tiny_model
+    from qloc_tl.zoo.tiny import tiny_model
 
     tiny = tiny_model("gpt2", source="hf")
     rows.append(bench_model("tiny gpt2 (hf) 5tok", tiny, 5, 4, args.steps, args.repeats, "cpu"))

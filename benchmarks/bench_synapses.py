@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qloc_tl.model import tl_major  # noqa: E402
-from qloc_tl.synapses import find_synapses  # noqa: E402
+from qloc_tl.core.model import tl_major  # noqa: E402
+from qloc_tl.methods.synapses import find_synapses  # noqa: E402
 
 PROMPTS = [
     ("The Eiffel Tower is located in the city of", " Paris"),  # 10 tokens

@@ -27,12 +27,12 @@
 import torch
 
 import qloc_tl as q
-from qloc_tl.attribution import attribute_neurons, select_neurons
+from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
 torch.set_num_threads(2)
 model = q.load_model("smollm2-135m")
 # ParaRel facts of the relation "capital" (P36), restricted to the neighbor queries the model answers top-1
-known = q.filter_known(model, q.datasets.pararel_facts(["P36"])[:40])
+known = q.filter_known(model, q.data.pararel_facts(["P36"])[:40])
 print(f"{len(known.facts)} of 40 facts known on >= 2 queries;", int(known.queries["known"].sum()), "known queries")
 facts = list(known.facts)
 fact = facts[0]
@@ -127,14 +127,14 @@ print("consistency score (relaxed):", round(q.consistency.consistency_score([s.t
 # %% [markdown]
 # ## 4. Are these neurons specific to the fact?
 #
-# `qloc_tl.specificity` measures it over several facts: the overlap of their KN sets within a relation and
+# `qloc_tl.experiments.specificity` measures it over several facts: the overlap of their KN sets within a relation and
 # across relations, and a control that suppresses *another* fact's KNs. Here three known capital facts and
 # one fact of another relation (a full run does this over every known fact: see the results page).
 
 # %%
-from qloc_tl.specificity import kn_overlap, suppression_control
+from qloc_tl.experiments.specificity import kn_overlap, suppression_control
 
-others = [f for f in q.filter_known(model, q.datasets.pararel_facts(["P1412"])[:20]).facts][:1]
+others = [f for f in q.filter_known(model, q.data.pararel_facts(["P1412"])[:20]).facts][:1]
 few = facts[:3] + others
 kn_of = {}
 for f in few:
@@ -153,7 +153,7 @@ suppression_control(model, few, kn_of)[["relation", "control", "n_neurons", "sha
 # steps, until the gap is within `tol`.
 
 # %%
-from qloc_tl.completeness import adaptive_steps, path_probabilities
+from qloc_tl.methods.completeness import adaptive_steps, path_probabilities
 
 gap = (res.completeness_delta[0].abs() / (res.clean_prob[0] - res.baseline_prob[0]).abs().clamp_min(1e-9)).nan_to_num()
 worst = int(gap.argmax())

@@ -26,10 +26,15 @@ from IPython.display import Image, display
 
 import qloc_tl as q
 from qloc_tl.cli import cap_facts
-from qloc_tl.consistency import ConsistencyConfig, plot_cs_histogram, plot_fact_heatmap, run_consistency
+from qloc_tl.experiments.consistency import (
+    ConsistencyConfig,
+    plot_cs_histogram,
+    plot_fact_heatmap,
+    run_consistency,
+)
 
 model = q.load_builtin_model()
-facts = cap_facts(q.datasets.builtin_facts(), 12)  # a small, relation-balanced sample
+facts = cap_facts(q.data.builtin_facts(), 12)  # a small, relation-balanced sample
 config = ConsistencyConfig(methods=("ig",), steps=10, n_boot=200, n_perm=200)
 res = run_consistency(model, facts, config, model_name="builtin", show_progress=False)
 res.summary[["method", "threshold", "tau", "n_facts", "prop_KI", "mean_cs", "mean_cs_KC", "mean_cs_KI"]]

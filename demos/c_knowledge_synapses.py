@@ -24,11 +24,12 @@ import torch
 from IPython.display import HTML, display
 
 import qloc_tl as q
-from qloc_tl.attribution import attribute_neurons, select_neurons
-from qloc_tl.views import save_html, synapse_heads_view
+from qloc_tl.methods.attribution import attribute_neurons, select_neurons
+from qloc_tl.methods.synapses import synapse_columns
+from qloc_tl.reporting.views import save_html, synapse_heads_view
 
 model = q.load_builtin_model()
-fact = q.datasets.builtin_facts()[3]
+fact = q.data.builtin_facts()[3]
 query = fact.queries[0].text
 syn = q.find_synapses(model, query, fact.answer, steps=10)
 print(query, "->", fact.object)
@@ -68,7 +69,7 @@ def run(hooks):
 
 
 edits = q.HookList()
-for head, cols in q.synapses.synapse_columns(syn.synapses).items():
+for head, cols in synapse_columns(syn.synapses).items():
     edits += q.scale_attention([head], 0.0, key_positions=list(cols))
 p0, a0 = run([])
 p1, a1 = run(edits)

@@ -26,10 +26,10 @@
 import torch
 
 import qloc_tl as q
-from qloc_tl.attribution import attribute_neurons, select_neurons
+from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
 model = q.load_builtin_model()
-facts = q.datasets.builtin_facts()
+facts = q.data.builtin_facts()
 fact = facts[5]
 unrelated = [f for f in facts if f.relation != fact.relation][:20]
 att = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.queries), steps=10)
@@ -46,7 +46,7 @@ answer = int(att.answer_ids[0])
 
 
 def top1_hits(prompts, target):
-    toks, last = q.model.tokenize_prompts(model, prompts)
+    toks, last = q.core.model.tokenize_prompts(model, prompts)
     with torch.no_grad():
         pred = model(toks)[torch.arange(len(prompts)), last].argmax(-1)
     return float((pred == target).float().mean())
@@ -54,7 +54,7 @@ def top1_hits(prompts, target):
 
 unrel_prompts = [f.prompts[0] for f in unrelated]
 with torch.no_grad():
-    toks, last = q.model.tokenize_prompts(model, unrel_prompts)
+    toks, last = q.core.model.tokenize_prompts(model, unrel_prompts)
     unrel_before = model(toks)[torch.arange(len(unrel_prompts)), last].argmax(-1)
 
 rows = []
@@ -94,8 +94,8 @@ print("after the context, restored:", model.to_string(model(fact.prompts[0])[0, 
 # that works without damage: see the editing docs.
 
 # %%
-from qloc_tl.editing import EditingConfig
-from qloc_tl.strength import update_strength_sweep
+from qloc_tl.experiments.editing import EditingConfig
+from qloc_tl.experiments.strength import update_strength_sweep
 
 few = [f for f in facts if f.relation == fact.relation][:4] + [f for f in facts if f.relation != fact.relation][:2]
 sweep = update_strength_sweep(

@@ -29,7 +29,7 @@
 import torch
 
 import qloc_tl as q
-from qloc_tl.testing import tiny_hf_directory
+from qloc_tl.zoo.tiny import tiny_hf_directory
 
 MODEL_NAME = None  # e.g. "gpt2" or "meta-llama/Meta-Llama-3-8B" with network access
 local_dir = str(tiny_hf_directory("llama"))

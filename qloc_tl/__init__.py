@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib.metadata
 
-from .errors import (
+from qloc_tl.core.errors import (
     CapabilityError,
     DataError,
     HookNotFiredError,
@@ -18,8 +18,7 @@ from .errors import (
     ResumeMismatchError,
     UnsupportedModelError,
 )
-from .facts import Fact, Query, Template, load_pararel
-from .hooks import (
+from qloc_tl.core.hooks import (
     HookList,
     intervene,
     record_neurons,
@@ -28,49 +27,46 @@ from .hooks import (
     scale_neurons,
     set_neurons,
 )
-from .identities import Head, Neuron, Synapse
-from .model import Capabilities, capabilities, neuron_hook_name, tl_major
+from qloc_tl.core.identities import Head, Neuron, Synapse
+from qloc_tl.core.model import Capabilities, capabilities, neuron_hook_name, tl_major
+from qloc_tl.data.facts import Fact, Query, Template, load_pararel
 
 # Submodules and the most used names of the experiment modules are loaded lazily on first access
-# (``qloc_tl.datasets``, ``qloc_tl.attribute_neurons`` ...), so ``import qloc_tl`` stays light.
-_SUBMODULES = (
-    "attribution", "cli", "consistency", "datasets", "dynamic", "editing", "facts", "hooks", "identities",
-    "loading", "mapping", "model", "query_localization", "report", "store", "synapses", "testing", "tracing",
-    "views", "zoo",
-)  # fmt: skip
+# (``qloc_tl.data.datasets``, ``qloc_tl.attribute_neurons`` ...), so ``import qloc_tl`` stays light.
+_SUBMODULES = ("core", "data", "zoo", "methods", "experiments", "reporting", "cli")
 _LAZY = {
-    "attribute_neurons": "attribution",
-    "NeuronAttribution": "attribution",
-    "AttributionConfig": "attribution",
-    "select_neurons": "attribution",
-    "refine_neurons": "attribution",
-    "refine_adaptive": "attribution",
-    "NeuronSet": "attribution",
-    "consistency_score": "consistency",
-    "run_consistency": "consistency",
-    "ConsistencyConfig": "consistency",
-    "find_synapses": "synapses",
-    "SynapseResult": "synapses",
-    "dynamic_kn_selection": "dynamic",
-    "causal_trace": "tracing",
-    "run_query_localization": "query_localization",
-    "QLConfig": "query_localization",
-    "erase": "editing",
-    "update": "editing",
-    "apply_erase": "editing",
-    "apply_update": "editing",
-    "plot_editing": "editing",
-    "cas_scores": "editing",
-    "select_cas": "editing",
-    "run_editing_experiment": "editing",
-    "EditingConfig": "editing",
+    "attribute_neurons": "methods.attribution",
+    "NeuronAttribution": "methods.attribution",
+    "AttributionConfig": "methods.attribution",
+    "select_neurons": "methods.attribution",
+    "refine_neurons": "methods.attribution",
+    "refine_adaptive": "methods.attribution",
+    "NeuronSet": "methods.attribution",
+    "consistency_score": "experiments.consistency",
+    "run_consistency": "experiments.consistency",
+    "ConsistencyConfig": "experiments.consistency",
+    "find_synapses": "methods.synapses",
+    "SynapseResult": "methods.synapses",
+    "dynamic_kn_selection": "experiments.dynamic",
+    "causal_trace": "methods.tracing",
+    "run_query_localization": "experiments.query_localization",
+    "QLConfig": "experiments.query_localization",
+    "erase": "experiments.editing",
+    "update": "experiments.editing",
+    "apply_erase": "experiments.editing",
+    "apply_update": "experiments.editing",
+    "plot_editing": "experiments.editing",
+    "cas_scores": "experiments.editing",
+    "select_cas": "experiments.editing",
+    "run_editing_experiment": "experiments.editing",
+    "EditingConfig": "experiments.editing",
     "load_builtin_model": "zoo",
     "builtin_model_dir": "zoo",
-    "load_hf_directory": "loading",
+    "load_hf_directory": "zoo.loading",
     "load_model": "zoo",
-    "filter_known": "known",
-    "KnownFacts": "known",
-    "next_token_probs": "known",
+    "filter_known": "methods.known",
+    "KnownFacts": "methods.known",
+    "next_token_probs": "methods.known",
 }
 
 

@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
 # (about 5x IG), which keeps the default run within 15 minutes on a 2-core machine. The update strength λ2
 # of the editing stage: Dai et al.'s 8 on the built-in model (where every strength saturates); 2 on a
 # pretrained LM, where 8 wrecks SmolLM2-135M (PPL × 1e16, Rel ≈ 0.1) and 1 rarely moves the prediction
-# (qloc_tl.strength.update_strength_sweep measures this on any model).
+# (qloc_tl.experiments.strength.update_strength_sweep measures this on any model).
 DEFAULTS = {
     "builtin": {"max_facts": 27, "methods": ["ig", "sig", "amig"], "quick_max_facts": 18, "lambda2": 8.0, "threads": 1},
     "pretrained": {"max_facts": 16, "methods": ["ig", "amig"], "quick_max_facts": 6, "lambda2": 2.0,
@@ -217,10 +217,10 @@ def load_model(spec: str, device: str = "cpu") -> Any:
     TransformerLens model name (downloads need network access, which this environment may not have)."""
     import torch
 
-    from .errors import InvalidInputError
-    from .model import tl_major
-    from .zoo import MODEL_NAMES
-    from .zoo import load_model as zoo_load_model
+    from qloc_tl.core.errors import InvalidInputError
+    from qloc_tl.core.model import tl_major
+    from qloc_tl.zoo import MODEL_NAMES
+    from qloc_tl.zoo import load_model as zoo_load_model
 
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidInputError("--device cuda was given but no CUDA device is available")
@@ -254,12 +254,12 @@ def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = N
     until ``max_facts`` known facts are found (screening every ParaRel fact would take an hour on a CPU); the
     chosen facts and the screening tables are written to ``out/known/`` and reused on ``--resume``.
     """
-    from .errors import InvalidInputError
+    from qloc_tl.core.errors import InvalidInputError
 
     spec, relations = settings["facts"], settings["relations"]
     screened = os.path.isfile(os.path.join(spec, "known_facts.json"))  # a 'qloc-tl known' output directory
     if spec == "builtin":
-        from .datasets import builtin_facts
+        from qloc_tl.data.datasets import builtin_facts
 
         facts = list(builtin_facts())
         if relations:
@@ -271,7 +271,7 @@ def load_facts(settings: dict[str, Any], model: Any = None, out: Path | None = N
     elif screened:
         facts = screened_facts(Path(spec), settings["model"], relations)
     else:
-        from .facts import load_pararel
+        from qloc_tl.data.facts import load_pararel
 
         path = None if spec == "pararel" else spec
         if path is not None and not os.path.isdir(path):
@@ -305,15 +305,15 @@ def pararel_dir(spec: str) -> str | None:
 def screened_facts(directory: Path, model: str, relations: Sequence[str] | None) -> list[Any]:
     """The known facts of a ``qloc-tl known`` output directory, each with only its known queries (templates
     as in ParaRel, file order), so a run on them needs no second screening. The screening must be of ``model``."""
-    from .errors import InvalidInputError
-    from .facts import Fact, load_pararel
+    from qloc_tl.core.errors import InvalidInputError
+    from qloc_tl.data.facts import Fact, load_pararel
 
     info = json.loads((directory / "settings.json").read_text()) if (directory / "settings.json").is_file() else {}
     if info.get("model") != model:
         raise InvalidInputError(f"--facts {str(directory)!r} screened model {info.get('model')!r}, not --model {model!r}")
     known = json.loads((directory / "known_facts.json").read_text())
     if info.get("facts") == "builtin":
-        from .datasets import builtin_facts
+        from qloc_tl.data.datasets import builtin_facts
 
         pool = [f for f in builtin_facts() if not relations or f.relation in relations]
     else:
@@ -342,14 +342,14 @@ def round_robin(facts: Sequence[Any]) -> list[Any]:
 
 
 def screen_known(model: Any, facts: Sequence[Any], want: int | None, out: Path | None, progress: bool, chunk: int = 96) -> list[Any]:
-    """The known facts among ``facts`` (:func:`qloc_tl.known.filter_known`), screened in round-robin order
+    """The known facts among ``facts`` (:func:`qloc_tl.methods.known.filter_known`), screened in round-robin order
     until ``want`` are found; the screening tables go to ``out/known/``."""
     import pandas as pd
 
-    from .errors import InvalidInputError
-    from .facts import Fact, Query
-    from .known import filter_known
-    from .store import atomic_write_text
+    from qloc_tl.core.errors import InvalidInputError
+    from qloc_tl.core.store import atomic_write_text
+    from qloc_tl.data.facts import Fact, Query
+    from qloc_tl.methods.known import filter_known
 
     cache = out / "known" / "facts.json" if out is not None else None
     if cache is not None and cache.is_file():
@@ -418,7 +418,7 @@ def versions() -> dict[str, str]:
 
 
 def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool) -> Any:
-    from .consistency import (
+    from qloc_tl.experiments.consistency import (
         ConsistencyConfig,
         plot_cs_histogram,
         plot_relation_ki,
@@ -442,7 +442,7 @@ def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], o
     for kind in ("static", "otsu"):  # both splits: on a model where the static τ finds no K_I, Otsu's shows the tail
         plot_relation_ki(res, kind, path=figs / f"ki_per_relation_{kind}.png")
         plot_threshold_sweep(res, kind, path=figs / f"threshold_sweep_{kind}.png")
-    from .store import atomic_write_table
+    from qloc_tl.core.store import atomic_write_table
 
     n_boot = 200 if settings["quick"] else 1000
     atomic_write_table(out / "consistency" / "consistency_tau_sweep", res.tau_sweep(n_boot=n_boot, seed=settings["seed"]))
@@ -453,7 +453,7 @@ def _stage_consistency(model: Any, facts: list[Any], settings: dict[str, Any], o
 
 def _heatmaps(model: Any, facts: list[Any], res: Any, settings: dict[str, Any], figs: Path) -> None:
     """Figure-1 heatmaps for the most consistent and the least consistent fact."""
-    from .consistency import plot_fact_heatmap
+    from qloc_tl.experiments.consistency import plot_fact_heatmap
 
     df = res.facts[(res.facts["method"] == settings["methods"][0]) & res.facts["cs"].notna()]
     if df.empty:
@@ -482,7 +482,7 @@ def _kn_sets(res_cons: Any, settings: dict[str, Any]) -> dict[str, list[Any]] | 
 
 
 def _stage_ql(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool, cons: Any) -> Any:
-    from . import query_localization as ql
+    from qloc_tl.experiments import query_localization as ql
 
     cfg = ql.QLConfig(
         kn_method=settings["methods"][0], kn_steps=settings["steps"], ks_steps=settings["steps"], seed=settings["seed"],
@@ -512,9 +512,9 @@ def _ql_figures(model: Any, facts: list[Any], res: Any, settings: dict[str, Any]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .synapses import find_synapses
-    from .tracing import causal_trace
-    from .views import save_html, synapse_heads_view
+    from qloc_tl.methods.synapses import find_synapses
+    from qloc_tl.methods.tracing import causal_trace
+    from qloc_tl.reporting.views import save_html, synapse_heads_view
 
     for name, plot in (("ql_mapping", res.plot_mapping), ("ql_dynamic", res.plot_dynamic)):
         if name == "ql_dynamic" and res.dynamic.empty:
@@ -540,20 +540,20 @@ def _ql_figures(model: Any, facts: list[Any], res: Any, settings: dict[str, Any]
 
 
 def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Path, progress: bool, cons: Any) -> Any:
-    from . import editing
+    from qloc_tl.experiments import editing
 
     cfg = editing.EditingConfig(
         attribution_method=settings["methods"][0], steps=settings["steps"], seed=settings["seed"],
         lambda2=settings.get("lambda2"),
     )  # fmt: skip
     if settings["model"] == "builtin":
-        from .datasets import builtin_ppl_texts
+        from qloc_tl.data.datasets import builtin_ppl_texts
 
         texts = builtin_ppl_texts()
         # a fixed, evenly spaced subset: PPL is evaluated once per edit, so its size sets the stage's cost
         texts = texts[:: (15 if settings["quick"] else 6)]
     else:
-        from .datasets import generic_ppl_texts
+        from qloc_tl.data.datasets import generic_ppl_texts
 
         texts = generic_ppl_texts()[:: (4 if settings["quick"] else 3)]
     pool = None
@@ -562,7 +562,7 @@ def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Pat
         # queries from the pool's other relations: with a few known facts per relation the run's own facts
         # are too few, so the pool is every ParaRel fact of the run's relations (Locality: any prompt's top-1
         # should survive an edit, known or not)
-        from .facts import load_pararel
+        from qloc_tl.data.facts import load_pararel
 
         path = pararel_dir(settings["facts"])
         rels = sorted({f.relation for f in facts})
@@ -573,7 +573,7 @@ def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Pat
         # the consistency stage attributed every query of every fact with the same method, steps and site:
         # reuse its persisted scores (≥ 0.05 · max per query, zero below; the KN sets are exact, CAS sees the
         # small entries as zero) instead of attributing again
-        from .model import d_mlp, n_layers
+        from qloc_tl.core.model import d_mlp, n_layers
 
         m0, L, D = settings["methods"][0], n_layers(model), d_mlp(model)
         attributions = {f.key: cons.dense_scores(m0, f.key, len(f.queries), L, D).float() for f in facts}
@@ -591,7 +591,7 @@ def _stage_edit(model: Any, facts: list[Any], settings: dict[str, Any], out: Pat
 
 
 def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
-    from .errors import InvalidInputError, ResumeMismatchError
+    from qloc_tl.core.errors import InvalidInputError, ResumeMismatchError
 
     run_json = out / "run.json"
     if not run_json.is_file():
@@ -615,8 +615,8 @@ def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     """Run ``stages`` with the parsed arguments; returns the results by stage (plus timings)."""
     import torch
 
-    from .report import write_report
-    from .store import atomic_write_text
+    from qloc_tl.core.store import atomic_write_text
+    from qloc_tl.reporting.report import write_report
 
     settings = run_settings(args)
     kind = "builtin" if settings["model"] == "builtin" else "pretrained"
@@ -658,7 +658,7 @@ def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
 
 
 def _summary_lines(out: Path, min_facts: int | None = None) -> list[str]:
-    from .report import claim_verdicts
+    from qloc_tl.reporting.report import claim_verdicts
 
     info = json.loads((out / "run.json").read_text())
     lines = [
@@ -674,7 +674,7 @@ def _summary_lines(out: Path, min_facts: int | None = None) -> list[str]:
 def merge(out: Path, shards: Sequence[str]) -> dict[str, Any]:
     """Copy every shard's persisted parts into ``out`` (after checking the shards ran the same settings), then
     finish the run there: nothing is recomputed, the tables cover all facts, and the report is written."""
-    from .errors import InvalidInputError
+    from qloc_tl.core.errors import InvalidInputError
 
     infos = []
     for s in shards:
@@ -718,16 +718,16 @@ def merge(out: Path, shards: Sequence[str]) -> dict[str, Any]:
 
 
 def screen_all(args: argparse.Namespace) -> Path:
-    """``qloc-tl known``: :func:`qloc_tl.known.filter_known` over every fact of every relation, one relation
+    """``qloc-tl known``: :func:`qloc_tl.methods.known.filter_known` over every fact of every relation, one relation
     at a time (a finished relation's table is kept, so an interrupted screening resumes), then
     ``per_relation.csv`` (facts and queries known per relation) and ``known_facts.json``."""
     import pandas as pd
     import torch
 
-    from .errors import ResumeMismatchError
-    from .facts import load_pararel
-    from .known import filter_known
-    from .store import atomic_write_text
+    from qloc_tl.core.errors import ResumeMismatchError
+    from qloc_tl.core.store import atomic_write_text
+    from qloc_tl.data.facts import load_pararel
+    from qloc_tl.methods.known import filter_known
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -742,7 +742,7 @@ def screen_all(args: argparse.Namespace) -> Path:
         atomic_write_text(out / "settings.json", json.dumps(settings, indent=1))
     model = load_model(args.model, args.device)
     if args.facts == "builtin":
-        from .datasets import builtin_facts
+        from qloc_tl.data.datasets import builtin_facts
 
         facts = [f for f in builtin_facts() if not args.relations or f.relation in args.relations]
     else:
@@ -788,14 +788,14 @@ def screen_all(args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qloc-tl`` console script."""
-    from .errors import QlocError
+    from qloc_tl.core.errors import QlocError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "report":
-            from .report import write_report
+            from qloc_tl.reporting.report import write_report
 
             path = write_report(Path(args.out), min_facts=args.min_facts)
             print(f"qloc-tl: wrote {path}")

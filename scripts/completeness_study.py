@@ -18,7 +18,7 @@ import torch
 
 import qloc_tl as q
 from qloc_tl.cli import cap_facts, screened_facts
-from qloc_tl.completeness import (
+from qloc_tl.methods.completeness import (
     adaptive_steps,
     completeness_by_layer,
     path_probabilities,

@@ -127,7 +127,12 @@ def main() -> None:
     if not a.no_model:
         t0 = time.time()
         from qloc_tl.cli import load_model
-        from qloc_tl.specificity import control_summary, kn_overlap, overlap_summary, suppression_control
+        from qloc_tl.experiments.specificity import (
+            control_summary,
+            kn_overlap,
+            overlap_summary,
+            suppression_control,
+        )
 
         model = load_model(settings["model"], "cpu")
         fs = run_facts
@@ -161,7 +166,7 @@ def _kn_sets(run: Path, method: str, facts: list, model, methods) -> dict:
     persisted scores through run_consistency (nothing is recomputed: every fact's parts are there)."""
     import dataclasses
 
-    from qloc_tl.consistency import ConsistencyConfig, run_consistency
+    from qloc_tl.experiments.consistency import ConsistencyConfig, run_consistency
 
     stored = json.loads((run / "consistency" / "config.json").read_text())["config"]
     names = {f.name for f in dataclasses.fields(ConsistencyConfig)}

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 
 from qloc_tl.cli import cap_facts, load_facts, load_model
-from qloc_tl.consistency import ConsistencyConfig, run_consistency
+from qloc_tl.experiments.consistency import ConsistencyConfig, run_consistency
 
 
 def main() -> None:

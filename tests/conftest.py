@@ -14,8 +14,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to oversubscription
 
-from qloc_tl.model import tl_major  # noqa: E402
-from qloc_tl.testing import tiny_model  # noqa: E402
+from qloc_tl.core.model import tl_major  # noqa: E402
+from qloc_tl.zoo.tiny import tiny_model  # noqa: E402
 
 TL_MAJOR = tl_major()
 

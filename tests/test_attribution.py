@@ -4,7 +4,7 @@
   every quadrature rule, IG / SIG / AMIG, prob / logprob, against closed forms computed here in NumPy;
 * the reference implementation (full forward per layer per chunk) — fast path equality on GPT-2- and
   LLaMA-style tiny models (native and HF-loaded), right-padded batches, sites, objectives, float32;
-* central finite differences of P(answer) through qloc_tl.hooks.set_neurons (no autograd, no attribution
+* central finite differences of P(answer) through qloc_tl.core.hooks.set_neurons (no autograd, no attribution
   code) along the IG path;
 * completeness: |delta| shrinks with m at the known rate for trapezoid and Gauss–Legendre.
 """
@@ -22,14 +22,14 @@ import pytest
 import torch
 from torch import nn
 
-from qloc_tl.attribution import NeuronAttribution, attribute_neurons, select_neurons
-from qloc_tl.attribution import ig as ig_module
-from qloc_tl.attribution.quadrature import quadrature
-from qloc_tl.errors import CapabilityError, InvalidInputError, NumericalError, UnsupportedModelError
-from qloc_tl.hooks import set_neurons
-from qloc_tl.identities import Neuron
-from qloc_tl.model import capabilities, tl_major
-from qloc_tl.testing import tiny_model
+from qloc_tl.core.errors import CapabilityError, InvalidInputError, NumericalError, UnsupportedModelError
+from qloc_tl.core.hooks import set_neurons
+from qloc_tl.core.identities import Neuron
+from qloc_tl.core.model import capabilities, tl_major
+from qloc_tl.methods.attribution import NeuronAttribution, attribute_neurons, select_neurons
+from qloc_tl.methods.attribution import ig as ig_module
+from qloc_tl.methods.attribution.quadrature import quadrature
+from qloc_tl.zoo.tiny import tiny_model
 
 PROMPTS = ["alice was born in", "the capital of france is the city of", "bob speaks"]
 ANSWERS = ["paris", "paris", "french"]
@@ -327,7 +327,7 @@ def test_rows_longer_than_n_ctx_and_packing_without_room_equal_reference():
     assert auto.path == "blockwise" and packed.path == "packed"
     assert _rel(auto.scores, ref.scores) <= 1e-5 and _rel(packed.scores, ref.scores) <= 1e-5
     assert ig_module._fast_kind(model, ig_module.AttributionConfig(), n_ctx - 1) == "blockwise"
-    from qloc_tl.model import mode_key
+    from qloc_tl.core.model import mode_key
 
     ig_module._BLOCKWISE_FAILED[model] = mode_key(model)
     try:  # after blockwise failed on this model: no room to pack -> full; room -> packed
@@ -374,7 +374,7 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
     monkeypatch.setattr(ig_module._BlockCall, "at", at)
     kw = dict(steps=4, layers=[0, 2])
     ref = attribute_neurons(model, PROMPTS[0], ANSWERS[0], implementation="reference", **kw)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
         with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
             attribute_neurons(model, PROMPTS[0], ANSWERS[0], fast_path="blockwise", **kw)
         auto = attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)  # the shortcut's refusal is remembered
@@ -414,7 +414,7 @@ def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method, 
 def test_masked_baselines_of_several_prompts_equal_one_at_a_time(arch, source):
     """The masked variants of prompts of different lengths share right-padded passes; each prompt's
     baselines equal a hand loop over its variants (one forward each, no padding)."""
-    from qloc_tl.attribution.baselines import masked_token_baselines_many
+    from qloc_tl.methods.attribution.baselines import masked_token_baselines_many
 
     model = _model(arch, source)
     rows = [model.to_tokens(p)[0] for p in PROMPTS]
@@ -717,7 +717,7 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path
 def test_native_bridge_falls_back_with_one_warning(caplog, monkeypatch):
     monkeypatch.setattr(ig_module, "_MIN_PACKED_ROOM", 0)  # let "auto" try packing on the tiny context
     model = tiny_model("gpt2", dtype=torch.float64)  # fresh: the fallback memo is per model
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
         r1 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
         r2 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
     assert r1.path == r2.path == "full"
@@ -772,7 +772,7 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
 
     model.unembed.__class__ = Doubled
     seen = _spy_run_with_cache(model, monkeypatch)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
         res = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
     assert ig_module._AFFINE_UNEMBED[model.unembed] is False
     assert res.path == "full"  # the kv-hooked path cannot reproduce these logits: fell back
@@ -864,7 +864,7 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, pa
     monkeypatch.setattr(ig_module, "_SHORTCUT_VERDICT", weakref.WeakKeyDictionary())
     kw = {"fast_path": path} if path else _fast_kw(source)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
-    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
         res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
     assert res.path == (path or _expected_path(source)) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
@@ -898,7 +898,7 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
     block l's output is not affine in hook_post, the probes see it, and the result equals the reference."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    from qloc_tl.testing import tiny_tokenizer
+    from qloc_tl.zoo.tiny import tiny_tokenizer
 
     cfg = HookedTransformerConfig(
         n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=128, d_vocab=len(tiny_tokenizer()), n_ctx=32,
@@ -906,7 +906,7 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
         dtype=torch.float64, device="cpu",
     )  # fmt: skip
     model = HookedTransformer(cfg, tokenizer=tiny_tokenizer()).eval()
-    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
         res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
@@ -914,7 +914,7 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
     # the refusal is remembered for these blocks: the next call does not try the shortcut at all
     caplog.clear()
     calls = _count_shortcut_passes(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
         again = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
     assert calls["n"] == 0 and not any("MLP-out shortcut" in m for m in caplog.messages)
     assert _rel(again.scores_batched, ref.scores_batched) <= 1e-5
@@ -957,7 +957,7 @@ def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, so
     assert checks["n"] == 1 and _rel(second.scores_batched, first.scores_batched) <= 1e-12
     handle = model.blocks[1].mlp.register_forward_hook(lambda mod, args, out: 0.5 * out)
     try:
-        with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+        with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
             hooked = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
         ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
     finally:
@@ -1080,7 +1080,7 @@ def test_hooked_rows_without_the_layout_mask_are_refused(monkeypatch, caplog):
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference", **kw)
     with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
         attribute_neurons(model, PROMPTS, ANSWERS, fast_path="blockwise", **kw)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
         auto = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert auto.path == "kv-hooked" and _rel(auto.scores_batched, ref.scores_batched) <= 1e-5
     assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
@@ -1137,7 +1137,7 @@ def _slow_warnings(caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "qloc_tl.attribution.ig" and "runs the slower" in r.getMessage()
+        if r.levelno == logging.WARNING and r.name == "qloc_tl.methods.attribution.ig" and "runs the slower" in r.getMessage()
     ]
 
 
@@ -1146,7 +1146,7 @@ def test_failed_kv_probe_falls_back_with_one_warning_per_model(monkeypatch, capl
     """A HookedTransformer whose KV-cache probe fails (here: a cache holding a stale prefix) runs the "full"
     path: equal to the reference, with one WARNING over two calls that names the path and the probe's
     reason; fast_path="kv" raises with that reason. A healthy model of the same shape warns nothing."""
-    import qloc_tl.model as model_mod
+    import qloc_tl.core.model as model_mod
 
     model = tiny_model("llama", dtype=torch.float64)  # fresh: probes and warnings are per model
     real = model_mod.hooked_kv_cache
@@ -1159,7 +1159,7 @@ def test_failed_kv_probe_falls_back_with_one_warning_per_model(monkeypatch, capl
     with monkeypatch.context() as mp:
         mp.setattr(model_mod, "hooked_kv_cache", stale)
         assert capabilities(model).kv_cache is None  # probed once, remembered for the model
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
         r1 = attribute_neurons(model, PROMPTS, ANSWERS, steps=4)
         r2 = attribute_neurons(model, PROMPTS[:1], ANSWERS[:1], steps=4)
     assert r1.path == r2.path == "full"
@@ -1171,7 +1171,7 @@ def test_failed_kv_probe_falls_back_with_one_warning_per_model(monkeypatch, capl
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
     caplog.clear()
     healthy = tiny_model("llama", dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
         assert attribute_neurons(healthy, PROMPTS, ANSWERS, steps=4).path == "kv-hooked"
     assert _slow_warnings(caplog) == []
 
@@ -1183,7 +1183,7 @@ def test_user_hooks_slower_path_is_warned_once_per_model(arch, caplog):
     the hook, on the normal path, gives none."""
     model = tiny_model(arch, source="hf", dtype=torch.float64)  # fresh: warnings are once per model
     hook = [("blocks.1.hook_mlp_out", lambda t, hook: 0.5 * t)]
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
         plain = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
         assert _slow_warnings(caplog) == []
         with model.hooks(fwd_hooks=hook):
@@ -1214,7 +1214,7 @@ def test_smollm2_fast_path_is_prefix_reusing_and_equals_the_reference(smollm2_mo
         top = [int(m(m.to_tokens(p))[0, -1].argmax()) for p in SMOL_PROMPTS]
     assert [m.to_tokens(p).shape[1] for p in SMOL_PROMPTS] == [16, 16]
     kw = dict(steps=3, layers=[0, 15, 29])
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
         fast = attribute_neurons(m, SMOL_PROMPTS, SMOL_ANSWERS, **kw)
     assert fast.answer_ids.tolist() == top  # the model knows these facts
     assert fast.path == ("kv-hooked" if tl_major() < 4 else "blockwise")

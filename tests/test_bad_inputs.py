@@ -16,8 +16,8 @@ import torch
 from conftest import TL_MAJOR
 
 import qloc_tl as q
-from qloc_tl import errors as E
-from qloc_tl.testing import tiny_model
+from qloc_tl.core import errors as E
+from qloc_tl.zoo.tiny import tiny_model
 
 MODEL = None
 
@@ -39,13 +39,13 @@ class Case:
 
 
 def _attr(**kw):
-    from qloc_tl.attribution import attribute_neurons
+    from qloc_tl.methods.attribution import attribute_neurons
 
     return lambda tmp: attribute_neurons(model(), kw.pop("prompt", "alice was born in"), kw.pop("answer", "paris"), **kw)
 
 
 def _no_tokenizer(tmp):
-    from qloc_tl.attribution import attribute_neurons
+    from qloc_tl.methods.attribution import attribute_neurons
 
     m = tiny_model("gpt2")
     m.tokenizer = None
@@ -53,7 +53,7 @@ def _no_tokenizer(tmp):
 
 
 def _train_mode(tmp):
-    from qloc_tl.attribution import attribute_neurons
+    from qloc_tl.methods.attribution import attribute_neurons
 
     m = tiny_model("gpt2")
     m.train()
@@ -61,7 +61,7 @@ def _train_mode(tmp):
 
 
 def _fp16_overflow(tmp):
-    from qloc_tl.attribution import attribute_neurons
+    from qloc_tl.methods.attribution import attribute_neurons
 
     m = tiny_model("gpt2", dtype=torch.float16)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def _pararel(tmp, patterns=None, facts=None):
 
 
 def _resume_other_config(tmp):
-    from qloc_tl.store import RunStore
+    from qloc_tl.core.store import RunStore
 
     RunStore.open(tmp / "run", {"method": "ig", "steps": 20})
     RunStore.open(tmp / "run", {"method": "ig", "steps": 10})
@@ -126,10 +126,10 @@ CASES = [
     Case("template-no-x", "template without [X]", lambda t: q.Template("was born in [Y]."), E.InvalidInputError, r"\[X\] exactly once"),
     Case("template-no-y", "template without [Y]", lambda t: q.Template("[X] was born."), E.InvalidInputError, r"\[Y\] exactly once"),
     Case("template-y-not-final", "[Y] not final", lambda t: q.Template("[Y] is where [X] was born."), E.InvalidInputError, r"does not end with \[Y\]"),
-    Case("answer-multi-token", "object of several tokens (error mode)", lambda t: q.model.answer_token_id(model(), "alice was born in", "paris london"), E.InvalidInputError, "2 tokens.*multi_token='first'"),
-    Case("answer-oov", "object not in the vocabulary", lambda t: q.model.answer_token_id(model(), "alice was born in", "zanzibar"), E.InvalidInputError, "not in the model's vocabulary"),
+    Case("answer-multi-token", "object of several tokens (error mode)", lambda t: q.core.model.answer_token_id(model(), "alice was born in", "paris london"), E.InvalidInputError, "2 tokens.*multi_token='first'"),
+    Case("answer-oov", "object not in the vocabulary", lambda t: q.core.model.answer_token_id(model(), "alice was born in", "zanzibar"), E.InvalidInputError, "not in the model's vocabulary"),
     Case("fact-no-queries", "empty neighbor set", lambda t: q.Fact("alice", "P19", "paris", []), E.InvalidInputError, "has no queries"),
-    Case("fact-one-query", "one-query neighbor set in the consistency runner", lambda t: __import__("qloc_tl.consistency", fromlist=["x"]).run_consistency(model(), [q.Fact("alice", "P19", "paris", ["alice was born in"])], known_only=False), E.InvalidInputError, "at least 2 are needed"),
+    Case("fact-one-query", "one-query neighbor set in the consistency runner", lambda t: __import__("qloc_tl.experiments.consistency", fromlist=["x"]).run_consistency(model(), [q.Fact("alice", "P19", "paris", ["alice was born in"])], known_only=False), E.InvalidInputError, "at least 2 are needed"),
     Case("prompt-too-long", "prompt longer than n_ctx", _attr(prompt=" ".join(["the"] * 40)), E.InvalidInputError, "longer than the model's context n_ctx=32"),
     Case("prompt-empty", "empty prompt", _attr(prompt="   "), E.InvalidInputError, "empty prompt"),
     Case("layer-range", "layer index out of range", lambda t: q.scale_neurons([q.Neuron(9, 0)], 0.0, model=model()), E.InvalidInputError, "out of range: the model has layers 0..2"),
@@ -141,8 +141,8 @@ CASES = [
     Case("site-missing", "site a model lacks (pre_linear on a non-gated MLP)", lambda t: q.neuron_hook_name(model(), 0, "pre_linear"), E.UnsupportedModelError, "hook_pre_linear exists only on gated MLPs"),
     Case("method-unknown", "unknown attribution method", _attr(method="lrp"), E.InvalidInputError, "method must be one of"),
     Case("rule-unknown", "unknown quadrature rule", _attr(rule="simpson"), E.InvalidInputError, "rule must be one of"),
-    Case("threshold-unknown", "unknown threshold kind", lambda t: __import__("qloc_tl.attribution", fromlist=["x"]).select_neurons(torch.zeros(2, 3), method="median"), E.InvalidInputError, "unknown selection method 'median'"),
-    Case("cs-threshold-unknown", "unknown CS threshold kind", lambda t: q.consistency.cs_threshold([0.1], "median"), E.InvalidInputError, "threshold kind must be"),
+    Case("threshold-unknown", "unknown threshold kind", lambda t: __import__("qloc_tl.methods.attribution", fromlist=["x"]).select_neurons(torch.zeros(2, 3), method="median"), E.InvalidInputError, "unknown selection method 'median'"),
+    Case("cs-threshold-unknown", "unknown CS threshold kind", lambda t: q.experiments.consistency.cs_threshold([0.1], "median"), E.InvalidInputError, "threshold kind must be"),
     Case("steps-zero", "steps <= 0", _attr(steps=0), E.InvalidInputError, "steps must be a positive int, got 0"),
     Case("batch-zero", "batch size <= 0", _attr(batch_size=0), E.InvalidInputError, "batch_size must be a positive int"),
     Case("no-tokenizer", "model without a tokenizer given strings", _no_tokenizer, E.InvalidInputError, "no tokenizer"),

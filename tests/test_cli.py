@@ -113,7 +113,7 @@ def test_quick_run_end_to_end(tmp_path):
         assert (out / "consistency" / f"{name}.parquet").is_file() and (out / "consistency" / f"{name}.csv").is_file()
     assert list((out / "figures").glob("*.png"))
     page = (out / "report.html").read_text()
-    from qloc_tl.report import SECTIONS
+    from qloc_tl.reporting.report import SECTIONS
 
     for section in SECTIONS:
         assert section in page
@@ -212,7 +212,7 @@ def test_report_html_is_well_formed(reference_run):
 
     page = (reference_run / "report.html").read_text()
     # circuitsvis widgets carry their own scripts; check our markup around them
-    from qloc_tl.report import SECTIONS
+    from qloc_tl.reporting.report import SECTIONS
 
     head = page.split("<div class='cv'>")[0]
     c = Checker()
@@ -256,7 +256,7 @@ def test_report_opens_in_headless_chromium_without_errors(reference_run):
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
 
-    from qloc_tl.report import SECTIONS
+    from qloc_tl.reporting.report import SECTIONS
 
     page_path = (reference_run / "report.html").resolve()
     errors: list[str] = []
@@ -319,8 +319,8 @@ def test_report_text_names_the_model_of_the_run(tmp_path):
     import numpy as np
     import pandas as pd
 
-    from qloc_tl.dynamic import enh_vs_sup, summarize_dynamic
-    from qloc_tl.report import claim_verdicts, write_report
+    from qloc_tl.experiments.dynamic import enh_vs_sup, summarize_dynamic
+    from qloc_tl.reporting.report import claim_verdicts, write_report
 
     out = tmp_path / "run"
     (out / "ql").mkdir(parents=True)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from qloc_tl.attribution import attribute_neurons
-from qloc_tl.completeness import adaptive_steps, completeness_by_layer, path_probabilities
-from qloc_tl.errors import InvalidInputError
-from qloc_tl.testing import tiny_model
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.methods.attribution import attribute_neurons
+from qloc_tl.methods.completeness import adaptive_steps, completeness_by_layer, path_probabilities
+from qloc_tl.zoo.tiny import tiny_model
 
 PROMPT, ANSWER = "alice was born in", "paris"
 

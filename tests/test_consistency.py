@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from qloc_tl import Fact, InvalidInputError, Neuron, ResumeMismatchError
-from qloc_tl.consistency import (
+from qloc_tl.experiments.consistency import (
     ConsistencyConfig,
     bootstrap_proportion_ci,
     class_statistics,
@@ -24,7 +24,7 @@ from qloc_tl.consistency import (
     run_consistency,
     split_facts,
 )
-from qloc_tl.testing import tiny_model
+from qloc_tl.zoo.tiny import tiny_model
 
 A, B, C, D, E = (Neuron(0, 1), Neuron(0, 2), Neuron(1, 3), Neuron(2, 4), Neuron(2, 5))
 
@@ -139,7 +139,7 @@ def test_runner_tables_are_consistent(model, full_result):
 
 
 def test_runner_kn_sets_match_direct_selection(model, full_result):
-    from qloc_tl.attribution import attribute_neurons, select_neurons
+    from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
     fact = FACTS[3]
     att = attribute_neurons(model, list(fact.prompts), [fact.answer] * 3, method="ig", steps=4)
@@ -151,7 +151,7 @@ def test_dense_scores_are_the_attributions_above_keep_fraction(model, full_resul
     """dense_scores rebuilds each query's map: the direct attribution where it is ≥ keep_fraction · max, 0 below."""
     import torch
 
-    from qloc_tl.attribution import attribute_neurons
+    from qloc_tl.methods.attribution import attribute_neurons
 
     fact = FACTS[1]
     att = attribute_neurons(model, list(fact.prompts), [fact.answer] * 3, method="ig", steps=4).scores.double()
@@ -168,7 +168,7 @@ def _tables(res):
 
 
 def test_kill_and_resume_gives_identical_tables(model, full_result, tmp_path, monkeypatch):
-    import qloc_tl.attribution as attr_mod
+    import qloc_tl.methods.attribution as attr_mod
 
     real = attr_mod.attribute_neurons
     calls = {"n": 0}
@@ -203,7 +203,7 @@ def test_resume_with_other_config_is_refused(model, tmp_path):
     with pytest.raises(ResumeMismatchError, match="steps"):
         run_consistency(model, FACTS[:2], ConsistencyConfig(methods=("ig",), steps=3, n_boot=10, n_perm=10, sweep=(0.2,)), out_dir=tmp_path, known_only=False)
     # more facts in the same directory: the first two are reused, only the third is computed
-    import qloc_tl.attribution as attr_mod
+    import qloc_tl.methods.attribution as attr_mod
 
     real, seen = attr_mod.attribute_neurons, []
 
@@ -293,7 +293,7 @@ def _write_consistency_tables(out, kc, ki):
 def test_consistency_claims_need_enough_facts_per_class(tmp_path):
     import re
 
-    from qloc_tl import report
+    from qloc_tl.reporting import report
 
     rng = np.random.default_rng(3)
     # below the minimum (20): 25 K_C, 5 K_I

@@ -9,13 +9,13 @@ from pathlib import Path
 import pytest
 
 MODULES = [
-    "qloc_tl", "qloc_tl.identities", "qloc_tl.hooks", "qloc_tl.model", "qloc_tl.facts", "qloc_tl.attribution",
-    "qloc_tl.attribution.quadrature", "qloc_tl.attribution.selection", "qloc_tl.attribution.unembed",
-    "qloc_tl.attribution.fused", "qloc_tl.attribution.layout",
-    "qloc_tl.consistency", "qloc_tl.mapping", "qloc_tl.synapses", "qloc_tl.dynamic", "qloc_tl.tracing",
-    "qloc_tl.views", "qloc_tl.query_localization", "qloc_tl.editing", "qloc_tl.zoo", "qloc_tl.datasets",
-    "qloc_tl.loading", "qloc_tl.store", "qloc_tl.testing", "qloc_tl.errors", "qloc_tl.report", "qloc_tl.cli",
-    "qloc_tl.known", "qloc_tl.zoo.smollm2", "qloc_tl.strength", "qloc_tl.completeness", "qloc_tl.specificity",
+    "qloc_tl", "qloc_tl.core.identities", "qloc_tl.core.hooks", "qloc_tl.core.model", "qloc_tl.data.facts", "qloc_tl.methods.attribution",
+    "qloc_tl.methods.attribution.quadrature", "qloc_tl.methods.attribution.selection", "qloc_tl.methods.attribution.unembed",
+    "qloc_tl.methods.attribution.fused", "qloc_tl.methods.attribution.layout",
+    "qloc_tl.experiments.consistency", "qloc_tl.experiments.mapping", "qloc_tl.methods.synapses", "qloc_tl.experiments.dynamic", "qloc_tl.methods.tracing",
+    "qloc_tl.reporting.views", "qloc_tl.experiments.query_localization", "qloc_tl.experiments.editing", "qloc_tl.zoo", "qloc_tl.data.datasets",
+    "qloc_tl.zoo.loading", "qloc_tl.core.store", "qloc_tl.zoo.tiny", "qloc_tl.core.errors", "qloc_tl.reporting.report", "qloc_tl.cli",
+    "qloc_tl.methods.known", "qloc_tl.zoo.smollm2", "qloc_tl.experiments.strength", "qloc_tl.methods.completeness", "qloc_tl.experiments.specificity",
 ]  # fmt: skip
 ROOT = Path(__file__).resolve().parents[1]
 

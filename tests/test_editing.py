@@ -1,4 +1,4 @@
-"""Knowledge editing (qloc_tl.editing) against independent oracles, on every backend of the installed TL major.
+"""Knowledge editing (qloc_tl.experiments.editing) against independent oracles, on every backend of the installed TL major.
 
 Oracles used:
 * weight edits: TL's own ``blocks[l].mlp.W_out`` accessor and full ``state_dict`` / parameter comparisons;
@@ -28,7 +28,7 @@ from qloc_tl import (
     run_with_interventions,
     scale_neurons,
 )
-from qloc_tl.editing import (
+from qloc_tl.experiments.editing import (
     EditingConfig,
     EditingResult,
     apply_erase,
@@ -49,7 +49,7 @@ from qloc_tl.editing import (
     update,
     value_rows,
 )
-from qloc_tl.testing import tiny_model
+from qloc_tl.zoo.tiny import tiny_model
 
 TOKENS = torch.tensor([[0, 17, 9, 10, 25, 4]])
 
@@ -497,7 +497,7 @@ def test_runner_rows_match_direct_recomputation(gpt2_model, tmp_path):
         and res.rows.groupby(["fact_key", "method", "edit"]).size().max() == 1
     )
     # class split = consistency_score of the per-query sets vs 0.3 (independent: select by hand here)
-    from qloc_tl.consistency import consistency_score
+    from qloc_tl.experiments.consistency import consistency_score
 
     for f in facts:
         s = attrs[f.key]
@@ -614,7 +614,7 @@ def test_runner_given_classes_max_per_class_and_skips(gpt2_model):
 
 
 def test_runner_with_attribute_neurons(gpt2_model):
-    pytest.importorskip("qloc_tl.attribution")
+    pytest.importorskip("qloc_tl.methods.attribution")
     model = gpt2_model
     facts = _facts()[:2] + _facts()[5:7]
     cfg = _small_cfg(steps=3, edits=("update",), methods=("N_i", "CAS"))
@@ -624,8 +624,8 @@ def test_runner_with_attribute_neurons(gpt2_model):
 
 
 def test_classify_facts_matches_consistency_split(gpt2_model):
-    from qloc_tl.attribution.selection import otsu_threshold
-    from qloc_tl.consistency import consistency_score
+    from qloc_tl.experiments.consistency import consistency_score
+    from qloc_tl.methods.attribution.selection import otsu_threshold
 
     facts = _facts()
     attrs = _attributions(gpt2_model, facts)
@@ -646,7 +646,7 @@ def test_classify_facts_matches_consistency_split(gpt2_model):
     assert otsu.threshold == pytest.approx(tau)
     assert otsu.classes == {f.key: ("K_C" if c >= tau else "K_I") for f, c in zip(facts, cs)}
     # fact_attributions -> the runner uses them as given, with no second attribution
-    pytest.importorskip("qloc_tl.attribution")
+    pytest.importorskip("qloc_tl.methods.attribution")
     small = facts[:2]
     cfg = _small_cfg(steps=2, edits=("erase",), methods=("N_i",))
     got = fact_attributions(gpt2_model, small, config=cfg)
@@ -658,7 +658,7 @@ def test_classify_facts_matches_consistency_split(gpt2_model):
 
 
 def test_claims_from_a_hand_made_table(tmp_path):
-    from qloc_tl.editing import claims
+    from qloc_tl.experiments.editing import claims
 
     rows = []
     # erase: K_I generalises worse everywhere; N_i Gen < Rel and < N_u Gen; N_u worst Loc; CAS best Avg
@@ -687,7 +687,7 @@ def test_claims_give_n_and_bootstrap_ci_from_fact_rows(tmp_path):
     0.5 / 0.7 (13 / 12 facts), so the mean's sampling sd is sd/√n and the CI ≈ mean ± 1.96·sd/√n."""
     import re
 
-    from qloc_tl.editing import claims, summarize
+    from qloc_tl.experiments.editing import claims, summarize
 
     rows = []
     for cls, n, gens in (("K_C", 25, (0.5, 0.7)), ("K_I", 22, (0.2, 0.2))):
@@ -756,10 +756,10 @@ def test_plot_editing(gpt2_model, tmp_path):
 
 def _builtin():
     try:
-        from qloc_tl.datasets import builtin_facts
+        from qloc_tl.data.datasets import builtin_facts
         from qloc_tl.zoo import load_builtin_model
     except ImportError as exc:
-        pytest.skip(f"qloc_tl.zoo / qloc_tl.datasets have not landed yet ({exc})")
+        pytest.skip(f"qloc_tl.zoo / qloc_tl.data.datasets have not landed yet ({exc})")
     return load_builtin_model(), builtin_facts()
 
 
@@ -768,8 +768,8 @@ def test_update_on_builtin_model_makes_new_object_top1():
     the first other P19 object of the built-in facts; the edited query must then answer it, and the model is
     restored afterwards."""
     model, facts = _builtin()
-    from qloc_tl.attribution import attribute_neurons, select_neurons
-    from qloc_tl.model import answer_token_id
+    from qloc_tl.core.model import answer_token_id
+    from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
     fact = next(f for f in facts if f.subject == "Lou Reed" and f.relation == "P19")
     q = fact.queries[0].text  # "Lou Reed was born in"
@@ -827,7 +827,7 @@ def test_locality_same_relation_by_hand(gpt2_model):
 def test_update_strength_sweep_by_hand(gpt2_model):
     """Each λ2 row of the sweep is the update at that strength: Rel recomputed with raw W_out edits for a
     one-fact run at λ2 = 2, and the λ2 = 8 rows equal the default runner's table."""
-    from qloc_tl.strength import update_strength_sweep
+    from qloc_tl.experiments.strength import update_strength_sweep
 
     model = gpt2_model
     facts = _facts()

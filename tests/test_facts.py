@@ -8,7 +8,7 @@ import json
 import pytest
 
 from qloc_tl import DataError, Fact, InvalidInputError, Query, Template, load_pararel
-from qloc_tl.facts import packaged_pararel_dir
+from qloc_tl.data.facts import packaged_pararel_dir
 
 
 def test_template_fill_and_validation():

@@ -8,7 +8,7 @@ import torch
 from conftest import assert_params_identical, param_snapshot, registered_hooks
 
 from qloc_tl import Head, Neuron, intervene, record_neurons, scale_attention, scale_neurons, set_neurons
-from qloc_tl.testing import tiny_model
+from qloc_tl.zoo.tiny import tiny_model
 
 TOK = torch.tensor([[3, 17, 9, 10, 25]])
 

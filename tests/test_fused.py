@@ -1,4 +1,4 @@
-"""The fused tanh-GELU and layer norms of the fast attribution paths (``qloc_tl.attribution.fused``).
+"""The fused tanh-GELU and layer norms of the fast attribution paths (``qloc_tl.methods.attribution.fused``).
 
 Oracles: the GELU formula written out in NumPy (values) and its hand-derived derivative (gradients); the
 identity of the model's own activation objects before and after (restoration, also on error); the number
@@ -14,11 +14,16 @@ import pytest
 import torch
 from torch import nn
 
-from qloc_tl.attribution import attribute_neurons
-from qloc_tl.attribution import fused as fused_module
-from qloc_tl.attribution.fused import FusedGELUTanh, fused_activations, fused_gelu_tanh, fused_layer_norms
-from qloc_tl.model import tl_major
-from qloc_tl.testing import tiny_model
+from qloc_tl.core.model import tl_major
+from qloc_tl.methods.attribution import attribute_neurons
+from qloc_tl.methods.attribution import fused as fused_module
+from qloc_tl.methods.attribution.fused import (
+    FusedGELUTanh,
+    fused_activations,
+    fused_gelu_tanh,
+    fused_layer_norms,
+)
+from qloc_tl.zoo.tiny import tiny_model
 
 NewGELU = pytest.importorskip("transformers.activations").NewGELUActivation
 C = math.sqrt(2.0 / math.pi)

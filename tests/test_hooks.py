@@ -21,7 +21,7 @@ from qloc_tl import (
     scale_neurons,
     set_neurons,
 )
-from qloc_tl.testing import tiny_model
+from qloc_tl.zoo.tiny import tiny_model
 
 TOKENS = torch.tensor([[3, 17, 9, 10, 25, 4]])
 

@@ -10,9 +10,9 @@ import torch
 from conftest import smollm2_or_skip  # noqa: F401
 
 import qloc_tl as q
-from qloc_tl.errors import InvalidInputError
-from qloc_tl.known import filter_known, next_token_probs, object_tokens, restrict_to_known
-from qloc_tl.model import answer_token_id, to_tokens
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.model import answer_token_id, to_tokens
+from qloc_tl.methods.known import filter_known, next_token_probs, object_tokens, restrict_to_known
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,7 @@ def test_next_token_probs_equals_one_prompt_at_a_time(any_model):
 
 def test_filter_known_matches_hand_loop_on_builtin(builtin):
     # the held-out queries of the built-in facts are where the toy is not always right
-    facts = [f for f in q.datasets.builtin_facts()[:40]]
+    facts = [f for f in q.data.builtin_facts()[:40]]
     known = filter_known(builtin, facts, batch_size=7)
     hand = {(f.key, i): _hand_top1(builtin, t, f.object) for f in facts for i, t in enumerate(f.prompts)}
     got = {(k, int(i)): bool(v) for k, i, v in zip(known.queries["fact_key"], known.queries["query_index"], known.queries["known"])}
@@ -61,7 +61,7 @@ def test_filter_known_matches_hand_loop_on_builtin(builtin):
 
 
 def test_filter_known_drops_facts_with_too_few_known_queries(builtin):
-    fact = q.datasets.builtin_facts()[0]
+    fact = q.data.builtin_facts()[0]
     wrong = q.Fact(fact.subject, fact.relation, "zzzz-not-an-object", fact.queries)
     known = filter_known(builtin, [fact, wrong], min_queries=2)
     assert [f.key for f in known.facts] == [fact.key]
@@ -72,13 +72,13 @@ def test_filter_known_drops_facts_with_too_few_known_queries(builtin):
 
 
 def test_probability_criterion_is_a_threshold_on_the_first_token(builtin):
-    facts = q.datasets.builtin_facts()[:10]
+    facts = q.data.builtin_facts()[:10]
     known = filter_known(builtin, facts, criterion="prob", min_prob=0.5, min_queries=1)
     assert (known.queries["known"] == (known.queries["prob"] >= 0.5)).all()
 
 
 def test_bad_arguments_are_refused(builtin):
-    facts = q.datasets.builtin_facts()[:2]
+    facts = q.data.builtin_facts()[:2]
     for kw in ({"criterion": "top5"}, {"min_prob": 0.0}, {"min_prob": float("nan")}, {"min_queries": 0},
                {"multi_token": "all"}, {"batch_size": 0}):  # fmt: skip
         with pytest.raises(InvalidInputError):
@@ -90,7 +90,7 @@ def test_bad_arguments_are_refused(builtin):
 
 
 def test_runners_filter_by_default_except_on_the_builtin_model(builtin, gpt2_model, caplog):
-    facts = q.datasets.builtin_facts()[:3]
+    facts = q.data.builtin_facts()[:3]
     same, known = restrict_to_known(builtin, facts, None)
     assert known is None and same == list(facts)
     # a random model knows nothing: the runner refuses rather than attribute unknown queries
@@ -102,7 +102,7 @@ def test_runners_filter_by_default_except_on_the_builtin_model(builtin, gpt2_mod
 
 
 def test_per_relation_counts(builtin):
-    facts = q.datasets.builtin_facts()[:30]
+    facts = q.data.builtin_facts()[:30]
     known = filter_known(builtin, facts)
     table = known.per_relation()
     assert table["facts"].sum() == len(facts)
@@ -157,7 +157,7 @@ def test_smollm2_load_and_tl_conventions(smollm2_model):
 def test_missing_wheel_is_a_typed_error_naming_the_install(monkeypatch):
     import importlib.metadata
 
-    from qloc_tl.errors import UnsupportedModelError
+    from qloc_tl.core.errors import UnsupportedModelError
     from qloc_tl.zoo import smollm2
 
     real = importlib.metadata.distribution

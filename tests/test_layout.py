@@ -1,4 +1,4 @@
-"""Matmul-ready weight layouts of the fast attribution paths (``qloc_tl.attribution.layout``).
+"""Matmul-ready weight layouts of the fast attribution paths (``qloc_tl.methods.attribution.layout``).
 
 Oracles: the model's own logits and attributions without the context (bitwise equality: the same numbers
 multiplied in the same order); the parameters' values, shapes and strides read directly; the identity and
@@ -14,12 +14,12 @@ import einops
 import pytest
 import torch
 
-from qloc_tl.attribution import attribute_neurons
-from qloc_tl.attribution import ig as ig_module
-from qloc_tl.attribution import layout as layout_module
-from qloc_tl.attribution.layout import matmul_ready_weights
-from qloc_tl.model import tl_major
-from qloc_tl.testing import tiny_model
+from qloc_tl.core.model import tl_major
+from qloc_tl.methods.attribution import attribute_neurons
+from qloc_tl.methods.attribution import ig as ig_module
+from qloc_tl.methods.attribution import layout as layout_module
+from qloc_tl.methods.attribution.layout import matmul_ready_weights
+from qloc_tl.zoo.tiny import tiny_model
 
 TL3 = pytest.mark.skipif(tl_major() >= 4, reason="TL 4 bridges have none of TL 3's components")
 TOKENS = torch.tensor([[1, 7, 12, 5, 9, 30, 4]])

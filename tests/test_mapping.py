@@ -16,12 +16,13 @@ import pytest
 import torch
 from conftest import assert_params_identical, param_snapshot, registered_hooks
 
-import qloc_tl.mapping as mapping_mod
-import qloc_tl.query_localization as ql_mod
+import qloc_tl.experiments.mapping as mapping_mod
+import qloc_tl.experiments.query_localization as ql_mod
 from qloc_tl import Fact, Neuron
-from qloc_tl.consistency import consistency_score
-from qloc_tl.errors import InvalidInputError, ResumeMismatchError
-from qloc_tl.mapping import (
+from qloc_tl.core.errors import InvalidInputError, ResumeMismatchError
+from qloc_tl.core.model import answer_token_id
+from qloc_tl.experiments.consistency import consistency_score
+from qloc_tl.experiments.mapping import (
     SET_NAMES,
     classify_facts,
     measure_query_kn_mapping,
@@ -30,9 +31,8 @@ from qloc_tl.mapping import (
     set_order,
     summarize_mapping,
 )
-from qloc_tl.model import answer_token_id
-from qloc_tl.query_localization import QLConfig, run_query_localization
-from qloc_tl.testing import tiny_model
+from qloc_tl.experiments.query_localization import QLConfig, run_query_localization
+from qloc_tl.zoo.tiny import tiny_model
 
 N = Neuron
 
@@ -318,7 +318,7 @@ def test_runner_resume_after_crash_equals_uninterrupted_run(gpt2, tmp_path, monk
 
 
 def test_runner_localizes_kns_with_attribution(gpt2):
-    from qloc_tl.attribution import attribute_neurons, select_neurons
+    from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
     cfg = QLConfig(kn_steps=2, dynamic=False, n_bootstrap=10, max_queries_per_fact=2, kn_threshold=0.5)
     res = run_query_localization(gpt2, FACTS, config=cfg, known_only=False)
@@ -356,7 +356,7 @@ def test_builtin_model_one_call_tables():
     zoo = pytest.importorskip("qloc_tl.zoo")
     if not (zoo.builtin_model_dir() / "model.safetensors").is_file():
         pytest.skip("the built-in model is not shipped in this checkout")
-    from qloc_tl.datasets import builtin_facts
+    from qloc_tl.data.datasets import builtin_facts
 
     model = zoo.load_builtin_model()
     facts = list(builtin_facts())[:1]
@@ -381,7 +381,7 @@ def _write_ql_tables(ql, n_kc, n_ki, seed=0):
     Mapping: Self −0.8 / Intersection −0.2 Δp/p for K_I, −0.5 / −0.4 for K_C under suppression. Dynamic: KS
     suppression moves P(answer) by −0.5 (enhance +0.1), the query KNs' ΔValue −0.6 vs neighbor −0.2 / random
     −0.05, Δp via query KNs −0.3 vs neighbor −0.05; irrelevant-KS edits move everything ten times less."""
-    from qloc_tl.dynamic import enh_vs_sup, summarize_dynamic
+    from qloc_tl.experiments.dynamic import enh_vs_sup, summarize_dynamic
 
     rng = np.random.default_rng(seed)
     mrows, drows = [], []
@@ -417,7 +417,7 @@ def _write_ql_tables(ql, n_kc, n_ki, seed=0):
 
 
 def _ql_verdicts(out, **kw):
-    from qloc_tl.report import claim_verdicts
+    from qloc_tl.reporting.report import claim_verdicts
 
     return {c.split(":")[0]: v for c, v in claim_verdicts(out, **kw) if c.startswith(("QL", "Enh"))}
 

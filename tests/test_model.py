@@ -7,8 +7,8 @@ import torch
 from conftest import TL_MAJOR
 
 from qloc_tl import InvalidInputError, UnsupportedModelError, capabilities, neuron_hook_name
-from qloc_tl.model import answer_token_id, check_model, require_eval, tokenize_prompts
-from qloc_tl.testing import tiny_model
+from qloc_tl.core.model import answer_token_id, check_model, require_eval, tokenize_prompts
+from qloc_tl.zoo.tiny import tiny_model
 
 
 def test_sites_resolve_on_every_backend(any_model):
@@ -97,7 +97,7 @@ def test_logits_mismatch_is_relative_to_the_logit_scale():
     """Hand-computed: max|Δ| / (1 + max|want|) per row, the worst row. Float-reordering noise on large
     logits (what a 30-layer float32 model shows through a KV cache: 1.2e-3 on logits of magnitude ~31) is
     accepted although an absolute tolerance refuses it; a wrong logit is refused."""
-    from qloc_tl.model import logit_tolerance, logits_mismatch
+    from qloc_tl.core.model import logit_tolerance, logits_mismatch
 
     want = torch.tensor([[31.0, -4.0, 0.0, 2.5], [1.0, 0.0, -1.0, 0.5]], dtype=torch.float64)
     noise = torch.tensor([[1.2e-3, -1.2e-3, 1.0e-3, 0.0], [0.0, 1e-5, 0.0, 0.0]], dtype=torch.float64)
@@ -120,7 +120,7 @@ def test_logits_mismatch_is_relative_to_the_logit_scale():
 def test_kv_probe_refuses_a_cache_holding_a_stale_prefix(monkeypatch):
     """A cache that already holds two tokens of another prefix gives the last token wrong keys, values and
     position: the probe must refuse it (kv_cache None, with the reason in notes); the real cache passes."""
-    import qloc_tl.model as model_mod
+    import qloc_tl.core.model as model_mod
 
     m = tiny_model("llama", dtype=torch.float32)
     ok = capabilities(m, refresh=True)

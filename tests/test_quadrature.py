@@ -10,8 +10,8 @@ import pytest
 import torch
 from scipy.special import roots_legendre
 
-from qloc_tl.attribution.quadrature import RULES, exactness_degree, quadrature
-from qloc_tl.errors import InvalidInputError
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.methods.attribution.quadrature import RULES, exactness_degree, quadrature
 
 
 def _integrate(rule: str, m: int, p: int) -> float:

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 
 from qloc_tl import Fact
-from qloc_tl.consistency import ConsistencyConfig, run_consistency
-from qloc_tl.facts import Query
+from qloc_tl.data.facts import Query
+from qloc_tl.experiments.consistency import ConsistencyConfig, run_consistency
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2-135m"
 

@@ -6,15 +6,15 @@ import numpy as np
 import pytest
 import torch
 
-from qloc_tl.attribution import (
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.identities import Neuron
+from qloc_tl.methods.attribution import (
     NeuronSet,
     otsu_threshold,
     refine_adaptive,
     refine_neurons,
     select_neurons,
 )
-from qloc_tl.errors import InvalidInputError
-from qloc_tl.identities import Neuron
 
 
 def _scores() -> torch.Tensor:

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from qloc_tl import InvalidInputError, ResumeMismatchError
-from qloc_tl.store import RunStore, atomic_write_text, config_fingerprint
+from qloc_tl.core.store import RunStore, atomic_write_text, config_fingerprint
 
 
 def test_fingerprint_ignores_key_order():

@@ -17,21 +17,21 @@ import pytest
 import torch
 from conftest import TL_MAJOR, assert_params_identical, param_snapshot, registered_hooks
 
-import qloc_tl.hooks as hooks_mod
-import qloc_tl.synapses as syn_mod
+import qloc_tl.core.hooks as hooks_mod
+import qloc_tl.methods.synapses as syn_mod
 from qloc_tl import Fact, Head, Neuron, Synapse
-from qloc_tl.dynamic import (
+from qloc_tl.core.errors import CapabilityError, InvalidInputError
+from qloc_tl.core.model import answer_token_id
+from qloc_tl.experiments.dynamic import (
     dynamic_kn_selection,
     enh_vs_sup,
     irrelevant_synapses,
     measure_dynamic_selection,
     summarize_dynamic,
 )
-from qloc_tl.errors import CapabilityError, InvalidInputError
-from qloc_tl.mapping import derive_seed, random_matched_neurons
-from qloc_tl.model import answer_token_id
-from qloc_tl.synapses import find_synapses, select_synapses, synapse_columns
-from qloc_tl.testing import tiny_model
+from qloc_tl.experiments.mapping import derive_seed, random_matched_neurons
+from qloc_tl.methods.synapses import find_synapses, select_synapses, synapse_columns
+from qloc_tl.zoo.tiny import tiny_model
 
 PROMPT = "alice was born in the city of"
 ANSWER = " paris"
@@ -199,7 +199,7 @@ def test_global_selection_is_the_default_and_ignores_weak_heads():
     assert set(select_synapses(s, per_head=True)) == weak | {Synapse(2, 1, 1), Synapse(2, 1, 2)}
     assert len({x.as_head() for x in select_synapses(s, per_head=True)}) == 9
     # QLConfig and find_synapses use the same default
-    from qloc_tl.query_localization import QLConfig
+    from qloc_tl.experiments.query_localization import QLConfig
 
     assert QLConfig().ks_per_head is False
 
@@ -350,7 +350,7 @@ def test_fact_level_batching_equals_single_query(gpt2):
 
 
 def test_dynamic_leaves_model_unchanged_on_error(gpt2, monkeypatch):
-    import qloc_tl.mapping as mapping_mod
+    import qloc_tl.experiments.mapping as mapping_mod
 
     snap = param_snapshot(gpt2)
     monkeypatch.setattr(mapping_mod.RowBatch, "probs", lambda self, logits: (_ for _ in ()).throw(RuntimeError("x")))
@@ -470,14 +470,14 @@ def test_fast_attattr_equals_batched_float32(arch, source, path):
 
 
 def _fallback_records(caplog) -> list:
-    return [r for r in caplog.records if r.name == "qloc_tl.synapses" and r.levelname == "WARNING"]
+    return [r for r in caplog.records if r.name == "qloc_tl.methods.synapses" and r.levelname == "WARNING"]
 
 
 def _assert_fallback_equals_batched(model, caplog, reason: str) -> None:
     import logging
 
     flags = [p.requires_grad for p in model.parameters()]
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.synapses"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.synapses"):
         first = find_synapses(model, PROMPT, ANSWER, steps=3)
         second = find_synapses(model, FAST_PROMPTS[1], ANSWER, steps=3)
     ref = find_synapses(model, PROMPT, ANSWER, steps=3, implementation="batched")

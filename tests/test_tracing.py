@@ -11,11 +11,11 @@ import pytest
 import torch
 from conftest import assert_params_identical, param_snapshot, registered_hooks
 
-import qloc_tl.tracing as tr
-from qloc_tl.errors import InvalidInputError
-from qloc_tl.model import answer_token_id
-from qloc_tl.testing import tiny_model
-from qloc_tl.tracing import causal_trace, restore_states, subject_token_positions, trace_window
+import qloc_tl.methods.tracing as tr
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.model import answer_token_id
+from qloc_tl.methods.tracing import causal_trace, restore_states, subject_token_positions, trace_window
+from qloc_tl.zoo.tiny import tiny_model
 
 PROMPT = "the capital of france is the city of"
 SUBJECT = "france"

@@ -6,12 +6,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qloc_tl.attribution import attribute_neurons
-from qloc_tl.attribution import ig as ig_module
-from qloc_tl.attribution import unembed as unembed_module
-from qloc_tl.attribution.unembed import answer_objective, answer_objective_and_logits, linear_unembedding
-from qloc_tl.model import tl_major
-from qloc_tl.testing import tiny_model
+from qloc_tl.core.model import tl_major
+from qloc_tl.methods.attribution import attribute_neurons
+from qloc_tl.methods.attribution import ig as ig_module
+from qloc_tl.methods.attribution import unembed as unembed_module
+from qloc_tl.methods.attribution.unembed import (
+    answer_objective,
+    answer_objective_and_logits,
+    linear_unembedding,
+)
+from qloc_tl.zoo.tiny import tiny_model
 
 
 def _plain(r, W, b, a, objective):

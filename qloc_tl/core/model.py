@@ -1,0 +1,609 @@
+"""Backend-neutral access to a TransformerLens model.
+
+qloc_tl never subclasses, monkeypatches or imports TL internals. It uses the TL model protocol that both
+majors share: ``cfg``, ``hook_dict``, ``hooks()``, ``run_with_hooks``, ``run_with_cache`` and ``to_tokens``.
+This module holds the small amount of knowledge needed to do that uniformly:
+
+* :func:`check_model` refuses objects that are not TL models, with a message that says what is missing;
+* :func:`neuron_hook_name` maps a *site* (``"post"``, ``"pre"``, ``"pre_linear"``) and a layer to a hook name;
+* :func:`capabilities` probes, once per model, what the backend really honours (attention-pattern and
+  attention-score edits, ``start_at_layer`` skipping lower layers, a KV cache for last-token recomputation);
+* tokenisation helpers that handle BOS, right padding and answer continuations.
+
+Sites:
+
+=============== ===================================== ==========================================
+site            hook                                  meaning
+=============== ===================================== ==========================================
+``"post"``      ``blocks.{l}.mlp.hook_post``          input of ``W_out`` (default; act(pre), or
+                                                      act(gate)·up in gated MLPs)
+``"pre"``       ``blocks.{l}.mlp.hook_pre``           pre-activation (the Dai / EleutherAI lineage
+                                                      reads this on GPT-2; the *gate* in gated MLPs)
+``"pre_linear"`` ``blocks.{l}.mlp.hook_pre_linear``   up-projection of a gated MLP
+=============== ===================================== ==========================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import logging
+import warnings
+import weakref
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from dataclasses import field as _field
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Int
+from torch import Tensor
+
+from qloc_tl.core.errors import InvalidInputError, UnsupportedModelError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "SITES",
+    "Site",
+    "Capabilities",
+    "tl_major",
+    "check_model",
+    "require_eval",
+    "neuron_hook_name",
+    "pattern_hook_name",
+    "scores_hook_name",
+    "n_layers",
+    "d_mlp",
+    "n_heads",
+    "capabilities",
+    "tokenize_prompts",
+    "answer_probability",
+    "to_tokens",
+    "answer_token_id",
+    "model_dtype",
+    "model_device",
+    "logit_tolerance",
+    "logits_mismatch",
+    "hooked_kv_cache",
+    "frozen_parameters",
+    "mode_key",
+]
+
+Site = Literal["post", "pre", "pre_linear"]
+SITES: dict[str, str] = {
+    "post": "mlp.hook_post",
+    "pre": "mlp.hook_pre",
+    "pre_linear": "mlp.hook_pre_linear",
+}
+
+_PROTOCOL = ("cfg", "hook_dict", "hooks", "run_with_hooks", "run_with_cache")
+
+
+def tl_major() -> int:
+    """The installed TransformerLens major version (3 or 4).
+
+    Examples:
+        >>> tl_major() in (3, 4)
+        True
+    """
+    return int(importlib.metadata.version("transformer-lens").split(".")[0])
+
+
+def check_model(model: Any) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``model`` looks like a TransformerLens model.
+
+    A TL model here is anything with ``cfg``, ``hook_dict``, ``hooks()``, ``run_with_hooks`` and
+    ``run_with_cache`` — a TL 3 ``HookedTransformer`` or a TL 4 ``TransformerBridge``.
+    """
+    missing = [name for name in _PROTOCOL if not _has(model, name)]
+    if missing:
+        raise UnsupportedModelError(
+            f"expected a TransformerLens model (HookedTransformer or TransformerBridge), got "
+            f"{type(model).__name__} which lacks {missing}; wrap a Hugging Face model with "
+            f"TransformerBridge.boot_transformers(...) (TL 4) or HookedTransformer.from_pretrained(...) (TL 3)"
+        )
+    cfg = model.cfg
+    for field in ("n_layers", "d_model", "n_heads", "d_vocab"):
+        if getattr(cfg, field, None) is None:
+            raise UnsupportedModelError(f"model.cfg has no {field!r}; is this a TransformerLens model?")
+
+
+def _has(obj: Any, name: str) -> bool:
+    try:
+        getattr(obj, name)
+    except Exception:
+        return False
+    return True
+
+
+def require_eval(model: Any) -> None:
+    """Refuse a model in training mode (dropout would make every number stochastic)."""
+    if getattr(model, "training", False):
+        raise InvalidInputError(
+            "model is in training mode (dropout makes attributions random); call model.eval() first"
+        )
+
+
+def n_layers(model: Any) -> int:
+    """Number of transformer blocks (``model.cfg.n_layers``)."""
+    return int(model.cfg.n_layers)
+
+
+def n_heads(model: Any) -> int:
+    """Number of query heads per layer (``model.cfg.n_heads``; under GQA the key/value heads are fewer)."""
+    return int(model.cfg.n_heads)
+
+
+def d_mlp(model: Any) -> int:
+    """Width of the MLP hidden layer: the number of neurons per layer."""
+    value = getattr(model.cfg, "d_mlp", None)
+    if value is None:
+        raise UnsupportedModelError("model.cfg.d_mlp is None: this model has no MLP neurons to attribute")
+    return int(value)
+
+
+def model_dtype(model: Any) -> torch.dtype:
+    """dtype of the model's first parameter (float32 when it has none)."""
+    for p in model.parameters():
+        return p.dtype
+    return torch.float32
+
+
+def model_device(model: Any) -> torch.device:
+    """Device of the model's first parameter (CPU when it has none)."""
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def check_site(site: str) -> str:
+    if site not in SITES:
+        raise InvalidInputError(f"unknown neuron site {site!r}; choose one of {sorted(SITES)}")
+    return SITES[site]
+
+
+def check_layer(model: Any, layer: int, what: str = "layer") -> int:
+    L = n_layers(model)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
+        raise InvalidInputError(f"{what} {layer!r} is out of range: the model has layers 0..{L - 1}")
+    return layer
+
+
+def neuron_hook_name(model: Any, layer: int, site: str = "post") -> str:
+    """The TL hook name for the neurons of ``layer`` at ``site``, checked to exist on ``model``.
+
+    Examples:
+        >>> from qloc_tl.zoo.tiny import tiny_model
+        >>> neuron_hook_name(tiny_model(), 1)
+        'blocks.1.mlp.hook_post'
+    """
+    suffix = check_site(site)
+    check_layer(model, layer)
+    name = f"blocks.{layer}.{suffix}"
+    if name not in model.hook_dict:
+        hint = " (hook_pre_linear exists only on gated MLPs)" if site == "pre_linear" else ""
+        raise UnsupportedModelError(f"model has no hook {name!r} for site {site!r}{hint}")
+    return name
+
+
+def pattern_hook_name(model: Any, layer: int) -> str:
+    """``blocks.{layer}.attn.hook_pattern``, checked to exist on ``model`` (``[batch, head, q, k]``)."""
+    check_layer(model, layer)
+    name = f"blocks.{layer}.attn.hook_pattern"
+    if name not in model.hook_dict:
+        raise UnsupportedModelError(f"model has no hook {name!r}")
+    return name
+
+
+def scores_hook_name(model: Any, layer: int) -> str:
+    """``blocks.{layer}.attn.hook_attn_scores`` (pre-softmax, masked), checked to exist on ``model``."""
+    check_layer(model, layer)
+    name = f"blocks.{layer}.attn.hook_attn_scores"
+    if name not in model.hook_dict:
+        raise UnsupportedModelError(f"model has no hook {name!r}")
+    return name
+
+
+# --------------------------------------------------------------------------------------------------
+# Capability probes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a model's backend really does, measured by :func:`capabilities`.
+
+    Attributes:
+        backend: ``"hooked"`` (TL 3 HookedTransformer) or ``"bridge"`` (a TransformerBridge).
+        pattern_editable: edits returned from ``attn.hook_pattern`` hooks change the output.
+        scores_editable: edits returned from ``attn.hook_attn_scores`` hooks change the output.
+        start_at_layer: ``"fast"`` (lower layers are skipped: HookedTransformer), ``"no_saving"``
+            (accepted but lower layers still run: TL 4 bridges) or ``"unsupported"``.
+        kv_cache: ``"hooked"`` (HookedTransformer ``past_kv_cache``), ``"hf"`` (bridge forwarding
+            ``past_key_values`` to a Hugging Face model) or ``None``; only reported when the probe
+            reproduced the full forward's last-position logits (within :func:`logit_tolerance`, relative to
+            the logits' scale: :func:`logits_mismatch`).
+        notes: why a probe reported a capability missing (``"kv_cache: ..."``, ``"start_at_layer: ..."``),
+            for messages; not part of equality.
+    """
+
+    backend: Literal["hooked", "bridge"]
+    pattern_editable: bool
+    scores_editable: bool
+    start_at_layer: Literal["fast", "no_saving", "unsupported"]
+    kv_cache: Literal["hooked", "hf"] | None
+    notes: tuple[str, ...] = _field(default=(), compare=False)
+
+
+_CAPS: weakref.WeakKeyDictionary[Any, tuple[Any, Capabilities]] = weakref.WeakKeyDictionary()
+
+
+def mode_key(model: Any) -> Any:
+    """``(compatibility mode, dtype, device)``: what a per-model cache of a probe's verdict must match, since
+    any of the three can change which computations a model does."""
+    return (getattr(model, "compatibility_mode", None), model_dtype(model), str(model_device(model)))
+
+
+def capabilities(model: Any, *, refresh: bool = False) -> Capabilities:
+    """Probe (once per model and mode; cached weakly) which interventions the backend honours.
+
+    The probe runs a handful of forward passes on a 4-token input. Results are cached per model object
+    and invalidated when its compatibility mode, dtype or device changes. Outputs are compared with
+    :func:`logits_mismatch` against :func:`logit_tolerance` (relative to the logits' scale), so the float
+    reordering noise of a deep model is not taken for a missing capability.
+    """
+    check_model(model)
+    key = mode_key(model)
+    if not refresh:
+        hit = _CAPS.get(model)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+    caps = _probe(model)
+    _CAPS[model] = (key, caps)
+    logger.debug("capabilities of %s: %s", type(model).__name__, caps)
+    return caps
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: Any) -> Iterator[None]:
+    """Set ``requires_grad=False`` on every parameter, so that a backward pass builds no weight gradients;
+    restore each flag on exit, also on error."""
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+
+
+def logit_tolerance(dtype: torch.dtype) -> float:
+    """The largest :func:`logits_mismatch` between two computations of the same logits that is taken as
+    rounding noise for a model of parameter ``dtype``; what a capability probe, a fast path's validation and
+    the MLP-out shortcut's probes accept.
+
+    Examples:
+        >>> logit_tolerance(torch.float32)
+        0.0002
+    """
+    if dtype == torch.float64:
+        return 1e-6  # HF LLaMA RMSNorm computes in float32 even in a float64 model
+    if dtype == torch.float32:
+        return 2e-4
+    return 3e-2
+
+
+def logits_mismatch(got: Tensor, want: Tensor) -> float:
+    """``max over rows of max|got − want| / (1 + max|want|)`` (rows: all but the last dimension), in float64;
+    ``inf`` when the shapes differ or either side is not finite.
+
+    Why this measure: two correct computations of the same logits (a KV cache against the full sequence,
+    a block driven alone, a fused kernel) sum the same terms in a different order, and in float the error of
+    such a sum grows with the magnitude of what is summed, layer after layer; an absolute tolerance (such as
+    ``torch.allclose(..., atol=1e-5)``) therefore refuses a correct deep model: SmolLM2-135M (30 layers,
+    float32) reproduces its logits of magnitude ~31 through TL 3's KV cache to 1.2e-3 absolute, 3.7e-5
+    relative. Scaling by ``1 + max|want|`` of the row keeps that at ~1e-5..1e-4 for a correct path in
+    float32, while a wrong cache, position or shortcut moves logits by a sizeable fraction of their range
+    (1e-2 and far more), which stays refused; the ``1 +`` keeps near-zero logits of tiny random models from
+    making the test arbitrarily strict. Logits rather than probabilities: a small probability can be wrong by
+    orders of magnitude while its absolute difference stays below any fixed tolerance.
+
+    Examples:
+        >>> want = torch.tensor([[30.0, -2.0, 0.5]])
+        >>> logits_mismatch(want + 1.2e-3, want) <= logit_tolerance(torch.float32)
+        True
+        >>> logits_mismatch(want + torch.tensor([0.0, 1.0, 0.0]), want) > logit_tolerance(torch.float32)
+        True
+    """
+    if got.shape != want.shape:
+        return float("inf")
+    g, w = got.detach().double(), want.detach().double()
+    if g.numel() == 0:
+        return 0.0
+    w2 = w.reshape(-1, w.shape[-1]) if w.dim() else w.reshape(1, 1)
+    g2 = g.reshape(w2.shape)
+    err = float(((g2 - w2).abs().amax(-1) / (1.0 + w2.abs().amax(-1))).max())
+    return err if err == err and err != float("inf") else float("inf")  # NaN / inf: no match
+
+
+def _matches(got: Tensor, want: Tensor, model: Any) -> tuple[bool, float]:
+    err = logits_mismatch(got, want)
+    return err <= logit_tolerance(model_dtype(model)), err
+
+
+def _probe(model: Any) -> Capabilities:
+    backend: Literal["hooked", "bridge"] = "bridge" if "Bridge" in type(model).__name__ else "hooked"
+    device = model_device(model)
+    vocab = int(model.cfg.d_vocab)
+    toks = (torch.arange(4, device=device) % max(vocab, 1)).unsqueeze(0) + (1 if vocab > 5 else 0)
+    was_training = model.training
+    model.eval()
+    notes: list[str] = []
+    try:
+        with torch.no_grad():
+            clean = _forward(model, toks)
+            pname = "blocks.0.attn.hook_pattern"
+            sname = "blocks.0.attn.hook_attn_scores"
+
+            def zero_pattern(act: Tensor, hook: Any) -> Tensor:
+                return torch.zeros_like(act)
+
+            def perturb_scores(act: Tensor, hook: Any) -> Tensor:
+                q = act.shape[-2]
+                allowed = torch.ones(q, act.shape[-1], dtype=torch.bool, device=act.device).tril()
+                allowed = allowed & torch.isfinite(act) & (act > torch.finfo(act.dtype).min / 2)
+                bump = torch.linspace(-3.0, 3.0, act.shape[-1], device=act.device, dtype=act.dtype)
+                return torch.where(allowed, act + bump, act)
+
+            pattern_ok = _edit_changes(model, toks, clean, pname, zero_pattern)
+            scores_ok = _edit_changes(model, toks, clean, sname, perturb_scores)
+            start_mode = _probe_start(model, toks, clean, backend, notes)
+            kv = _probe_kv(model, toks, clean, backend, notes)
+    finally:
+        model.train(was_training)
+    return Capabilities(backend, pattern_ok, scores_ok, start_mode, kv, tuple(notes))
+
+
+def _forward(model: Any, toks: Tensor, **kw: Any) -> Tensor:
+    return model(toks, **kw)
+
+
+def _edit_changes(model: Any, toks: Tensor, clean: Tensor, name: str, fn: Any) -> bool:
+    if name not in model.hook_dict:
+        return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            out = model.run_with_hooks(toks, fwd_hooks=[(name, fn)])
+        except Exception as exc:  # a backend that cannot take the edit at all
+            logger.debug("edit probe on %s raised %r", name, exc)
+            return False
+    # honoured: the edit moves the logits by more than rounding noise (a hooked run may take another kernel)
+    return not _matches(out, clean, model)[0]
+
+
+def _probe_start(
+    model: Any, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
+) -> Literal["fast", "no_saving", "unsupported"]:
+    if n_layers(model) < 2:
+        return "unsupported"
+    try:
+        _, cache = model.run_with_cache(toks, names_filter=["blocks.1.hook_resid_pre"])
+        resid = cache["blocks.1.hook_resid_pre"]
+        out = model(resid, start_at_layer=1)
+    except Exception as exc:
+        if notes is not None:
+            notes.append(f"start_at_layer: model(resid, start_at_layer=1) raised {exc!r}")
+        return "unsupported"
+    ok, err = _matches(out, clean, model)
+    if not ok:
+        if notes is not None:
+            notes.append(
+                f"start_at_layer: the forward from block 1 differs from the full forward by {err:.2e} relative to "
+                f"the logits' scale (tolerance {logit_tolerance(model_dtype(model)):.0e})"
+            )
+        return "unsupported"
+    return "fast" if backend == "hooked" else "no_saving"
+
+
+def _probe_kv(
+    model: Any, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
+) -> Literal["hooked", "hf"] | None:
+    try:
+        if backend == "hooked":
+            cache = hooked_kv_cache(model, 1)
+            model(toks[:, :-1], past_kv_cache=cache)
+            out = model(toks[:, -1:], past_kv_cache=cache)
+            kind: Literal["hooked", "hf"] = "hooked"
+        else:
+            return None  # bridges: no uniform KV-cache API across TL versions
+    except Exception as exc:
+        logger.debug("kv-cache probe failed: %r", exc)
+        if notes is not None:
+            notes.append(f"kv_cache: the KV-cache forward raised {exc!r}")
+        return None
+    ok, err = _matches(out[:, -1], clean[:, -1], model)
+    if ok:
+        return kind
+    if notes is not None:
+        notes.append(
+            f"kv_cache: the last token's logits through the KV cache differ from the full forward's by {err:.2e} "
+            f"relative to the logits' scale (tolerance {logit_tolerance(model_dtype(model)):.0e})"
+        )
+    return None
+
+
+def hooked_kv_cache(model: Any, batch: int) -> Any:
+    """A fresh TL 3 ``HookedTransformer`` KV cache (the class moved between 2.x and 3.x)."""
+    try:
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as _Cache
+    except ImportError:  # TL 2.x / early 3.x
+        from transformer_lens.past_key_value_caching import (  # type: ignore[import-not-found,no-redef]
+            HookedTransformerKeyValueCache as _Cache,
+        )
+    return _Cache.init_cache(model.cfg, model.cfg.device, batch)
+
+
+# --------------------------------------------------------------------------------------------------
+# Tokenisation
+# --------------------------------------------------------------------------------------------------
+
+
+def answer_probability(logits: Tensor, position: int, answer: int) -> Tensor:
+    """``softmax(logits[:, position])[:, answer]`` per batch row, computed in float32 (float64 for float64
+    logits) so that half-precision models do not lose the small probabilities."""
+    x = logits[:, position]
+    x = x.double() if x.dtype == torch.float64 else x.float()
+    return x.softmax(-1)[:, answer]
+
+
+def to_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:
+    """``model.to_tokens`` for one string, never truncating silently (TL truncates to n_ctx by default)."""
+    kw: dict[str, Any] = {"truncate": False}
+    if prepend_bos is not None:
+        kw["prepend_bos"] = prepend_bos
+    try:
+        return model.to_tokens(text, **kw)
+    except TypeError:  # a TL version without `truncate`
+        kw.pop("truncate")
+        return model.to_tokens(text, **kw)
+
+
+def _has_tokenizer(model: Any) -> bool:
+    return getattr(model, "tokenizer", None) is not None
+
+
+def _pad_id(model: Any) -> int:
+    tok = getattr(model, "tokenizer", None)
+    if tok is not None and getattr(tok, "pad_token_id", None) is not None:
+        return int(tok.pad_token_id)
+    return 0
+
+
+def tokenize_prompts(
+    model: Any,
+    prompts: str | Sequence[str] | Tensor | Sequence[Tensor],
+    *,
+    prepend_bos: bool | None = None,
+) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
+    """Tokenise prompts into a right-padded batch and the index of each prompt's last real token.
+
+    Right padding is exact for causal models: positions after a prompt's last token cannot influence it,
+    so reading each row at ``last[i]`` gives the same numbers as running the prompt alone.
+
+    Args:
+        model: a TL model (needs a tokenizer for string prompts).
+        prompts: a string, a list of strings, a 1-D / 2-D token tensor, or a list of 1-D token tensors.
+        prepend_bos: follows TL's convention (``None`` = the model's ``cfg.default_prepend_bos``); only used
+            for strings.
+
+    Returns:
+        ``(tokens [batch, pos], last [batch])``.
+    """
+    device = model_device(model)
+    if isinstance(prompts, Tensor):
+        t = prompts
+        if t.dtype.is_floating_point:
+            raise InvalidInputError("token tensors must be integer, got a floating-point tensor")
+        if t.ndim == 1:
+            t = t.unsqueeze(0)
+        if t.ndim != 2:
+            raise InvalidInputError(f"token tensor must be 1-D or 2-D, got shape {tuple(t.shape)}")
+        if t.shape[1] == 0:
+            raise InvalidInputError("empty prompt: the token tensor has no positions")
+        rows = [r for r in t]
+    else:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidInputError("no prompts given")
+        rows = []
+        for p in prompts:
+            if isinstance(p, Tensor):
+                if p.ndim != 1 or p.numel() == 0:
+                    raise InvalidInputError(f"each token tensor must be 1-D and non-empty, got {tuple(p.shape)}")
+                rows.append(p)
+            elif isinstance(p, str):
+                if not p.strip():
+                    raise InvalidInputError("empty prompt string; give the query text before the answer")
+                if not _has_tokenizer(model):
+                    raise InvalidInputError(
+                        "model has no tokenizer, so string prompts cannot be tokenised; pass token-id tensors "
+                        "or attach a tokenizer (boot_native(cfg, tokenizer=...) / HookedTransformer(cfg, tokenizer))"
+                    )
+                rows.append(to_tokens(model, p, prepend_bos)[0])
+            else:
+                raise InvalidInputError(f"prompt must be a string or a token tensor, got {type(p).__name__}")
+    n_ctx = int(getattr(model.cfg, "n_ctx", 10**9) or 10**9)
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    if int(lengths.max()) > n_ctx:
+        raise InvalidInputError(
+            f"prompt of {int(lengths.max())} tokens is longer than the model's context n_ctx={n_ctx}; shorten it"
+        )
+    vocab = int(model.cfg.d_vocab)
+    tokens = torch.full((len(rows), int(lengths.max())), _pad_id(model), dtype=torch.long)
+    for i, r in enumerate(rows):
+        r = r.to("cpu").long()
+        if r.numel() and (int(r.max()) >= vocab or int(r.min()) < 0):
+            raise InvalidInputError(f"token id out of range 0..{vocab - 1} in prompt {i}")
+        tokens[i, : len(r)] = r
+    return tokens.to(device), (lengths - 1).to(device)
+
+
+def answer_token_id(
+    model: Any,
+    prompt: str | None,
+    answer: str | int | Tensor,
+    *,
+    multi_token: Literal["error", "first"] = "error",
+) -> int:
+    """The token id of ``answer`` as the continuation of ``prompt``.
+
+    Strings are tokenised as what follows the prompt: ``prompt + " " + answer`` is tokenised and the
+    prompt's tokens are removed, which handles GPT-2's leading-space tokens, word-level tokenizers and BOS
+    uniformly. When the prompt is not a token prefix of the joined text (rare), ``" " + answer`` is tokenised
+    without BOS instead.
+
+    Args:
+        multi_token: ``"error"`` (default) raises when the answer is several tokens; ``"first"`` uses the
+            first token (the convention of first-token probing).
+    """
+    if isinstance(answer, Tensor):
+        if answer.numel() != 1:
+            raise InvalidInputError(f"answer tensor must hold one token id, got shape {tuple(answer.shape)}")
+        answer = int(answer.item())
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        vocab = int(model.cfg.d_vocab)
+        if not 0 <= answer < vocab:
+            raise InvalidInputError(f"answer token id {answer} is out of range 0..{vocab - 1}")
+        return answer
+    if not isinstance(answer, str):
+        raise InvalidInputError(f"answer must be a string or a token id, got {type(answer).__name__}")
+    if not answer.strip():
+        raise InvalidInputError("empty answer string")
+    if not _has_tokenizer(model):
+        raise InvalidInputError("model has no tokenizer: give the answer as a token id")
+    ids: list[int] | None = None
+    if prompt is not None:
+        p = to_tokens(model, prompt)[0].tolist()
+        full = to_tokens(model, prompt.rstrip() + " " + answer.strip())[0].tolist()
+        if full[: len(p)] == p and len(full) > len(p):
+            ids = full[len(p) :]
+    if ids is None:
+        ids = to_tokens(model, " " + answer.strip(), prepend_bos=False)[0].tolist()
+    if not ids:
+        raise InvalidInputError(f"answer {answer!r} tokenises to nothing")
+    unk = getattr(getattr(model, "tokenizer", None), "unk_token_id", None)
+    if unk is not None and unk in ids:
+        raise InvalidInputError(f"answer {answer!r} is not in the model's vocabulary (tokenises to the unknown token)")
+    if len(ids) > 1 and multi_token == "error":
+        raise InvalidInputError(
+            f"answer {answer!r} is {len(ids)} tokens {ids}; pass multi_token='first' to use its first token"
+        )
+    if multi_token not in ("error", "first"):
+        raise InvalidInputError(f"multi_token must be 'error' or 'first', got {multi_token!r}")
+    return int(ids[0])

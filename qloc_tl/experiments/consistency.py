@@ -1,0 +1,843 @@
+"""Consistency of knowledge neurons across neighbor queries (the paper's experiment 1).
+
+For a fact with k neighbor queries and their KN sets N_1..N_k (U = ∪ N_i, c(n) = #{i : n ∈ N_i}):
+
+* **strict** CS = |∩ N_i| / |U| (the Jaccard index of k sets);
+* **relaxed** CS (the paper's) = |{n ∈ U : c(n) > 1}| / |U| — the intersection relaxed to neurons that
+  appear in more than one query's set.
+
+Edge cases (documented choices):
+
+* k = 1: one query cannot be consistent *with another*; the score is ``nan`` and the fact is excluded from
+  the K_C / K_I split (it needs neighbors). Callers that want an error call ``Fact.require_neighbors``.
+* empty union (no query has any KN): ``nan`` ("no-KN" facts; excluded and counted separately).
+* k = 2: strict and relaxed coincide.
+
+Always strict ≤ relaxed, both in [0, 1], and both invariant to the order of the queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.identities import Neuron
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "consistency_score",
+    "fact_uid",
+    "neuron_counts",
+    "ConsistencyConfig",
+    "ConsistencyResult",
+    "split_facts",
+    "cs_threshold",
+    "class_statistics",
+    "bootstrap_proportion_ci",
+    "run_consistency",
+    "analyze_scores",
+    "plot_cs_histogram",
+    "plot_relation_ki",
+    "plot_threshold_sweep",
+    "plot_tau_sweep",
+    "plot_fact_heatmap",
+]
+
+CSMode = Literal["relaxed", "strict"]
+
+
+def _as_sets(neuron_sets: Iterable[Iterable[Neuron]]) -> list[frozenset[Neuron]]:
+    if isinstance(neuron_sets, (str, bytes)):
+        raise InvalidInputError("neuron_sets must be a sequence of neuron sets, not a string")
+    out = []
+    for s in neuron_sets:
+        fs = frozenset(s)
+        bad = [n for n in fs if not isinstance(n, Neuron)]
+        if bad:
+            raise InvalidInputError(f"neuron sets must contain Neuron objects, got {bad[0]!r}")
+        out.append(fs)
+    return out
+
+
+def neuron_counts(neuron_sets: Iterable[Iterable[Neuron]]) -> Counter[Neuron]:
+    """c(n): in how many of the sets each neuron appears."""
+    c: Counter[Neuron] = Counter()
+    for s in _as_sets(neuron_sets):
+        c.update(s)
+    return c
+
+
+def consistency_score(neuron_sets: Sequence[Iterable[Neuron]], mode: CSMode = "relaxed") -> float:
+    """Consistency Score of one fact from its queries' KN sets.
+
+    Args:
+        neuron_sets: one iterable of :class:`Neuron` per neighbor query.
+        mode: ``"relaxed"`` (default; the paper's) or ``"strict"``.
+
+    Returns:
+        CS in [0, 1], or ``nan`` for fewer than two sets or an empty union (see module docstring).
+
+    Examples:
+        >>> a, b, c, d = Neuron(0, 1), Neuron(0, 2), Neuron(1, 3), Neuron(2, 4)
+        >>> consistency_score([{a, b}, {a, c}, {a, d}], mode="strict")   # |{a}| / |{a,b,c,d}|
+        0.25
+        >>> consistency_score([{a, b}, {a, c}, {b, d}])                  # |{a,b}| / 4
+        0.5
+    """
+    if mode not in ("relaxed", "strict"):
+        raise InvalidInputError(f"mode must be 'relaxed' or 'strict', got {mode!r}")
+    sets = _as_sets(neuron_sets)
+    if len(sets) < 2:
+        return math.nan
+    union = frozenset().union(*sets)
+    if not union:
+        return math.nan
+    if mode == "strict":
+        inter = frozenset.intersection(*sets)
+        return len(inter) / len(union)
+    counts = neuron_counts(sets)
+    return sum(1 for n in union if counts[n] > 1) / len(union)
+
+
+# ==================================================================================================
+# K_C / K_I split and statistics
+# ==================================================================================================
+
+ThresholdKind = Literal["static", "otsu"]
+CLASS_KC, CLASS_KI, CLASS_NONE = "K_C", "K_I", "excluded"
+
+
+def cs_threshold(cs: Sequence[float] | np.ndarray, kind: ThresholdKind | float = "static", *, static: float = 0.3) -> float:
+    """The CS threshold τ separating K_C (CS ≥ τ) from K_I (CS < τ).
+
+    Args:
+        cs: the facts' CS values (NaNs ignored).
+        kind: ``"static"`` (use ``static``), ``"otsu"`` (Otsu's threshold of the CS distribution, 256 bins) or a
+            number (used as is).
+        static: the static threshold (default 0.3, the example value of the paper's submission; with the
+            relaxed CS it means "fewer than 30% of the fact's KNs are shared by two or more queries" is
+            inconsistent).
+
+    Examples:
+        >>> cs_threshold([0.1, 0.12, 0.8, 0.82], "otsu") < 0.8
+        True
+    """
+    if isinstance(kind, (int, float)) and not isinstance(kind, bool):
+        if not 0 <= float(kind) <= 1:
+            raise InvalidInputError(f"a numeric CS threshold must lie in [0, 1], got {kind}")
+        return float(kind)
+    if kind == "static":
+        if not 0 <= static <= 1:
+            raise InvalidInputError(f"static CS threshold must lie in [0, 1], got {static}")
+        return float(static)
+    if kind == "otsu":
+        from qloc_tl.methods.attribution.selection import otsu_threshold
+
+        v = np.asarray(cs, dtype=float)
+        v = v[np.isfinite(v)]
+        if v.size == 0:
+            raise InvalidInputError("cannot compute an Otsu threshold: no fact has a finite CS")
+        return otsu_threshold(v)
+    raise InvalidInputError(f"threshold kind must be 'static', 'otsu' or a number in [0, 1], got {kind!r}")
+
+
+def split_facts(
+    cs: Sequence[float] | np.ndarray, kind: ThresholdKind | float = "static", *, static: float = 0.3
+) -> tuple[np.ndarray, float]:
+    """Classify facts: ``"K_C"`` when CS ≥ τ, ``"K_I"`` when CS < τ, ``"excluded"`` when CS is NaN.
+
+    Returns:
+        ``(labels, tau)``.
+
+    Examples:
+        >>> labels, tau = split_facts([0.5, 0.1, float("nan")])
+        >>> labels.tolist(), tau
+        (['K_C', 'K_I', 'excluded'], 0.3)
+    """
+    v = np.asarray(cs, dtype=float)
+    tau = cs_threshold(v, kind, static=static)
+    labels = np.where(~np.isfinite(v), CLASS_NONE, np.where(v >= tau, CLASS_KC, CLASS_KI))
+    return labels.astype(object), tau
+
+
+def bootstrap_proportion_ci(
+    flags: Sequence[bool] | np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the proportion of True in ``flags`` (resampling items)."""
+    x = np.asarray(flags, dtype=float)
+    if x.size == 0:
+        return (math.nan, math.nan)
+    rng = np.random.default_rng(seed)
+    means = rng.choice(x, size=(n_boot, x.size), replace=True).mean(axis=1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def _permutation_p(a: np.ndarray, b: np.ndarray, n_perm: int, seed: int) -> float:
+    rng = np.random.default_rng(seed)
+    obs = abs(a.mean() - b.mean())
+    pooled = np.concatenate([a, b])
+    hits = 0
+    for _ in range(n_perm):
+        rng.shuffle(pooled)
+        if abs(pooled[: a.size].mean() - pooled[a.size :].mean()) >= obs - 1e-15:
+            hits += 1
+    return (hits + 1) / (n_perm + 1)
+
+
+def class_statistics(
+    cs: Sequence[float] | np.ndarray,
+    labels: Sequence[str] | np.ndarray,
+    *,
+    n_boot: int = 1000,
+    n_perm: int = 2000,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Proportions, mean CS per class, Welch's t-test and a permutation test between K_C and K_I.
+
+    Note: when the classes are defined by thresholding CS itself, the test is close to tautological (the
+    paper reports it anyway); it is reported for parity, with Cohen's d as the effect size.
+    """
+    from scipy import stats
+
+    v = np.asarray(cs, dtype=float)
+    lab = np.asarray(labels, dtype=object)
+    keep = lab != CLASS_NONE
+    v, lab = v[keep], lab[keep]
+    kc, ki = v[lab == CLASS_KC], v[lab == CLASS_KI]
+    out: dict[str, float] = {
+        "n_facts": int(v.size),
+        "n_KC": int(kc.size),
+        "n_KI": int(ki.size),
+        "prop_KI": float(ki.size / v.size) if v.size else math.nan,
+        "mean_cs": float(v.mean()) if v.size else math.nan,
+        "mean_cs_KC": float(kc.mean()) if kc.size else math.nan,
+        "mean_cs_KI": float(ki.mean()) if ki.size else math.nan,
+    }
+    out["prop_KC"] = 1 - out["prop_KI"] if v.size else math.nan
+    lo, hi = bootstrap_proportion_ci(lab == CLASS_KI, n_boot=n_boot, seed=seed)
+    out["prop_KI_ci_lo"], out["prop_KI_ci_hi"] = lo, hi
+    if kc.size >= 2 and ki.size >= 2 and (kc.std() > 0 or ki.std() > 0):
+        t = stats.ttest_ind(kc, ki, equal_var=False)
+        out["welch_t"], out["welch_p"] = float(t.statistic), float(t.pvalue)
+        out["perm_p"] = _permutation_p(kc, ki, n_perm, seed)
+        sp = math.sqrt(((kc.size - 1) * kc.var(ddof=1) + (ki.size - 1) * ki.var(ddof=1)) / (kc.size + ki.size - 2))
+        out["cohens_d"] = float((kc.mean() - ki.mean()) / sp) if sp > 0 else math.inf
+    else:
+        out["welch_t"] = out["welch_p"] = out["perm_p"] = out["cohens_d"] = math.nan
+    return out
+
+
+# ==================================================================================================
+# Runner
+# ==================================================================================================
+
+
+@dataclass(frozen=True)
+class ConsistencyConfig:
+    """Settings of :func:`run_consistency`.
+
+    Attributes:
+        methods: localisation methods (``"ig"``, ``"sig"``, ``"amig"``).
+        steps, rule, site, batch_size, multi_token: passed to :func:`~qloc_tl.methods.attribution.attribute_neurons`
+            (``multi_token="first"``: an object of several tokens is asked for by its first token, the policy
+            of every stage; :func:`qloc_tl.methods.known.filter_known` keeps such a fact only when the model generates
+            the whole object).
+        kn_fraction: KN threshold t: a query's KNs are its neurons with score ≥ t · max (Dai: 0.2).
+        sweep: KN thresholds for the threshold sweep (each ≥ ``keep_fraction``).
+        keep_fraction: scores ≥ keep_fraction · max are persisted per query (enough for any t ≥ it).
+        cs_mode: ``"relaxed"`` (paper) or ``"strict"``; the other is reported too.
+        cs_static: static CS threshold τ (default 0.3; see :func:`cs_threshold`).
+        chunk_facts: facts attributed per call / persisted per part.
+        n_boot, n_perm, seed: statistics settings.
+    """
+
+    methods: tuple[str, ...] = ("ig", "sig", "amig")
+    steps: int = 20
+    rule: str = "left"
+    site: str = "post"
+    batch_size: int | None = None
+    multi_token: str = "first"
+    kn_fraction: float = 0.2
+    sweep: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+    keep_fraction: float = 0.05
+    cs_mode: str = "relaxed"
+    cs_static: float = 0.3
+    chunk_facts: int = 16
+    n_boot: int = 1000
+    n_perm: int = 2000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        methods = tuple(self.methods) if not isinstance(self.methods, str) else (self.methods,)
+        object.__setattr__(self, "methods", methods)
+        object.__setattr__(self, "sweep", tuple(float(x) for x in self.sweep))
+        if not methods:
+            raise InvalidInputError("methods is empty; give at least one of 'ig', 'sig', 'amig'")
+        for m in methods:
+            if m not in ("ig", "sig", "amig"):
+                raise InvalidInputError(f"unknown attribution method {m!r}; choose from 'ig', 'sig', 'amig'")
+        if len(set(methods)) != len(methods):
+            raise InvalidInputError(f"methods listed twice: {methods}")
+        if self.cs_mode not in ("relaxed", "strict"):
+            raise InvalidInputError(f"cs_mode must be 'relaxed' or 'strict', got {self.cs_mode!r}")
+        if not 0 < self.keep_fraction <= 1:
+            raise InvalidInputError(f"keep_fraction must lie in (0, 1], got {self.keep_fraction}")
+        for t in (self.kn_fraction, *self.sweep):
+            if not self.keep_fraction <= t <= 1:
+                raise InvalidInputError(
+                    f"KN threshold {t} must lie in [keep_fraction={self.keep_fraction}, 1]; lower keep_fraction to use it"
+                )
+        if not 0 <= self.cs_static <= 1:
+            raise InvalidInputError(f"cs_static must lie in [0, 1], got {self.cs_static}")
+        for name in ("chunk_facts", "n_boot", "n_perm", "steps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise InvalidInputError(f"{name} must be a positive int, got {v!r}")
+
+
+@dataclass(frozen=True)
+class ConsistencyResult:
+    """Tables of the consistency experiment (all pandas DataFrames, long form).
+
+    Attributes:
+        facts: one row per (method, fact) — CS (relaxed and strict), union size, class under the static and
+            Otsu thresholds; ``method == "∩"`` rows hold the facts that *all* methods classify as K_I.
+        summary: per (model, method, threshold kind) — proportions with bootstrap CI, mean CS, Welch's t,
+            permutation p, Cohen's d, τ.
+        per_relation: per (model, method, threshold kind, relation) — n, proportion of K_I, mean CS.
+        sweep: per (model, method, KN threshold) — proportion of K_I (static and Otsu τ), mean CS.
+        queries: one row per (method, fact, query) — text, template, held-out flag, P(answer), top-1 hit,
+            number of KNs.
+        scores: persisted sparse scores (≥ keep_fraction · max) per (method, fact, query, layer, neuron).
+        kn_sets: ``{(method, fact_key): [NeuronSet per query]}`` at ``config.kn_fraction``.
+        config: the :class:`ConsistencyConfig`.
+        timings: seconds per method.
+    """
+
+    facts: pd.DataFrame
+    summary: pd.DataFrame
+    per_relation: pd.DataFrame
+    sweep: pd.DataFrame
+    queries: pd.DataFrame
+    scores: pd.DataFrame
+    kn_sets: Mapping[tuple[str, str], list[Any]]
+    config: ConsistencyConfig
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+    def dense_scores(self, method: str, fact_key: str, n_queries: int, n_layers: int, d_mlp: int) -> Any:
+        """The fact's per-query attributions as a ``[n_queries, n_layers, d_mlp]`` float64 tensor rebuilt from
+        :attr:`scores`: the persisted entries (≥ ``keep_fraction`` · max of their query) in place, zero
+        elsewhere. Exact for any selection at a fraction of max ≥ ``keep_fraction`` (KN sets at 0.2 · max);
+        a statistic over all entries (CAS) sees the small entries as zero."""
+        import torch
+
+        out = torch.zeros(n_queries, n_layers, d_mlp, dtype=torch.float64)
+        sc = self.scores
+        if len(sc):
+            sel = sc[(sc["method"] == method) & (sc["fact_key"] == fact_key)]
+            if len(sel):
+                q = torch.tensor(sel["query_index"].to_numpy(dtype="int64"))  # copies: pandas' arrays are read-only
+                lay = torch.tensor(sel["layer"].to_numpy(dtype="int64"))
+                neu = torch.tensor(sel["neuron"].to_numpy(dtype="int64"))
+                out[q, lay, neu] = torch.tensor(sel["score"].to_numpy(dtype="float64"))
+        return out
+
+    def tau_sweep(
+        self, taus: Sequence[float] | None = None, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
+    ) -> pd.DataFrame:
+        """The share of inconsistent knowledge as the **CS threshold τ** varies (K_I: CS < τ), per method.
+
+        This is the sweep of the paper's "threshold as a variable" figure (a fact with CS 0.15 counts as
+        consistent at τ = 0.1); :attr:`sweep` varies the KN threshold t instead.
+
+        Args:
+            taus: thresholds in [0, 1] (default 0.0, 0.05, ..., 1.0).
+            n_boot, level, seed: percentile bootstrap over facts for the CI of each share.
+
+        Returns:
+            One row per (method, τ): ``n_facts`` (facts with a finite CS), ``prop_KI``, ``ci_low``, ``ci_high``.
+        """
+        grid = np.round(np.linspace(0.0, 1.0, 21), 4) if taus is None else np.asarray(list(taus), dtype=float)
+        if grid.size == 0 or not np.all(np.isfinite(grid)) or (grid < 0).any() or (grid > 1).any():
+            raise InvalidInputError(f"taus must be non-empty numbers in [0, 1], got {taus!r}")
+        rows = []
+        for m, g in self.facts[self.facts["method"] != "∩"].groupby("method", sort=False):
+            cs = g["cs"].to_numpy(dtype=float)
+            cs = cs[np.isfinite(cs)]
+            for tau in grid:
+                flags = cs < tau
+                lo, hi = bootstrap_proportion_ci(flags, n_boot=n_boot, level=level, seed=seed)
+                rows.append({"method": m, "tau": float(tau), "n_facts": int(cs.size),
+                             "prop_KI": float(flags.mean()) if cs.size else math.nan, "ci_low": lo, "ci_high": hi})  # fmt: skip
+        return pd.DataFrame(rows, columns=["method", "tau", "n_facts", "prop_KI", "ci_low", "ci_high"])
+
+    def classes(self, method: str = "ig", kind: ThresholdKind = "static") -> dict[str, str]:
+        """``{fact_key: "K_C" | "K_I" | "excluded"}`` for one method (or ``"∩"``) and threshold kind."""
+        df = self.facts[self.facts["method"] == method]
+        if df.empty:
+            raise InvalidInputError(f"no results for method {method!r}; have {sorted(self.facts['method'].unique())}")
+        return dict(zip(df["fact_key"], df[f"class_{kind}"]))
+
+
+def _kn_sets_from_sparse(sc: pd.DataFrame, fraction: float) -> dict[tuple[str, str, int], frozenset[Neuron]]:
+    """Per (method, fact_key, query_index): neurons with score ≥ fraction · (that query's max score)."""
+    out: dict[tuple[str, str, int], frozenset[Neuron]] = {}
+    if sc.empty:
+        return out
+    mx = sc.groupby(["method", "fact_key", "query_index"])["score"].transform("max")
+    sel = sc[(mx > 0) & (sc["score"] >= fraction * mx)]
+    for (m, fk, qi), g in sel.groupby(["method", "fact_key", "query_index"], sort=False):
+        out[(m, fk, int(qi))] = frozenset(Neuron(int(a), int(b)) for a, b in zip(g["layer"], g["neuron"]))
+    return out
+
+
+def analyze_scores(
+    scores: pd.DataFrame,
+    queries: pd.DataFrame,
+    facts: Sequence[Any],
+    config: ConsistencyConfig,
+    *,
+    model_name: str = "model",
+) -> ConsistencyResult:
+    """Build every table of :class:`ConsistencyResult` from the persisted sparse scores and query rows."""
+    from qloc_tl.methods.attribution.selection import NeuronSet
+
+    fact_by_key = {f.key: f for f in facts}
+    methods = [m for m in config.methods if m in set(queries.get("method", pd.Series(dtype=str)))]
+    nq = {f.key: len(f.queries) for f in facts}
+
+    def fact_rows(fraction: float) -> tuple[pd.DataFrame, dict[tuple[str, str], list[Any]]]:
+        sets = _kn_sets_from_sparse(scores, fraction)
+        rows, kn = [], {}
+        for m in methods:
+            for f in facts:
+                per_q = [sets.get((m, f.key, i), frozenset()) for i in range(nq[f.key])]
+                kn[(m, f.key)] = [NeuronSet(s) for s in per_q]
+                union = frozenset().union(*per_q)
+                rows.append(
+                    {
+                        "model": model_name,
+                        "method": m,
+                        "fact_key": f.key,
+                        "relation": f.relation,
+                        "subject": f.subject,
+                        "object": f.object,
+                        "n_queries": nq[f.key],
+                        "n_union": len(union),
+                        "n_kn_mean": float(np.mean([len(s) for s in per_q])),
+                        "cs_relaxed": consistency_score(per_q, "relaxed"),
+                        "cs_strict": consistency_score(per_q, "strict"),
+                    }
+                )
+        df = pd.DataFrame(rows)
+        if not df.empty:
+            df["cs"] = df[f"cs_{config.cs_mode}"]
+        return df, kn
+
+    fdf, kn_sets = fact_rows(config.kn_fraction)
+    summary_rows, rel_rows = [], []
+    if not fdf.empty:
+        for kind in ("static", "otsu"):
+            col = f"class_{kind}"
+            fdf[col] = CLASS_NONE
+            fdf[f"tau_{kind}"] = math.nan
+            for m in methods:
+                idx = fdf["method"] == m
+                labels, tau = split_facts(fdf.loc[idx, "cs"].to_numpy(), kind, static=config.cs_static)
+                fdf.loc[idx, col] = labels
+                fdf.loc[idx, f"tau_{kind}"] = tau
+        # "∩": inconsistent under every method
+        if len(methods) > 1:
+            inter = []
+            for f in facts:
+                sub = fdf[fdf["fact_key"] == f.key]
+                row = {
+                    "model": model_name, "method": "∩", "fact_key": f.key, "relation": f.relation,
+                    "subject": f.subject, "object": f.object, "n_queries": nq[f.key],
+                    "n_union": math.nan, "n_kn_mean": math.nan, "cs_relaxed": math.nan, "cs_strict": math.nan,
+                    "cs": float(sub["cs"].mean()),
+                }  # fmt: skip
+                for kind in ("static", "otsu"):
+                    cl = sub[f"class_{kind}"]
+                    row[f"class_{kind}"] = (
+                        CLASS_NONE if (cl == CLASS_NONE).any() else (CLASS_KI if (cl == CLASS_KI).all() else CLASS_KC)
+                    )
+                    row[f"tau_{kind}"] = math.nan
+                inter.append(row)
+            fdf = pd.concat([fdf, pd.DataFrame(inter)], ignore_index=True)
+        for m in list(methods) + (["∩"] if len(methods) > 1 else []):
+            sub = fdf[fdf["method"] == m]
+            for kind in ("static", "otsu"):
+                labels = sub[f"class_{kind}"].to_numpy()
+                st = class_statistics(
+                    sub["cs"].to_numpy(), labels, n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed
+                )
+                if m == "∩":  # proportions only: the ∩ class is not a CS threshold split
+                    kept = labels != CLASS_NONE
+                    st["prop_KI"] = float(np.mean(labels[kept] == CLASS_KI)) if kept.any() else math.nan
+                    st["prop_KC"] = 1 - st["prop_KI"]
+                    for k in ("welch_t", "welch_p", "perm_p", "cohens_d"):
+                        st[k] = math.nan
+                tau = sub[f"tau_{kind}"].iloc[0] if len(sub) else math.nan
+                summary_rows.append({"model": model_name, "method": m, "threshold": kind, "tau": tau, **st})
+                for rel, g in sub.groupby("relation"):
+                    lab = g[f"class_{kind}"].to_numpy()
+                    kept = lab != CLASS_NONE
+                    rel_rows.append(
+                        {
+                            "model": model_name, "method": m, "threshold": kind, "relation": rel,
+                            "n_facts": int(kept.sum()),
+                            "prop_KI": float(np.mean(lab[kept] == CLASS_KI)) if kept.any() else math.nan,
+                            "mean_cs": float(np.nanmean(g["cs"])) if g["cs"].notna().any() else math.nan,
+                        }
+                    )  # fmt: skip
+    sweep_rows = []
+    for t in config.sweep:
+        sdf, _ = fact_rows(t)
+        for m in methods:
+            cs = sdf[sdf["method"] == m]["cs"].to_numpy()
+            row = {"model": model_name, "method": m, "kn_fraction": t, "mean_cs": float(np.nanmean(cs)) if np.isfinite(cs).any() else math.nan}
+            for kind in ("static", "otsu"):
+                if np.isfinite(cs).any():
+                    lab, _tau = split_facts(cs, kind, static=config.cs_static)
+                    kept = lab != CLASS_NONE
+                    row[f"prop_KI_{kind}"] = float(np.mean(lab[kept] == CLASS_KI))
+                else:
+                    row[f"prop_KI_{kind}"] = math.nan
+            sweep_rows.append(row)
+    qdf = queries.copy()
+    if not qdf.empty:
+        sets = _kn_sets_from_sparse(scores, config.kn_fraction)
+        qdf["n_kn"] = [len(sets.get((m, fk, int(qi)), ())) for m, fk, qi in zip(qdf["method"], qdf["fact_key"], qdf["query_index"])]
+    del fact_by_key
+    return ConsistencyResult(
+        facts=fdf,
+        summary=pd.DataFrame(summary_rows),
+        per_relation=pd.DataFrame(rel_rows),
+        sweep=pd.DataFrame(sweep_rows),
+        queries=qdf,
+        scores=scores,
+        kn_sets=kn_sets,
+        config=config,
+    )
+
+
+def _check_facts(facts: Sequence[Any]) -> list[Any]:
+    from qloc_tl.data.facts import Fact
+
+    facts = list(facts)
+    if not facts:
+        raise InvalidInputError("no facts given")
+    seen: set[str] = set()
+    for f in facts:
+        if not isinstance(f, Fact):
+            raise InvalidInputError(f"facts must be qloc_tl.Fact objects, got {type(f).__name__}")
+        f.require_neighbors(2)
+        if f.key in seen:
+            raise InvalidInputError(f"fact {f.key!r} is listed twice")
+        seen.add(f.key)
+    return facts
+
+
+def fact_uid(fact: Any) -> str:
+    """``fact.key`` plus a short hash of its object and queries: a stored result is reused only for the very
+    same fact (the same key with edited queries is recomputed)."""
+    import hashlib
+
+    h = hashlib.sha256("\x1f".join([fact.object, *fact.prompts]).encode()).hexdigest()[:10]
+    return f"{fact.key}#{h}"
+
+
+def run_consistency(
+    model: Any,
+    facts: Sequence[Any],
+    config: ConsistencyConfig | None = None,
+    *,
+    model_name: str = "model",
+    out_dir: str | Path | None = None,
+    resume: bool = True,
+    show_progress: bool = False,
+    known_only: bool | None = None,
+) -> ConsistencyResult:
+    """Attribute every neighbor query of every fact with each method, and analyse KN consistency.
+
+    One call runs the paper's experiment 1: per-query KNs (fraction-of-max threshold), CS per fact, the
+    K_C / K_I split (static and Otsu), statistics, per-relation numbers and the KN-threshold sweep.
+
+    With ``out_dir``, each chunk of facts is persisted (atomically) as soon as it is done; rerunning with
+    the same settings resumes without recomputing or duplicating facts (results are keyed by fact and its
+    queries, so a run over more facts — or shards merged into one directory — reuses what is there), and a
+    directory written with other settings is refused (:class:`~qloc_tl.core.errors.ResumeMismatchError`). Final
+    tables are written there as parquet and CSV.
+
+    Args:
+        model: a TL model in eval mode.
+        facts: :class:`~qloc_tl.data.facts.Fact` objects with ≥ 2 neighbor queries each.
+        config: :class:`ConsistencyConfig` (defaults: IG, SIG and AMIG, m = 20, t = 0.2, relaxed CS, τ = 0.3).
+        model_name: label used in the tables.
+        out_dir: run directory for incremental, resumable persistence (``None``: in memory only).
+        resume: reuse matching results in ``out_dir`` (False refuses a non-empty directory).
+        show_progress: tqdm bars per method.
+        known_only: restrict facts to the queries the model answers top-1 (:func:`qloc_tl.methods.known.filter_known`;
+            facts left with < 2 are dropped). ``None`` (default): on every model but the built-in one.
+
+    Returns:
+        :class:`ConsistencyResult`.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from qloc_tl.core.model import check_model, require_eval
+    from qloc_tl.core.store import RunStore
+    from qloc_tl.methods.attribution import attribute_neurons
+    from qloc_tl.methods.known import restrict_to_known
+
+    config = config or ConsistencyConfig()
+    check_model(model)
+    require_eval(model)
+    facts = _check_facts(facts)
+    facts, _ = restrict_to_known(model, facts, known_only, what="run_consistency")
+    store = None
+    if out_dir is not None:
+        # parts are keyed by method, so the methods are not part of the fingerprint: a run directory can be
+        # extended with another method later (its parts are added; the others are reused)
+        cfg = {"experiment": "consistency", "model": model_name, **asdict(config)}
+        del cfg["methods"]
+        store = RunStore.open(out_dir, cfg, resume=resume)
+    mem: dict[str, list[pd.DataFrame]] = {"scores": [], "queries": []}
+    order = {f.key: i for i, f in enumerate(facts)}
+    timings: dict[str, float] = {}
+    for method in config.methods:
+        done = (store.done("scores") & store.done("queries")) if store else set()
+        todo = [f for f in facts if f"{method}::{fact_uid(f)}" not in done]
+        t0 = time.perf_counter()
+        bar = tqdm(total=len(facts), initial=len(facts) - len(todo), desc=f"consistency [{method}]", disable=not show_progress)
+        for start in range(0, len(todo), config.chunk_facts):
+            chunk = todo[start : start + config.chunk_facts]
+            prompts = [q.text for f in chunk for q in f.queries]
+            answers = [f.answer for f in chunk for _ in f.queries]
+            res = attribute_neurons(
+                model, prompts, answers, method=method, steps=config.steps, rule=config.rule, site=config.site,
+                batch_size=config.batch_size, multi_token=config.multi_token,
+            )  # fmt: skip
+            scores = res.scores_batched.detach().to("cpu", torch.float64)
+            with torch.no_grad():
+                top1 = _top1(model, res)
+            srows: dict[str, list[Any]] = {k: [] for k in ("fact_key", "fact_index", "method", "query_index", "layer", "neuron", "score")}
+            qrows = []
+            i = 0
+            for f in chunk:
+                for qi, q in enumerate(f.queries):
+                    s = scores[i]
+                    mx = float(torch.nan_to_num(s, nan=-math.inf).max())
+                    keep = (s >= config.keep_fraction * mx) & torch.isfinite(s) if mx > 0 else torch.zeros_like(s, dtype=torch.bool)
+                    li, ni = keep.nonzero(as_tuple=True)
+                    k = len(li)
+                    srows["fact_key"] += [f.key] * k
+                    srows["fact_index"] += [order[f.key]] * k
+                    srows["method"] += [method] * k
+                    srows["query_index"] += [qi] * k
+                    srows["layer"] += li.tolist()
+                    srows["neuron"] += ni.tolist()
+                    srows["score"] += s[li, ni].tolist()
+                    qrows.append(
+                        {
+                            "fact_key": f.key, "fact_index": order[f.key], "method": method, "query_index": qi,
+                            "relation": f.relation, "text": q.text, "template": q.template, "held_out": q.held_out,
+                            "clean_prob": float(res.clean_prob[i]), "top1": bool(top1[i]), "max_score": mx,
+                            "max_abs_completeness_delta": float(torch.nan_to_num(res.completeness_delta[i].abs(), nan=0.0).max()),
+                        }
+                    )  # fmt: skip
+                    i += 1
+            sdf, qdf = pd.DataFrame(srows), pd.DataFrame(qrows)
+            uid = {f.key: fact_uid(f) for f in chunk}
+            keys = [f"{method}::{uid[f.key]}" for f in chunk]
+            if store is not None:
+                store.write_part("scores", keys, sdf.assign(fact_key=[f"{method}::{uid[k]}" for k in sdf["fact_key"]]))
+                store.write_part("queries", keys, qdf.assign(fact_key=[f"{method}::{uid[k]}" for k in qdf["fact_key"]]))
+            else:
+                mem["scores"].append(sdf)
+                mem["queries"].append(qdf)
+            bar.update(len(chunk))
+        bar.close()
+        timings[method] = time.perf_counter() - t0
+    if store is not None:
+        # keep only the rows of exactly these facts (a shared run directory may hold other facts too)
+        wanted = {f"{m}::{fact_uid(f)}" for m in config.methods for f in facts}
+        sc, qu = store.read("scores"), store.read("queries")
+        for df in (sc, qu):
+            if not df.empty:
+                df.drop(df.index[~df["fact_key"].isin(wanted)], inplace=True)
+                df["fact_key"] = df["fact_key"].str.split("::", n=1).str[1].str.rsplit("#", n=1).str[0]
+                df["fact_index"] = df["fact_key"].map(order)
+    else:
+        sc = pd.concat(mem["scores"], ignore_index=True) if mem["scores"] else pd.DataFrame()
+        qu = pd.concat(mem["queries"], ignore_index=True) if mem["queries"] else pd.DataFrame()
+    keys = set(order)
+    if not sc.empty:
+        sc = sc[sc["fact_key"].isin(keys)].sort_values(["method", "fact_index", "query_index", "layer", "neuron"], kind="stable").reset_index(drop=True)
+    if not qu.empty:
+        qu = qu[qu["fact_key"].isin(keys)].sort_values(["method", "fact_index", "query_index"], kind="stable").reset_index(drop=True)
+    result = analyze_scores(sc, qu, facts, config, model_name=model_name)
+    result = ConsistencyResult(**{**result.__dict__, "timings": timings})
+    if store is not None:
+        for name in ("facts", "summary", "per_relation", "sweep", "queries"):
+            store.write_table(f"consistency_{name}", getattr(result, name))
+    return result
+
+
+def _top1(model: Any, res: Any) -> list[bool]:
+    """Whether the answer is the model's top-1 prediction for each attributed prompt."""
+    import torch
+
+    from qloc_tl.core.model import tokenize_prompts
+
+    toks, last = tokenize_prompts(model, list(res.prompts), prepend_bos=res.config.prepend_bos)
+    logits = model(toks)
+    pred = logits[torch.arange(len(last)), last].argmax(-1).cpu()
+    return (pred == res.answer_ids.cpu()).tolist()
+
+
+# ==================================================================================================
+# Figures (matplotlib, lazily imported; the `vis` extra)
+# ==================================================================================================
+
+
+def _save(fig: Any, path: str | Path | None) -> Any:
+    if path is not None:
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+    return fig
+
+
+def plot_cs_histogram(
+    result: ConsistencyResult, method: str = "ig", kind: ThresholdKind = "static", path: str | Path | None = None
+) -> Any:
+    """Histogram of the facts' CS for one method, with the K_C / K_I threshold τ."""
+    import matplotlib.pyplot as plt
+
+    df = result.facts[result.facts["method"] == method]
+    if df.empty:
+        raise InvalidInputError(f"no facts for method {method!r}")
+    cs = df["cs"].dropna().to_numpy()
+    tau = float(df[f"tau_{kind}"].iloc[0])
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.hist(cs, bins=np.linspace(0, 1, 21), color="#4c72b0", edgecolor="white")
+    ax.axvline(tau, color="#c44e52", ls="--", label=f"τ ({kind}) = {tau:.2f}")
+    ki = float(np.mean(cs < tau)) if cs.size else math.nan
+    ax.set(xlabel=f"consistency score ({result.config.cs_mode})", ylabel="facts", title=f"{method.upper()}: K_I = {ki:.0%} of {cs.size} facts")
+    ax.legend()
+    plt.close(fig)
+    return _save(fig, path)
+
+
+def plot_relation_ki(result: ConsistencyResult, kind: ThresholdKind = "static", path: str | Path | None = None) -> Any:
+    """Proportion of inconsistent knowledge (K_I) per relation and method."""
+    import matplotlib.pyplot as plt
+
+    df = result.per_relation[result.per_relation["threshold"] == kind]
+    piv = df.pivot(index="relation", columns="method", values="prop_KI")
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(piv)), 3.2))
+    piv.plot.bar(ax=ax, width=0.8)
+    ax.set(ylabel="proportion K_I", ylim=(0, 1), title=f"inconsistent knowledge per relation ({kind} τ)")
+    plt.close(fig)
+    return _save(fig, path)
+
+
+def plot_tau_sweep(result: ConsistencyResult, path: str | Path | None = None, **kw: Any) -> Any:
+    """Share of K_I against the CS threshold τ (:meth:`ConsistencyResult.tau_sweep`), one line per method
+    with its bootstrap band."""
+    import matplotlib.pyplot as plt
+
+    df = result.tau_sweep(**kw)
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for m, g in df.groupby("method", sort=False):
+        (line,) = ax.plot(g["tau"], g["prop_KI"], marker="o", ms=3, label=f"{m} (n={int(g['n_facts'].iloc[0])})")
+        ax.fill_between(g["tau"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.2)
+    ax.set(xlabel="CS threshold τ (K_I: CS < τ)", ylabel="proportion K_I", ylim=(0, 1), xlim=(0, 1),
+           title="K_I share against τ")  # fmt: skip
+    ax.legend()
+    plt.close(fig)
+    return _save(fig, path)
+
+
+def plot_threshold_sweep(result: ConsistencyResult, kind: ThresholdKind = "static", path: str | Path | None = None) -> Any:
+    """Proportion of K_I as the KN threshold t varies, one line per method."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for m, g in result.sweep.groupby("method"):
+        ax.plot(g["kn_fraction"], g[f"prop_KI_{kind}"], marker="o", label=m)
+    ax.set(xlabel="KN threshold t (fraction of max)", ylabel="proportion K_I", ylim=(0, 1), title="threshold sweep")
+    ax.legend()
+    plt.close(fig)
+    return _save(fig, path)
+
+
+def plot_fact_heatmap(
+    model: Any,
+    fact: Any,
+    *,
+    method: str = "ig",
+    value: Literal["score", "activation"] = "score",
+    kn_fraction: float = 0.2,
+    max_neurons: int = 40,
+    attribution: Any = None,
+    path: str | Path | None = None,
+    percentile: float | None = 99.0,
+    **attribute_kwargs: Any,
+) -> Any:
+    """The paper's Figure-1 view: one row per neighbor query, one column per neuron of the union of the
+    queries' KNs; cells are attribution scores (normalised by each query's max) or activations.
+
+    A consistent fact shows the same columns lit in every row; an inconsistent one a block diagonal.
+
+    Colour scale: symmetric limits ±v with v the ``percentile``-th percentile (default 99) of |cell values|
+    over all rows (:func:`qloc_tl.reporting.views.robust_limits`), on a colour map diverging at 0, and the colour bar
+    extended at both ends: cells beyond ±v are drawn in the end colours. Normalised scores are ≤ 1 by
+    construction but their negative side is unbounded (a query's negative attributions can reach several
+    times its maximum); a scale set by those few cells would leave every other cell near the middle colour.
+    ``percentile=None`` uses the full range.
+    """
+    import matplotlib.pyplot as plt
+    import torch
+
+    from qloc_tl.methods.attribution import attribute_neurons, select_neurons
+    from qloc_tl.reporting.views import robust_limits
+
+    if attribution is None:
+        attribution = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.queries), method=method, **attribute_kwargs)
+    scores = attribution.scores_batched.detach().to("cpu", torch.float64)
+    sets = select_neurons(scores, method="fraction_of_max", value=kn_fraction)
+    union = sorted(frozenset().union(*[s.to_frozenset() for s in sets]))
+    if len(union) > max_neurons:
+        # keep the neurons with the highest max normalised score
+        norm = scores / scores.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
+        union = sorted(union, key=lambda n: -float(norm[:, n.layer, n.index].max()))[:max_neurons]
+        union.sort()
+    if value == "score":
+        mat = scores / scores.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
+    else:
+        mat = attribution.activations.detach().to("cpu", torch.float64)
+    data = np.array([[float(mat[q, n.layer, n.index]) for n in union] for q in range(len(fact.queries))])
+    cs = consistency_score([s.to_frozenset() for s in sets])
+    fig, ax = plt.subplots(figsize=(max(4, 0.28 * len(union) + 2), 0.45 * len(fact.queries) + 1.8))
+    vmin, vmax = robust_limits(data, percentile)
+    im = ax.imshow(data, aspect="auto", cmap="RdBu_r" if value == "score" else "coolwarm", vmin=vmin, vmax=vmax)
+    ax.set_yticks(range(len(fact.queries)), [q.text for q in fact.queries], fontsize=7)
+    ax.set_xticks(range(len(union)), [str(n) for n in union], rotation=90, fontsize=6)
+    ax.set_title(f"{fact.subject} → {fact.object} ({fact.relation}); CS = {cs:.2f}", fontsize=9)
+    fig.colorbar(im, ax=ax, label="score / max" if value == "score" else "activation", extend="both")
+    plt.close(fig)
+    return _save(fig, path)

@@ -1,0 +1,151 @@
+"""The frozen, validated configuration of one :func:`~qloc_tl.methods.attribution.attribute_neurons` call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.model import SITES
+from qloc_tl.methods.attribution.quadrature import RULES
+
+__all__ = ["AttributionConfig", "METHODS", "OBJECTIVES", "MULTIPLY_BY", "IMPLEMENTATIONS"]
+
+METHODS = ("ig", "sig", "amig")
+OBJECTIVES = ("prob", "logprob")
+MULTIPLY_BY = ("activation", "difference")
+IMPLEMENTATIONS = ("fast", "reference")
+FAST_PATHS = ("auto", "kv", "blockwise", "packed", "full")
+
+
+def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise InvalidInputError(f"{name} must be one of {list(choices)}, got {value!r}")
+
+
+def _pos_int(name: str, value: Any, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise InvalidInputError(
+            f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class AttributionConfig:
+    """Settings of an attribution run (see :func:`~qloc_tl.methods.attribution.attribute_neurons` for meanings).
+
+    ``baseline`` is resolved from ``None``: ``"zero"`` for IG, ``"masked"`` (per-token masked baselines)
+    for SIG and AMIG; ``multiply_by`` from ``None``: ``"difference"`` for IG and SIG, ``"activation"`` for
+    AMIG. Validation happens in ``__post_init__`` and raises :class:`~qloc_tl.core.errors.InvalidInputError`.
+
+    Examples:
+        >>> AttributionConfig(method="amig").multiply_by
+        'activation'
+        >>> AttributionConfig(steps=0)
+        Traceback (most recent call last):
+        ...
+        qloc_tl.core.errors.InvalidInputError: steps must be a positive int, got 0
+    """
+
+    method: Literal["ig", "sig", "amig"] = "ig"
+    steps: int = 20
+    rule: str = "left"
+    site: Literal["post", "pre", "pre_linear"] = "post"
+    baseline: Any = None
+    objective: Literal["prob", "logprob"] = "prob"
+    multiply_by: Literal["activation", "difference"] | None = None
+    layers: tuple[int, ...] | None = None
+    batch_size: int | None = None
+    prepend_bos: bool | None = None
+    multi_token: Literal["error", "first"] = "error"
+    implementation: Literal["fast", "reference"] = "fast"
+    show_progress: bool = False
+    replacement_id: int | None = None
+    mask_bos: bool = False
+    fast_path: Literal["auto", "kv", "blockwise", "packed", "full"] = "auto"
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _pos_int("steps", self.steps)
+        _choice("rule", self.rule, RULES)
+        if self.rule == "trapezoid" and self.steps < 2:
+            raise InvalidInputError("rule='trapezoid' needs steps >= 2 (it uses both end points)")
+        _choice("site", self.site, tuple(SITES))
+        _choice("objective", self.objective, OBJECTIVES)
+        _choice("multi_token", self.multi_token, ("error", "first"))
+        _choice("implementation", self.implementation, IMPLEMENTATIONS)
+        _choice("fast_path", self.fast_path, FAST_PATHS)
+        _pos_int("batch_size", self.batch_size, allow_none=True)
+        for name in ("show_progress", "mask_bos"):
+            if not isinstance(getattr(self, name), bool):
+                raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.prepend_bos is not None and not isinstance(self.prepend_bos, bool):
+            raise InvalidInputError(f"prepend_bos must be True, False or None, got {self.prepend_bos!r}")
+        if self.replacement_id is not None and (
+            isinstance(self.replacement_id, bool)
+            or not isinstance(self.replacement_id, int)
+            or self.replacement_id < 0
+        ):
+            raise InvalidInputError(
+                f"replacement_id must be a token id (int >= 0) or None, got {self.replacement_id!r}"
+            )
+        # multiply_by
+        mb = self.multiply_by
+        if mb is None:
+            mb = "activation" if self.method == "amig" else "difference"
+        _choice("multiply_by", mb, MULTIPLY_BY)
+        object.__setattr__(self, "multiply_by", mb)
+        # baseline
+        b = self.baseline
+        if b is None:
+            b = "zero" if self.method == "ig" else "masked"
+        if isinstance(b, str):
+            if self.method == "ig" and b != "zero":
+                raise InvalidInputError(
+                    f"baseline for method='ig' must be 'zero' or a tensor, got {b!r}; per-token masked baselines "
+                    f"are method='sig' (averaged attributions) or method='amig' (averaged paths)"
+                )
+            if self.method != "ig" and b != "masked":
+                raise InvalidInputError(
+                    f"method={self.method!r} builds its own per-token masked baselines; leave baseline=None "
+                    f"(got {b!r}), or use method='ig' with a tensor baseline"
+                )
+        elif isinstance(b, Tensor):
+            if self.method != "ig":
+                raise InvalidInputError(
+                    f"a tensor baseline is only used by method='ig' (method={self.method!r} builds masked-token "
+                    f"baselines); pass method='ig'"
+                )
+            if b.ndim not in (1, 2) or not b.dtype.is_floating_point:
+                raise InvalidInputError(
+                    f"baseline tensor must be float [d_mlp] or [n_layers, d_mlp], got {b.dtype} {tuple(b.shape)}"
+                )
+            if not bool(torch.isfinite(b).all()):
+                raise InvalidInputError("baseline tensor contains inf/NaN")
+        else:
+            raise InvalidInputError(f"baseline must be 'zero', a tensor or None, got {type(b).__name__}")
+        object.__setattr__(self, "baseline", b)
+        if self.layers is not None:
+            if isinstance(self.layers, (int, str)) or not all(
+                isinstance(x, int) and not isinstance(x, bool) for x in self.layers
+            ):
+                raise InvalidInputError(f"layers must be a sequence of ints or None, got {self.layers!r}")
+            layers = tuple(sorted(set(int(x) for x in self.layers)))
+            if not layers:
+                raise InvalidInputError("layers is empty: pass None for all layers or a non-empty sequence")
+            object.__setattr__(self, "layers", layers)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-friendly dict (a tensor baseline is reported by its shape)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        if isinstance(self.baseline, Tensor):
+            out["baseline"] = f"tensor{tuple(self.baseline.shape)}"
+        if self.layers is not None:
+            out["layers"] = list(self.layers)
+        return out
