@@ -280,15 +280,15 @@ def bench_model(
     prompts per pass on the TL 4 blockwise path (default: the library's default for the device). ``hf_dir``:
     the HF GPT-2 directory ``model`` was loaded from; the EleutherAI loop is then also timed on the plain HF
     model (:func:`eleuther_hf_get_scores`)."""
-    import qloc_tl.methods.attribution.ig as ig
+    from qloc_tl.methods.attribution.engines import grouped
 
-    cap = ig._GROUP_MAX
+    cap = grouped.GROUP_MAX
     try:
         if group_cap is not None:
-            ig._GROUP_MAX = group_cap
+            grouped.GROUP_MAX = group_cap
         return _bench_model(model, label, n_tok, n_queries, steps, repeats, device, eleuther, ref_queries, hf_dir)
     finally:
-        ig._GROUP_MAX = cap
+        grouped.GROUP_MAX = cap
 
 
 def _bench_model(

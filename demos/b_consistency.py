@@ -26,12 +26,9 @@ from IPython.display import Image, display
 
 import qloc_tl as q
 from qloc_tl.cli import cap_facts
-from qloc_tl.experiments.consistency import (
-    ConsistencyConfig,
-    plot_cs_histogram,
-    plot_fact_heatmap,
-    run_consistency,
-)
+from qloc_tl.experiments.consistency import ConsistencyConfig, run_consistency
+from qloc_tl.methods.attribution import attribute_neurons
+from qloc_tl.reporting.consistency_plots import plot_cs_histogram, plot_fact_heatmap
 
 model = q.load_builtin_model()
 facts = cap_facts(q.data.builtin_facts(), 12)  # a small, relation-balanced sample
@@ -56,7 +53,9 @@ ranked = res.facts.dropna(subset=["cs"]).sort_values("cs")
 by_key = {f.key: f for f in facts}
 for label, key in [("least consistent", ranked.iloc[0]["fact_key"]), ("most consistent", ranked.iloc[-1]["fact_key"])]:
     print(label)
-    plot_fact_heatmap(model, by_key[key], steps=10, path=f"/tmp/heat_{label.split()[0]}.png")
+    fact = by_key[key]
+    attribution = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.queries), steps=10)
+    plot_fact_heatmap(attribution, fact, path=f"/tmp/heat_{label.split()[0]}.png")
     display(Image(f"/tmp/heat_{label.split()[0]}.png"))
 
 # %%

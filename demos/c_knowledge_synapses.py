@@ -25,7 +25,7 @@ from IPython.display import HTML, display
 
 import qloc_tl as q
 from qloc_tl.methods.attribution import attribute_neurons, select_neurons
-from qloc_tl.methods.synapses import synapse_columns
+from qloc_tl.methods.synapses import synapse_columns, synapse_patterns
 from qloc_tl.reporting.views import save_html, synapse_heads_view
 
 model = q.load_builtin_model()
@@ -42,7 +42,7 @@ syn.to_dataframe().sort_values("score", ascending=False).head(8)
 # Heads are named `L{layer}H{head}`; the view is self-contained HTML (works offline once saved).
 
 # %%
-view = synapse_heads_view(model, syn, max_heads=6)
+view = synapse_heads_view(syn, synapse_patterns(model, syn, max_heads=6))
 save_html(view, "/tmp/ks_heads.html", title=f"knowledge synapses: {query}")
 display(HTML(view.local_src if hasattr(view, "local_src") else str(view)))
 

@@ -18,7 +18,7 @@
 #
 # Editing the KNs of one query (N_i) tends not to generalise to its paraphrases; editing the union over all
 # paraphrases (N_u) touches many neurons and hurts unrelated facts. CAS picks neurons whose (normalised)
-# scores are high on average **and** stable across the neighbor queries: CAS = β1·mean − β2·std.
+# scores are high on average **and** stable across the neighbor queries: CAS = β1·mean − β2·variance.
 #
 # Edits are reversible contexts: the original weights are restored exactly on exit, even after an error.
 

@@ -126,7 +126,7 @@ def main() -> None:
     t_spec = None
     if not a.no_model:
         t0 = time.time()
-        from qloc_tl.cli import load_model
+        from qloc_tl.cli import model_from_spec
         from qloc_tl.experiments.specificity import (
             control_summary,
             kn_overlap,
@@ -134,7 +134,7 @@ def main() -> None:
             suppression_control,
         )
 
-        model = load_model(settings["model"], "cpu")
+        model = model_from_spec(settings["model"], "cpu")
         fs = run_facts
         m0 = settings["methods"][0]
         kn = _kn_sets(run, m0, fs, model, settings["methods"])

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from qloc_tl.cli import cap_facts, load_facts, load_model
+from qloc_tl.cli import cap_facts, load_facts, model_from_spec
 from qloc_tl.experiments.consistency import ConsistencyConfig, run_consistency
 
 
@@ -31,7 +31,7 @@ def main() -> None:
     run, dest = Path(a.run), Path(a.dest)
     dest.mkdir(parents=True, exist_ok=True)
     settings = json.loads((run / "run.json").read_text())["settings"]
-    model = load_model(settings["model"], "cpu")
+    model = model_from_spec(settings["model"], "cpu")
     facts = cap_facts(load_facts({**settings, "shard": None}, model, run, False), a.max_facts)
     cfg = ConsistencyConfig(methods=("ig",), steps=settings["steps"], seed=settings["seed"], site="pre")
     pre = run_consistency(model, facts, cfg, model_name=settings["model"], out_dir=dest / "pre_run", known_only=False)

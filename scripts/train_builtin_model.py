@@ -707,8 +707,12 @@ def answer_probs(
 
 
 @torch.no_grad()
-def perplexity(model: Any, tok: Any, texts: Sequence[str], batch: int = 256) -> float:
-    """exp(mean next-token NLL) over all tokens after BOS (the BOS itself is not predicted)."""
+def hf_perplexity(model: Any, tok: Any, texts: Sequence[str], batch: int = 256) -> float:
+    """exp(mean next-token NLL) over all tokens after BOS (the BOS itself is not predicted), token-weighted.
+
+    The same quantity as :func:`qloc_tl.methods.edit_metrics.perplexity`, which needs a TransformerLens model;
+    this one scores the Hugging Face ``GPT2LMHeadModel`` being trained, with its word-level tokenizer, before
+    the checkpoint is ever loaded into TransformerLens."""
     bos = tok.bos_token_id
     tot, count = 0.0, 0
     for s in range(0, len(texts), batch):
@@ -769,9 +773,9 @@ def evaluate(model: Any, tok: Any, data: BuiltData) -> dict[str, Any]:
     else:
         out["aux"] = {"n": 0}
     out["ppl"] = {
-        "generic": perplexity(model, tok, data.generic_ppl),
-        "facts": perplexity(model, tok, data.fact_ppl),
-        "all": perplexity(model, tok, list(data.generic_ppl) + list(data.fact_ppl)),
+        "generic": hf_perplexity(model, tok, data.generic_ppl),
+        "facts": hf_perplexity(model, tok, data.fact_ppl),
+        "all": hf_perplexity(model, tok, list(data.generic_ppl) + list(data.fact_ppl)),
     }
     return out
 

@@ -28,6 +28,15 @@ from qloc_tl.core.identities import Neuron
 from qloc_tl.core.model import capabilities, tl_major
 from qloc_tl.methods.attribution import NeuronAttribution, attribute_neurons, select_neurons
 from qloc_tl.methods.attribution import ig as ig_module
+from qloc_tl.methods.attribution.config import AttributionConfig
+from qloc_tl.methods.attribution.engines import ENGINE_CACHE
+from qloc_tl.methods.attribution.engines import base as base_mod
+from qloc_tl.methods.attribution.engines import blockwise as blockwise_mod
+from qloc_tl.methods.attribution.engines import clean as clean_mod
+from qloc_tl.methods.attribution.engines import dispatch as dispatch_mod
+from qloc_tl.methods.attribution.engines import grouped as grouped_mod
+from qloc_tl.methods.attribution.engines import hooked_blockwise as hooked_rows_mod
+from qloc_tl.methods.attribution.engines import shortcut as shortcut_mod
 from qloc_tl.methods.attribution.quadrature import quadrature
 from qloc_tl.zoo.tiny import tiny_model
 
@@ -249,7 +258,7 @@ def test_compat_processing_fast_equals_reference(arch):
 
 @pytest.mark.parametrize(
     "limit, value, passes",
-    [("_CLEAN_CHUNK", 2, (len(PROMPTS) + 1) // 2), ("_CLEAN_ELEMENTS", {"cpu": 1, "other": 1}, len(PROMPTS))],
+    [("CLEAN_CHUNK", 2, (len(PROMPTS) + 1) // 2), ("CLEAN_ELEMENTS", {"cpu": 1, "other": 1}, len(PROMPTS))],
 )
 def test_many_prompts_clean_pass_is_chunked(monkeypatch, limit, value, passes):
     # the clean pass is split by the prompt cap and by the element budget; the split changes nothing
@@ -263,7 +272,7 @@ def test_many_prompts_clean_pass_is_chunked(monkeypatch, limit, value, passes):
         return real(self, *a, **k)
 
     monkeypatch.setattr(type(model), "run_with_cache", counting)
-    monkeypatch.setattr(ig_module, limit, value)
+    monkeypatch.setattr(clean_mod, limit, value)
     chunked = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
     assert len(calls) == passes
     assert _rel(chunked.scores, whole.scores) <= 1e-12
@@ -326,15 +335,13 @@ def test_rows_longer_than_n_ctx_and_packing_without_room_equal_reference():
     packed = attribute_neurons(model, long_prompt, 5, fast_path="packed", **kw)
     assert auto.path == "blockwise" and packed.path == "packed"
     assert _rel(auto.scores, ref.scores) <= 1e-5 and _rel(packed.scores, ref.scores) <= 1e-5
-    assert ig_module._fast_kind(model, ig_module.AttributionConfig(), n_ctx - 1) == "blockwise"
-    from qloc_tl.core.model import mode_key
-
-    ig_module._BLOCKWISE_FAILED[model] = mode_key(model)
+    assert dispatch_mod.fast_kind(model, AttributionConfig(), n_ctx - 1) == "blockwise"
+    ENGINE_CACHE.mark_failed(model, "blockwise")
     try:  # after blockwise failed on this model: no room to pack -> full; room -> packed
-        assert ig_module._fast_kind(model, ig_module.AttributionConfig(), n_ctx - 1) == "full"
-        assert ig_module._fast_kind(model, ig_module.AttributionConfig(), 10) == "packed"
+        assert dispatch_mod.fast_kind(model, AttributionConfig(), n_ctx - 1) == "full"
+        assert dispatch_mod.fast_kind(model, AttributionConfig(), 10) == "packed"
     finally:
-        del ig_module._BLOCKWISE_FAILED[model]
+        ENGINE_CACHE.clear(model)
 
 
 @pytest.mark.parametrize("arch, source", MODELS)
@@ -360,7 +367,7 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
     falls back to the packed path, which equals the reference. (A validation copy at the lowest layer only,
     at position P - 1, would miss it.)"""
     model = tiny_model("llama", source="hf", dtype=torch.float64)  # fresh: the fallback memo is per model
-    real_at = ig_module._BlockCall.at
+    real_at = blockwise_mod.BlockCall.at
     P = len(model.to_tokens(PROMPTS[0])[0]) - 1 + 5
 
     def at(self, length):
@@ -371,10 +378,10 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
         kwargs["position_embeddings"] = (cos, sin)
         return args, kwargs
 
-    monkeypatch.setattr(ig_module._BlockCall, "at", at)
+    monkeypatch.setattr(blockwise_mod.BlockCall, "at", at)
     kw = dict(steps=4, layers=[0, 2])
     ref = attribute_neurons(model, PROMPTS[0], ANSWERS[0], implementation="reference", **kw)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
             attribute_neurons(model, PROMPTS[0], ANSWERS[0], fast_path="blockwise", **kw)
         auto = attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)  # the shortcut's refusal is remembered
@@ -395,12 +402,12 @@ def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method, 
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # 1-token prompt: an empty prefix
     kw = dict(method=method, steps=4, rule="trapezoid")
     ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
-    monkeypatch.setattr(ig_module, "_GROUP_MAX", 1)
+    monkeypatch.setattr(grouped_mod, "GROUP_MAX", 1)
     alone = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
-    monkeypatch.setattr(ig_module, "_GROUP_MAX", 3)
+    monkeypatch.setattr(grouped_mod, "GROUP_MAX", 3)
     calls = []
-    real = ig_module._run_group
-    monkeypatch.setattr(ig_module, "_run_group", lambda ev, idxs, *a: calls.append(idxs) or real(ev, idxs, *a))
+    real = ig_module._integrate
+    monkeypatch.setattr(ig_module, "_integrate", lambda ev, idxs, *a: calls.append(idxs) or real(ev, idxs, *a))
     shared = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
     assert calls == [[0, 1, 2], [3]] and shared.path == _expected_path(source)
     # HF LLaMA's RMSNorm computes in float32 even in a float64 model: rows of another length round differently
@@ -418,7 +425,7 @@ def test_masked_baselines_of_several_prompts_equal_one_at_a_time(arch, source):
 
     model = _model(arch, source)
     rows = [model.to_tokens(p)[0] for p in PROMPTS]
-    cfg = ig_module.AttributionConfig(method="amig")
+    cfg = AttributionConfig(method="amig")
     names = {l: f"blocks.{l}.mlp.hook_post" for l in (0, 2)}
     many = masked_token_baselines_many(model, rows, names, cfg, chunk=4)  # chunks cut across prompts
     eos = model.tokenizer.eos_token_id
@@ -437,12 +444,47 @@ def test_masked_baselines_of_several_prompts_equal_one_at_a_time(arch, source):
         assert bool((got[:, 1] == 0).all())  # layers not asked for stay 0
 
 
+class _FakeModel(SimpleNamespace):
+    """A stand-in for a TL model with only the attributes it is given, shaped like the ``TLModel`` protocol
+    (``hook_dict``, ``hooks`` ...; none of which the tests below use) for run-time type checks."""
+
+    hook_dict: dict = {}
+
+    def __call__(self, *args, **kwargs):
+        raise NotImplementedError
+
+    hooks = run_with_hooks = run_with_cache = __call__
+
+    def __getattr__(self, name):
+        raise AttributeError(name)
+
+
+def _no_prompts() -> clean_mod.CleanPass:
+    """The clean pass of no prompts (for engines whose sizing reads none of it)."""
+    z = torch.zeros(0, dtype=torch.long)
+    e = torch.zeros(0)
+    return clean_mod.CleanPass(z.reshape(0, 0), z, z, [], {}, e.reshape(0, 0, 0), e.reshape(0, 0), e, e, {}, None, {})
+
+
+def _group_size(model, config, kind, samples, left):
+    """Prompts per pass of the engine of path ``kind`` (``samples`` per prompt, ``left`` prompts to go)."""
+    from qloc_tl.methods.attribution.engines import full, kv_hooked, packed
+
+    engines = {
+        "blockwise": blockwise_mod.BlockwiseEngine,
+        "kv-hooked": kv_hooked.HookedKVEngine,
+        "packed": packed.PackedEngine,
+        "full": full.FullEngine,
+    }
+    return engines[kind](model, _no_prompts(), config).group_size(samples, left)
+
+
 def test_prompts_per_pass_policy():
     """Hand computation of the CPU budget (2**23 logits elements, at most 64 prompts; SIG and the packed and
     full paths: one prompt per pass)."""
-    fake = SimpleNamespace(cfg=SimpleNamespace(d_vocab=50257), parameters=lambda: iter([torch.zeros(1)]))
-    ig_cfg, sig_cfg = ig_module.AttributionConfig(), ig_module.AttributionConfig(method="sig")
-    size = ig_module._group_size
+    fake = _FakeModel(cfg=SimpleNamespace(d_vocab=50257), parameters=lambda: iter([torch.zeros(1)]))
+    ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
+    size = _group_size
     assert size(fake, ig_cfg, "blockwise", 12 * 20, 100) == 1  # GPT-2-small: 240 x 50257 > 2**23
     assert size(fake, ig_cfg, "blockwise", 4 * 20, 100) == 2  # 4 layers: 2**23 // (80 x 50257) = 2
     fake.cfg.d_vocab = 3607
@@ -457,16 +499,16 @@ def test_prompts_per_pass_policy():
 
 def test_prompts_per_pass_policy_with_the_unembedding_sweep():
     """On CPU with a plain float32 unembedding (no [samples, d_vocab] logits): prompts join a pass while
-    samples x d_model x d_mlp stays within 4e8, at most 32 (and at most _GROUP_MAX); not on a GPU."""
+    samples x d_model x d_mlp stays within 4e8, at most 32 (and at most GROUP_MAX); not on a GPU."""
     def fake(d_model, mlp, V, device="cpu"):
         W_U = torch.zeros(1, 1).expand(d_model, V)  # the right shape and dtype, no memory
-        return SimpleNamespace(
+        return _FakeModel(
             cfg=SimpleNamespace(d_vocab=V, d_model=d_model, d_mlp=mlp), W_U=W_U, b_U=None,
             parameters=lambda: iter([torch.zeros(1, device=device)]),
         )  # fmt: skip
 
-    ig_cfg, sig_cfg = ig_module.AttributionConfig(), ig_module.AttributionConfig(method="sig")
-    size = ig_module._group_size
+    ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
+    size = _group_size
     assert size(fake(768, 3072, 50257), ig_cfg, "blockwise", 12 * 21, 100) == 1  # 5.9e8 > 4e8
     assert size(fake(512, 1408, 32000), ig_cfg, "kv-hooked", 8 * 21, 100) == int(4e8 // (168 * 512 * 1408)) == 3
     assert size(fake(128, 512, 50257), ig_cfg, "blockwise", 4 * 21, 100) == 32  # 72 by work, capped
@@ -664,10 +706,10 @@ def test_finite_check_agrees_with_isfinite(dtype):
     cases.append(both)
     for t in cases:
         if bool(torch.isfinite(t).all()):
-            ig_module._check_finite(t, "t", model)
+            base_mod.check_finite(t, "t", model)
         else:
             with pytest.raises(NumericalError):
-                ig_module._check_finite(t, "t", model)
+                base_mod.check_finite(t, "t", model)
 
 
 def _live_hooks(model) -> int:
@@ -703,8 +745,9 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path
         return f
 
     # the objective of the samples: from logits, or (CPU blockwise paths) by the unembedding sweep
-    monkeypatch.setattr(ig_module, "_objective", boom(ig_module._objective))
-    monkeypatch.setattr(ig_module, "answer_objective_and_logits", boom(ig_module.answer_objective_and_logits))
+    for mod in (clean_mod, base_mod, grouped_mod):
+        monkeypatch.setattr(mod, "objective_of_logits", boom(mod.objective_of_logits))
+    monkeypatch.setattr(grouped_mod, "answer_objective_and_logits", boom(grouped_mod.answer_objective_and_logits))
     with pytest.raises(RuntimeError, match="injected"):
         attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **kw)
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
@@ -715,9 +758,9 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path
 
 @pytest.mark.skipif(tl_major() < 4, reason="TL 3 native models are HookedTransformers (KV path)")
 def test_native_bridge_falls_back_with_one_warning(caplog, monkeypatch):
-    monkeypatch.setattr(ig_module, "_MIN_PACKED_ROOM", 0)  # let "auto" try packing on the tiny context
+    monkeypatch.setattr(dispatch_mod, "MIN_PACKED_ROOM", 0)  # let "auto" try packing on the tiny context
     model = tiny_model("gpt2", dtype=torch.float64)  # fresh: the fallback memo is per model
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
         r1 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
         r2 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
     assert r1.path == r2.path == "full"
@@ -744,7 +787,7 @@ def test_kv_hooked_clean_pass_skips_the_own_unembedding_only_after_checking_it(m
     capabilities(model)  # the one-time backend probe runs the model too
     seen = _spy_run_with_cache(model, monkeypatch)
     first = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
-    assert seen == ["logits"] and ig_module._AFFINE_UNEMBED[model.unembed] is True
+    assert seen == ["logits"] and ENGINE_CACHE.affine_unembed(model.unembed) is True
     seen.clear()
     res = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
     assert seen == [None] and res.path == "blockwise"  # no logits: the answer position's by the map
@@ -772,9 +815,9 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
 
     model.unembed.__class__ = Doubled
     seen = _spy_run_with_cache(model, monkeypatch)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         res = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
-    assert ig_module._AFFINE_UNEMBED[model.unembed] is False
+    assert ENGINE_CACHE.affine_unembed(model.unembed) is False
     assert res.path == "full"  # the kv-hooked path cannot reproduce these logits: fell back
     seen.clear()
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
@@ -787,12 +830,12 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
     seen2 = _spy_run_with_cache(model2, monkeypatch)
     attribute_neurons(model2, PROMPTS[:2], ANSWERS[:2], steps=3)
     attribute_neurons(model2, PROMPTS[:2], ANSWERS[:2], steps=3)
-    assert None not in seen2 and model2.unembed not in ig_module._AFFINE_UNEMBED
+    assert None not in seen2 and ENGINE_CACHE.affine_unembed(model2.unembed) is None
     # a TL hook on unembed.hook_out added after the check: the clean pass goes back to the model's own logits,
     # so the kv-hooked path (which cannot see that hook) fails validation and falls back
     model3 = tiny_model("gpt2", dtype=torch.float64)
     attribute_neurons(model3, PROMPTS[:2], ANSWERS[:2], steps=3)
-    assert ig_module._AFFINE_UNEMBED[model3.unembed] is True
+    assert ENGINE_CACHE.affine_unembed(model3.unembed) is True
     seen3 = _spy_run_with_cache(model3, monkeypatch)
     model3.add_hook("unembed.hook_out", lambda logits, hook: logits * 2)
     try:
@@ -814,13 +857,13 @@ _BLOCKWISE_MODELS = [(a, s, None) for a, s in MODELS if _expected_path(s) != "fu
 def _count_shortcut_passes(monkeypatch) -> dict:
     """Counts the passes that let the samples of layer l join after block l (the shortcut on)."""
     calls = {"n": 0}
-    real = ig_module._GroupedEvaluator._joins
+    real = grouped_mod.GroupedEngine.joins
 
     def spy(self, *a, **k):
         calls["n"] += bool(self.shortcut)
         return real(self, *a, **k)
 
-    monkeypatch.setattr(ig_module._GroupedEvaluator, "_joins", spy)
+    monkeypatch.setattr(grouped_mod.GroupedEngine, "joins", spy)
     return calls
 
 
@@ -834,7 +877,7 @@ def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, path
     short = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert calls["n"] > 0
     sub = attribute_neurons(model, PROMPTS, ANSWERS, layers=[model.cfg.n_layers - 1], **kw)  # no sample runs a block
-    monkeypatch.setattr(ig_module, "_MLP_SHORTCUT", False)
+    monkeypatch.setattr(shortcut_mod, "MLP_SHORTCUT", False)
     calls["n"] = 0
     full = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert calls["n"] == 0
@@ -853,23 +896,24 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, pa
     pass; the call runs again without it and equals the reference. With the probes' check disabled, the same
     wrong shortcut does change the scores — so the probes are what protects them."""
     model = _model(arch, source)
-    real_enable = ig_module._GroupedEvaluator.enable_shortcut
+    real_init = grouped_mod.GroupedEngine.__init__
 
     def wrong(self, *args, **kwargs):
-        real_enable(self, *args, **kwargs)
-        self.W_out = {l: 1.5 * w for l, w in self.W_out.items()}
+        real_init(self, *args, **kwargs)
+        if self.shortcut:
+            self.W_out = {l: 1.5 * w for l, w in self.W_out.items()}
 
-    monkeypatch.setattr(ig_module._GroupedEvaluator, "enable_shortcut", wrong)
+    monkeypatch.setattr(grouped_mod.GroupedEngine, "__init__", wrong)
     # the cached model passed the probes in earlier tests: forget that (the sabotage is ours, not the model's)
-    monkeypatch.setattr(ig_module, "_SHORTCUT_VERDICT", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(ENGINE_CACHE, "_models", weakref.WeakKeyDictionary())
     kw = {"fast_path": path} if path else _fast_kw(source)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
-    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
     assert res.path == (path or _expected_path(source)) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
-    monkeypatch.setattr(ig_module._GroupedEvaluator, "check_shortcut", lambda self, got, want: None)
-    monkeypatch.setattr(ig_module, "_SHORTCUT_VERDICT", weakref.WeakKeyDictionary())  # it remembers the refusal
+    monkeypatch.setattr(grouped_mod.GroupedEngine, "check_shortcut", lambda self, got, want: None)
+    monkeypatch.setattr(ENGINE_CACHE, "_models", weakref.WeakKeyDictionary())  # it remembers the refusal
     unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
     assert _rel(unchecked.scores_batched, ref.scores_batched) > 1e-3
 
@@ -906,7 +950,7 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
         dtype=torch.float64, device="cpu",
     )  # fmt: skip
     model = HookedTransformer(cfg, tokenizer=tiny_tokenizer()).eval()
-    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
@@ -914,7 +958,7 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
     # the refusal is remembered for these blocks: the next call does not try the shortcut at all
     caplog.clear()
     calls = _count_shortcut_passes(monkeypatch)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         again = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
     assert calls["n"] == 0 and not any("MLP-out shortcut" in m for m in caplog.messages)
     assert _rel(again.scores_batched, ref.scores_batched) <= 1e-5
@@ -926,12 +970,12 @@ def test_samples_put_in_layer_order_get_the_index_gradient():
     x = torch.randn(3, 7, 5, dtype=torch.float64, requires_grad=True)
     order = torch.tensor([0, 1, 4, 5, 2, 6, 3])
     up = torch.randn(3, 7, 5, dtype=torch.float64)
-    got = ig_module._in_order(x, order)
+    got = grouped_mod.in_order(x, order)
     (g_got,) = torch.autograd.grad(got, x, up)
     (g_idx,) = torch.autograd.grad(x[:, order], x, up)
     assert torch.equal(got, x[:, order]) and torch.equal(g_got, g_idx)
-    assert torch.autograd.gradcheck(lambda t: ig_module._in_order(t, order), (x,))
-    assert ig_module._in_order(x, torch.arange(7)) is x
+    assert torch.autograd.gradcheck(lambda t: grouped_mod.in_order(t, order), (x,))
+    assert grouped_mod.in_order(x, torch.arange(7)) is x
 
 @pytest.mark.parametrize("arch, source, path", _BLOCKWISE_MODELS)
 def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, source, path, monkeypatch, caplog):
@@ -943,21 +987,21 @@ def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, so
     model = _model(arch, source)
     kw = dict(steps=5, **({"fast_path": path} if path else _fast_kw(source)))
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)  # a TL 4 bridge adds hooks of its own on a first call
-    monkeypatch.setattr(ig_module, "_SHORTCUT_VERDICT", weakref.WeakKeyDictionary())
+    monkeypatch.setattr(ENGINE_CACHE, "_models", weakref.WeakKeyDictionary())
     checks = {"n": 0}
-    real = ig_module._GroupedEvaluator.check_shortcut
+    real = grouped_mod.GroupedEngine.check_shortcut
 
     def spy(self, got, want):
         checks["n"] += 1
         return real(self, got, want)
 
-    monkeypatch.setattr(ig_module._GroupedEvaluator, "check_shortcut", spy)
+    monkeypatch.setattr(grouped_mod.GroupedEngine, "check_shortcut", spy)
     first = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
     second = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
     assert checks["n"] == 1 and _rel(second.scores_batched, first.scores_batched) <= 1e-12
     handle = model.blocks[1].mlp.register_forward_hook(lambda mod, args, out: 0.5 * out)
     try:
-        with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
+        with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
             hooked = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
         ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
     finally:
@@ -983,23 +1027,25 @@ def test_hooked_rows_fit_n_ctx_and_equal_reference(source, shortcut, monkeypatch
     here, so several passes per prompt); every attention block got the layout mask. The scores equal the reference and
     the kv-hooked path's."""
     model = _model("gpt2", source)
-    monkeypatch.setattr(ig_module, "_MLP_SHORTCUT", shortcut)
+    monkeypatch.setattr(shortcut_mod, "MLP_SHORTCUT", shortcut)
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]
     kw = dict(method="amig", steps=20, rule="trapezoid")
     ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
     kv = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
     widths = []
-    real = ig_module._MaskHook.__call__
+    real = hooked_rows_mod.MaskHook.__call__
 
     def spy(self, act, hook):
         widths.append(act.shape[-1])
         return real(self, act, hook)
 
-    monkeypatch.setattr(ig_module._MaskHook, "__call__", spy)
+    monkeypatch.setattr(hooked_rows_mod.MaskHook, "__call__", spy)
     passes = []
-    real_eval = ig_module._HookedBlockwiseEvaluator.evaluate_group
+    real_eval = hooked_rows_mod.HookedBlockwiseEngine.evaluate
     monkeypatch.setattr(
-        ig_module._HookedBlockwiseEvaluator, "evaluate_group", lambda ev, lay, x: passes.append(1) or real_eval(ev, lay, x)
+        hooked_rows_mod.HookedBlockwiseEngine,
+        "evaluate",
+        lambda ev, lay, x, check: passes.append(1) or real_eval(ev, lay, x, check),
     )
     rows = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
     assert rows.path == "blockwise" and kv.path == "kv-hooked"
@@ -1025,10 +1071,10 @@ def test_hooked_prefix_caches_from_the_clean_pass_equal_their_own_forward(path, 
     model = _model("gpt2", "native")
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # different lengths, one a single token
     kw = dict(steps=6, rule="trapezoid", fast_path=path)
-    monkeypatch.setattr(ig_module, "_GROUP_MAX_SWEEP", 2)
-    monkeypatch.setattr(ig_module, "_GROUP_MAX", 2)
+    monkeypatch.setattr(grouped_mod, "GROUP_MAX_SWEEP", 2)
+    monkeypatch.setattr(grouped_mod, "GROUP_MAX", 2)
     preps, embeds = [], {"n": 0}
-    real_prepare = ig_module._prepare
+    real_prepare = dispatch_mod.clean_pass
 
     def prepare(*args, **kwargs):
         preps.append(real_prepare(*args, **kwargs))
@@ -1038,7 +1084,7 @@ def test_hooked_prefix_caches_from_the_clean_pass_equal_their_own_forward(path, 
         embeds["n"] += 1
 
     attribute_neurons(model, prompts, answers, **kw)  # a first call on a model probes its capabilities
-    monkeypatch.setattr(ig_module, "_prepare", prepare)
+    monkeypatch.setattr(dispatch_mod, "clean_pass", prepare)
     handle = model.embed.register_forward_pre_hook(count)
     try:
         kept = attribute_neurons(model, prompts, answers, **kw)
@@ -1046,11 +1092,11 @@ def test_hooked_prefix_caches_from_the_clean_pass_equal_their_own_forward(path, 
         L, pos = model.cfg.n_layers, preps[-1].tokens.shape[1]
         per = 2 * L * pos * model.cfg.n_heads * model.cfg.d_head
         embeds["n"] = 0
-        monkeypatch.setattr(ig_module, "_PREFIX_KV_ELEMENTS", 3 * per)
+        monkeypatch.setattr(clean_mod, "PREFIX_KV_ELEMENTS", 3 * per)
         some = attribute_neurons(model, prompts, answers, **kw)
         n_some = (embeds["n"], preps[-1].prefix_kv[0][0].shape[0])
         embeds["n"] = 0
-        monkeypatch.setattr(ig_module, "_PREFIX_KV_ELEMENTS", 0)
+        monkeypatch.setattr(clean_mod, "PREFIX_KV_ELEMENTS", 0)
         none = attribute_neurons(model, prompts, answers, **kw)
         n_none = (embeds["n"], preps[-1].prefix_kv)
     finally:
@@ -1075,12 +1121,12 @@ def test_hooked_rows_without_the_layout_mask_are_refused(monkeypatch, caplog):
         self.calls += 1
         return act
 
-    monkeypatch.setattr(ig_module._MaskHook, "__call__", unmasked)
+    monkeypatch.setattr(hooked_rows_mod.MaskHook, "__call__", unmasked)
     kw = dict(steps=4)  # 3 x 5 samples per prompt: "auto" tries the rows first (n_ctx 32 leaves room for 20)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference", **kw)
     with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
         attribute_neurons(model, PROMPTS, ANSWERS, fast_path="blockwise", **kw)
-    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         auto = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert auto.path == "kv-hooked" and _rel(auto.scores_batched, ref.scores_batched) <= 1e-5
     assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
@@ -1097,8 +1143,8 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions():
     assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv").path == "kv-hooked"
     # "auto" wants room for all 3 layers x (3 + 1) nodes of a prompt in one pass, as kv-hooked takes them
     want = gpt2.cfg.n_layers * (3 + 1)
-    assert ig_module._rows_chunk_wanted(gpt2, ig_module.AttributionConfig(steps=3), 20) == want
-    assert ig_module._rows_chunk_wanted(gpt2, ig_module.AttributionConfig(method="sig", steps=3), 20) == 20 * want
+    assert hooked_rows_mod.rows_chunk_wanted(gpt2, AttributionConfig(steps=3), 20) == want
+    assert hooked_rows_mod.rows_chunk_wanted(gpt2, AttributionConfig(method="sig", steps=3), 20) == 20 * want
     tight = torch.arange(gpt2.cfg.n_ctx - 2 - want) % (gpt2.cfg.d_vocab - 3) + 3  # room for exactly that
     assert attribute_neurons(gpt2, tight, 5, steps=3).path == "blockwise"
     assert attribute_neurons(gpt2, torch.cat([tight, tight[:1]]), 5, steps=3).path == "kv-hooked"  # one less
@@ -1112,11 +1158,11 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions():
     edge = attribute_neurons(gpt2, long[1:], 5, steps=3, fast_path="blockwise")  # room for 1: rows of n_ctx
     assert edge.path == "blockwise"
     assert _rel(edge.scores, attribute_neurons(gpt2, long[1:], 5, steps=3, fast_path="kv").scores) <= 1e-9
-    assert ig_module._rows_layout_ok(gpt2)
+    assert hooked_rows_mod.rows_layout_ok(gpt2)
 
     def fake(**over):
         cfg = dict(positional_embedding_type="standard", attention_dir="causal", attn_types=None) | over
-        return SimpleNamespace(cfg=SimpleNamespace(**cfg))  # no model to probe: decided by the config
+        return _FakeModel(cfg=SimpleNamespace(**cfg))  # no model to probe: decided by the config
 
     for over in (
         {"positional_embedding_type": "rotary"},
@@ -1125,7 +1171,7 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions():
         {"attn_types": ["global", "local"]},
         {"attention_dir": "bidirectional"},
     ):
-        assert not ig_module._rows_layout_ok(fake(**over)), over
+        assert not hooked_rows_mod.rows_layout_ok(fake(**over)), over
 
 
 # ------------------------------------------------------------------------------------------------
@@ -1137,7 +1183,9 @@ def _slow_warnings(caplog) -> list[str]:
     return [
         r.getMessage()
         for r in caplog.records
-        if r.levelno == logging.WARNING and r.name == "qloc_tl.methods.attribution.ig" and "runs the slower" in r.getMessage()
+        if r.levelno == logging.WARNING
+        and r.name.startswith("qloc_tl.methods.attribution")
+        and "runs the slower" in r.getMessage()
     ]
 
 
@@ -1159,7 +1207,7 @@ def test_failed_kv_probe_falls_back_with_one_warning_per_model(monkeypatch, capl
     with monkeypatch.context() as mp:
         mp.setattr(model_mod, "hooked_kv_cache", stale)
         assert capabilities(model).kv_cache is None  # probed once, remembered for the model
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
         r1 = attribute_neurons(model, PROMPTS, ANSWERS, steps=4)
         r2 = attribute_neurons(model, PROMPTS[:1], ANSWERS[:1], steps=4)
     assert r1.path == r2.path == "full"
@@ -1171,7 +1219,7 @@ def test_failed_kv_probe_falls_back_with_one_warning_per_model(monkeypatch, capl
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
     caplog.clear()
     healthy = tiny_model("llama", dtype=torch.float64)
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
         assert attribute_neurons(healthy, PROMPTS, ANSWERS, steps=4).path == "kv-hooked"
     assert _slow_warnings(caplog) == []
 
@@ -1183,7 +1231,7 @@ def test_user_hooks_slower_path_is_warned_once_per_model(arch, caplog):
     the hook, on the normal path, gives none."""
     model = tiny_model(arch, source="hf", dtype=torch.float64)  # fresh: warnings are once per model
     hook = [("blocks.1.hook_mlp_out", lambda t, hook: 0.5 * t)]
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
         plain = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
         assert _slow_warnings(caplog) == []
         with model.hooks(fwd_hooks=hook):
@@ -1214,7 +1262,7 @@ def test_smollm2_fast_path_is_prefix_reusing_and_equals_the_reference(smollm2_mo
         top = [int(m(m.to_tokens(p))[0, -1].argmax()) for p in SMOL_PROMPTS]
     assert [m.to_tokens(p).shape[1] for p in SMOL_PROMPTS] == [16, 16]
     kw = dict(steps=3, layers=[0, 15, 29])
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution.ig"):
+    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
         fast = attribute_neurons(m, SMOL_PROMPTS, SMOL_ANSWERS, **kw)
     assert fast.answer_ids.tolist() == top  # the model knows these facts
     assert fast.path == ("kv-hooked" if tl_major() < 4 else "blockwise")

@@ -17,6 +17,7 @@ from conftest import TL_MAJOR
 
 import qloc_tl as q
 from qloc_tl.core import errors as E
+from qloc_tl.methods.consistency_score import cs_threshold
 from qloc_tl.zoo.tiny import tiny_model
 
 MODEL = None
@@ -142,7 +143,7 @@ CASES = [
     Case("method-unknown", "unknown attribution method", _attr(method="lrp"), E.InvalidInputError, "method must be one of"),
     Case("rule-unknown", "unknown quadrature rule", _attr(rule="simpson"), E.InvalidInputError, "rule must be one of"),
     Case("threshold-unknown", "unknown threshold kind", lambda t: __import__("qloc_tl.methods.attribution", fromlist=["x"]).select_neurons(torch.zeros(2, 3), method="median"), E.InvalidInputError, "unknown selection method 'median'"),
-    Case("cs-threshold-unknown", "unknown CS threshold kind", lambda t: q.experiments.consistency.cs_threshold([0.1], "median"), E.InvalidInputError, "threshold kind must be"),
+    Case("cs-threshold-unknown", "unknown CS threshold kind", lambda t: cs_threshold([0.1], "median"), E.InvalidInputError, "threshold kind must be"),
     Case("steps-zero", "steps <= 0", _attr(steps=0), E.InvalidInputError, "steps must be a positive int, got 0"),
     Case("batch-zero", "batch size <= 0", _attr(batch_size=0), E.InvalidInputError, "batch_size must be a positive int"),
     Case("no-tokenizer", "model without a tokenizer given strings", _no_tokenizer, E.InvalidInputError, "no tokenizer"),

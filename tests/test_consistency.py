@@ -11,18 +11,15 @@ import pytest
 from scipy import stats
 
 from qloc_tl import Fact, InvalidInputError, Neuron, ResumeMismatchError
-from qloc_tl.experiments.consistency import (
-    ConsistencyConfig,
-    bootstrap_proportion_ci,
-    class_statistics,
-    consistency_score,
-    cs_threshold,
+from qloc_tl.core.stats import bootstrap_proportion_ci
+from qloc_tl.experiments.consistency import ConsistencyConfig, run_consistency
+from qloc_tl.methods.attribution import attribute_neurons
+from qloc_tl.methods.consistency_score import class_statistics, consistency_score, cs_threshold, split_facts
+from qloc_tl.reporting.consistency_plots import (
     plot_cs_histogram,
     plot_fact_heatmap,
     plot_relation_ki,
     plot_threshold_sweep,
-    run_consistency,
-    split_facts,
 )
 from qloc_tl.zoo.tiny import tiny_model
 
@@ -238,7 +235,9 @@ def test_figures(model, full_result, tmp_path):
     for fn, name in [(plot_cs_histogram, "h"), (plot_relation_ki, "r"), (plot_threshold_sweep, "s")]:
         fig = fn(full_result, path=tmp_path / f"{name}.png")
         assert (tmp_path / f"{name}.png").stat().st_size > 1000 and fig.axes
-    fig = plot_fact_heatmap(model, FACTS[0], steps=4, path=tmp_path / "heat.png")
+    fact = FACTS[0]
+    attribution = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.queries), steps=4)
+    fig = plot_fact_heatmap(attribution, fact, path=tmp_path / "heat.png")
     ax = fig.axes[0]
     assert len(ax.get_yticklabels()) == 3 and (tmp_path / "heat.png").is_file()
 
@@ -261,14 +260,14 @@ def test_fact_heatmap_colour_scale_ignores_an_outlier_query():
     scores[7, 0, 0], scores[7, 0, 1] = -5.8, -4.0  # query 7 (max 1.0) at two of query 0's KNs
     fact = SimpleNamespace(queries=[SimpleNamespace(text=f"q{i}") for i in range(Q)], subject="s", object="o",
                            relation="P0", prompts=[f"q{i}" for i in range(Q)], answer="o")  # fmt: skip
-    fig = plot_fact_heatmap(None, fact, attribution=SimpleNamespace(scores_batched=scores), max_neurons=40)
+    fig = plot_fact_heatmap(SimpleNamespace(scores_batched=scores), fact, max_neurons=40)
     im = fig.axes[0].images[0]
     drawn = np.asarray(im.get_array())
     assert drawn.shape == (8, 40) and drawn.min() == pytest.approx(-5.8)
     want = np.percentile(np.abs(drawn), 99)
     assert im.get_clim() == pytest.approx((-want, want)) and want <= 1.0
     assert im.colorbar.extend == "both"
-    full = plot_fact_heatmap(None, fact, attribution=SimpleNamespace(scores_batched=scores), percentile=None)
+    full = plot_fact_heatmap(SimpleNamespace(scores_batched=scores), fact, percentile=None)
     assert full.axes[0].images[0].get_clim() == pytest.approx((-5.8, 5.8))
 
 
@@ -293,28 +292,28 @@ def _write_consistency_tables(out, kc, ki):
 def test_consistency_claims_need_enough_facts_per_class(tmp_path):
     import re
 
-    from qloc_tl.reporting import report
+    from qloc_tl.reporting import claims
 
     rng = np.random.default_rng(3)
     # below the minimum (20): 25 K_C, 5 K_I
     kc, ki = rng.uniform(0.4, 1.0, 25), rng.uniform(0.0, 0.29, 5)
     _write_consistency_tables(tmp_path, kc, ki)
-    (share, s1), (welch, s2) = report.claim_verdicts(tmp_path)[:2]
-    assert s1["status"] != report.TOO_FEW  # 30 facts in all: the K_I share gets a verdict
+    (share, s1), (welch, s2) = claims.claim_verdicts(tmp_path)[:2]
+    assert s1["status"] != claims.TOO_FEW  # 30 facts in all: the K_I share gets a verdict
     assert "n = 30 facts" in s1["evidence"]
     assert s2["status"] == "too few facts" and "K_I n=5" in s2["evidence"] and "K_C n=25" in s2["evidence"]
     # the minimum can be lowered per call and for the session
-    assert report.claim_verdicts(tmp_path, min_facts=5)[1][1]["status"] == "supported"
-    old = report.MIN_FACTS_PER_CLASS
+    assert claims.claim_verdicts(tmp_path, min_facts=5)[1][1]["status"] == "supported"
+    old = claims.MIN_FACTS_PER_CLASS
     try:
-        report.MIN_FACTS_PER_CLASS = 31
-        assert report.claim_verdicts(tmp_path)[0][1]["status"] == "too few facts"
+        claims.MIN_FACTS_PER_CLASS = 31
+        assert claims.claim_verdicts(tmp_path)[0][1]["status"] == "too few facts"
     finally:
-        report.MIN_FACTS_PER_CLASS = old
+        claims.MIN_FACTS_PER_CLASS = old
     # above the minimum: a real verdict, with n and the Welch CI of the mean-CS difference (oracle: scipy)
     kc, ki = rng.uniform(0.4, 1.0, 24), rng.uniform(0.0, 0.29, 21)
     st = _write_consistency_tables(tmp_path, kc, ki)
-    share, welch = (v for _, v in report.claim_verdicts(tmp_path)[:2])
+    share, welch = (v for _, v in claims.claim_verdicts(tmp_path)[:2])
     assert welch["status"] == "supported"
     assert "K_C n=24, K_I n=21" in welch["evidence"]
     lo, hi = stats.ttest_ind(kc, ki, equal_var=False).confidence_interval(0.95)

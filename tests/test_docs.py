@@ -4,19 +4,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import pkgutil
 from pathlib import Path
 
 import pytest
 
-MODULES = [
-    "qloc_tl", "qloc_tl.core.identities", "qloc_tl.core.hooks", "qloc_tl.core.model", "qloc_tl.data.facts", "qloc_tl.methods.attribution",
-    "qloc_tl.methods.attribution.quadrature", "qloc_tl.methods.attribution.selection", "qloc_tl.methods.attribution.unembed",
-    "qloc_tl.methods.attribution.fused", "qloc_tl.methods.attribution.layout",
-    "qloc_tl.experiments.consistency", "qloc_tl.experiments.mapping", "qloc_tl.methods.synapses", "qloc_tl.experiments.dynamic", "qloc_tl.methods.tracing",
-    "qloc_tl.reporting.views", "qloc_tl.experiments.query_localization", "qloc_tl.experiments.editing", "qloc_tl.zoo", "qloc_tl.data.datasets",
-    "qloc_tl.zoo.loading", "qloc_tl.core.store", "qloc_tl.zoo.tiny", "qloc_tl.core.errors", "qloc_tl.reporting.report", "qloc_tl.cli",
-    "qloc_tl.methods.known", "qloc_tl.zoo.smollm2", "qloc_tl.experiments.strength", "qloc_tl.methods.completeness", "qloc_tl.experiments.specificity",
-]  # fmt: skip
+import qloc_tl
+
+# every module of the package, found by walking it (a new module is checked without being listed here)
+MODULES = ["qloc_tl"] + sorted(m.name for m in pkgutil.walk_packages(qloc_tl.__path__, "qloc_tl.") if not m.name.endswith("__main__"))
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,4 +1,4 @@
-"""Knowledge editing (qloc_tl.experiments.editing) against independent oracles, on every backend of the installed TL major.
+"""Knowledge editing (qloc_tl.core.edits, methods.cas / edit_metrics, experiments.editing) against independent oracles, on every backend of the installed TL major.
 
 Oracles used:
 * weight edits: TL's own ``blocks[l].mlp.W_out`` accessor and full ``state_dict`` / parameter comparisons;
@@ -28,27 +28,19 @@ from qloc_tl import (
     run_with_interventions,
     scale_neurons,
 )
+from qloc_tl.core.edits import apply_erase, apply_update, erase, token_vector, update, value_rows
 from qloc_tl.experiments.editing import (
     EditingConfig,
     EditingResult,
-    apply_erase,
-    apply_update,
-    cas_scores,
-    classify_facts,
-    edit_metrics,
-    erase,
     fact_attributions,
-    fact_neuron_sets,
-    last_token_logprobs,
-    perplexity,
-    plot_editing,
+    kn_sets_from_attributions,
     run_editing_experiment,
-    select_by_cas,
-    select_cas,
-    token_vector,
-    update,
-    value_rows,
 )
+from qloc_tl.methods.cas import cas_scores, fact_neuron_sets, select_by_cas, select_cas
+from qloc_tl.methods.consistency_score import classify_facts
+from qloc_tl.methods.edit_metrics import edit_metrics, last_token_logprobs, perplexity
+from qloc_tl.reporting.claims import editing_claims
+from qloc_tl.reporting.editing_plots import plot_editing
 from qloc_tl.zoo.tiny import tiny_model
 
 TOKENS = torch.tensor([[0, 17, 9, 10, 25, 4]])
@@ -497,7 +489,7 @@ def test_runner_rows_match_direct_recomputation(gpt2_model, tmp_path):
         and res.rows.groupby(["fact_key", "method", "edit"]).size().max() == 1
     )
     # class split = consistency_score of the per-query sets vs 0.3 (independent: select by hand here)
-    from qloc_tl.experiments.consistency import consistency_score
+    from qloc_tl.methods.consistency_score import consistency_score
 
     for f in facts:
         s = attrs[f.key]
@@ -624,8 +616,8 @@ def test_runner_with_attribute_neurons(gpt2_model):
 
 
 def test_classify_facts_matches_consistency_split(gpt2_model):
-    from qloc_tl.experiments.consistency import consistency_score
     from qloc_tl.methods.attribution.selection import otsu_threshold
+    from qloc_tl.methods.consistency_score import consistency_score
 
     facts = _facts()
     attrs = _attributions(gpt2_model, facts)
@@ -637,13 +629,13 @@ def test_classify_facts_matches_consistency_split(gpt2_model):
             for j in range(len(s))
         ]
         cs.append(consistency_score(sets))
-    static = classify_facts(attrs)
-    assert static.threshold == 0.3
+    static = classify_facts(kn_sets_from_attributions(attrs))
+    assert static.tau == 0.3
     assert static.classes == {f.key: ("K_C" if c >= 0.3 else "K_I") for f, c in zip(facts, cs)}
     assert static.cs == pytest.approx(dict(zip([f.key for f in facts], cs)))
-    otsu = classify_facts(attrs, threshold="otsu")
+    otsu = classify_facts(kn_sets_from_attributions(attrs), threshold="otsu")
     tau = otsu_threshold(np.array(cs))
-    assert otsu.threshold == pytest.approx(tau)
+    assert otsu.tau == pytest.approx(tau)
     assert otsu.classes == {f.key: ("K_C" if c >= tau else "K_I") for f, c in zip(facts, cs)}
     # fact_attributions -> the runner uses them as given, with no second attribution
     pytest.importorskip("qloc_tl.methods.attribution")
@@ -652,14 +644,13 @@ def test_classify_facts_matches_consistency_split(gpt2_model):
     got = fact_attributions(gpt2_model, small, config=cfg)
     assert set(got) == {f.key for f in small} and got[small[0].key].shape == (3, 3, 128)
     res = run_editing_experiment(
-        gpt2_model, small, config=cfg, attributions=got, classes=classify_facts(got).classes, known_only=False
+        gpt2_model, small, config=cfg, attributions=got, known_only=False,
+        classes=classify_facts(kn_sets_from_attributions(got)).classes,
     )
     assert len(res.rows) == 2
 
 
 def test_claims_from_a_hand_made_table(tmp_path):
-    from qloc_tl.experiments.editing import claims
-
     rows = []
     # erase: K_I generalises worse everywhere; N_i Gen < Rel and < N_u Gen; N_u worst Loc; CAS best Avg
     for cls, gshift in (("K_C", 0.0), ("K_I", -0.2)):
@@ -668,17 +659,17 @@ def test_claims_from_a_hand_made_table(tmp_path):
                              avg=(rel + gen + gshift + loc) / 3, ppl_rel_delta=0.5 if m == "N_u" else 0.1))  # fmt: skip
     pd.DataFrame(rows).to_parquet(tmp_path / "editing_table.parquet")
     # 10 facts per class is below the default minimum (20): no verdict, the counts are given
-    low = claims(tmp_path)
+    low = editing_claims(tmp_path)
     assert {st for _, st, _ in low} == {"too few facts"}
     assert "erase/N_i K_I n=10, K_C n=10" in low[0][2] and "≥ 20 facts" in low[0][2]
-    got = {c: (st, ev) for c, st, ev in claims(tmp_path, min_facts=10)}
+    got = {c: (st, ev) for c, st, ev in editing_claims(tmp_path, min_facts=10)}
     assert [st for st, _ in got.values()] == ["supported"] * 4
     assert all("CI n/a" in ev for _, ev in got.values())  # no editing_rows: no CI
     # CAS no longer best in K_I -> partial; no table -> not run
     rows[5]["avg"] = 0.1
     pd.DataFrame(rows).to_parquet(tmp_path / "editing_table.parquet")
-    assert claims(tmp_path, min_facts=10)[3][1] == "partial"
-    assert {st for _, st, _ in claims(tmp_path / "missing")} == {"not run"}
+    assert editing_claims(tmp_path, min_facts=10)[3][1] == "partial"
+    assert {st for _, st, _ in editing_claims(tmp_path / "missing")} == {"not run"}
 
 
 def test_claims_give_n_and_bootstrap_ci_from_fact_rows(tmp_path):
@@ -687,7 +678,7 @@ def test_claims_give_n_and_bootstrap_ci_from_fact_rows(tmp_path):
     0.5 / 0.7 (13 / 12 facts), so the mean's sampling sd is sd/√n and the CI ≈ mean ± 1.96·sd/√n."""
     import re
 
-    from qloc_tl.experiments.editing import claims, summarize
+    from qloc_tl.experiments.editing import summarize
 
     rows = []
     for cls, n, gens in (("K_C", 25, (0.5, 0.7)), ("K_I", 22, (0.2, 0.2))):
@@ -701,7 +692,7 @@ def test_claims_give_n_and_bootstrap_ci_from_fact_rows(tmp_path):
     rows = pd.DataFrame(rows)
     rows.to_parquet(tmp_path / "editing_rows.parquet")
     summarize(rows, EditingConfig(edits=("erase",))).to_parquet(tmp_path / "editing_table.parquet")
-    got = claims(tmp_path)
+    got = editing_claims(tmp_path)
     assert [st for _, st, _ in got] == ["supported"] * 4
     ev = got[0][2]  # Gen K_I < Gen K_C per method
     m = re.search(r"erase/CAS Gen K_I 0\.20 \(n=22, 95% CI \[0\.20, 0\.20\]\) vs K_C 0\.60 \(n=25, 95% CI \[([0-9.]+), ([0-9.]+)\]\)", ev)
@@ -714,7 +705,7 @@ def test_claims_give_n_and_bootstrap_ci_from_fact_rows(tmp_path):
     few = rows[~rows["fact_key"].isin([f"K_I{f}" for f in range(5, 22)])]  # 5 K_I facts left
     few.to_parquet(tmp_path / "editing_rows.parquet")
     summarize(few, EditingConfig(edits=("erase",))).to_parquet(tmp_path / "editing_table.parquet")
-    got = claims(tmp_path)
+    got = editing_claims(tmp_path)
     assert got[0][1] == "too few facts" and "K_I n=5, K_C n=25" in got[0][2]
     assert got[1][1] == "supported" and "too few facts (< 20) in: erase/K_I n=5" in got[1][2]
 

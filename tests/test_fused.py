@@ -1,4 +1,4 @@
-"""The fused tanh-GELU and layer norms of the fast attribution paths (``qloc_tl.methods.attribution.fused``).
+"""The fused tanh-GELU and layer norms of the fast attribution paths (``qloc_tl.methods.attribution.engines.fused``).
 
 Oracles: the GELU formula written out in NumPy (values) and its hand-derived derivative (gradients); the
 identity of the model's own activation objects before and after (restoration, also on error); the number
@@ -16,8 +16,8 @@ from torch import nn
 
 from qloc_tl.core.model import tl_major
 from qloc_tl.methods.attribution import attribute_neurons
-from qloc_tl.methods.attribution import fused as fused_module
-from qloc_tl.methods.attribution.fused import (
+from qloc_tl.methods.attribution.engines import fused as fused_module
+from qloc_tl.methods.attribution.engines.fused import (
     FusedGELUTanh,
     fused_activations,
     fused_gelu_tanh,

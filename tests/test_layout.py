@@ -1,4 +1,4 @@
-"""Matmul-ready weight layouts of the fast attribution paths (``qloc_tl.methods.attribution.layout``).
+"""Matmul-ready weight layouts of the fast attribution paths (``qloc_tl.methods.attribution.engines.layout``).
 
 Oracles: the model's own logits and attributions without the context (bitwise equality: the same numbers
 multiplied in the same order); the parameters' values, shapes and strides read directly; the identity and
@@ -17,8 +17,8 @@ import torch
 from qloc_tl.core.model import tl_major
 from qloc_tl.methods.attribution import attribute_neurons
 from qloc_tl.methods.attribution import ig as ig_module
-from qloc_tl.methods.attribution import layout as layout_module
-from qloc_tl.methods.attribution.layout import matmul_ready_weights
+from qloc_tl.methods.attribution.engines import layout as layout_module
+from qloc_tl.methods.attribution.engines.layout import matmul_ready_weights
 from qloc_tl.zoo.tiny import tiny_model
 
 TL3 = pytest.mark.skipif(tl_major() >= 4, reason="TL 4 bridges have none of TL 3's components")

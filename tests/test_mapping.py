@@ -21,10 +21,8 @@ import qloc_tl.experiments.query_localization as ql_mod
 from qloc_tl import Fact, Neuron
 from qloc_tl.core.errors import InvalidInputError, ResumeMismatchError
 from qloc_tl.core.model import answer_token_id
-from qloc_tl.experiments.consistency import consistency_score
 from qloc_tl.experiments.mapping import (
     SET_NAMES,
-    classify_facts,
     measure_query_kn_mapping,
     query_neuron_sets,
     random_matched_neurons,
@@ -32,6 +30,7 @@ from qloc_tl.experiments.mapping import (
     summarize_mapping,
 )
 from qloc_tl.experiments.query_localization import QLConfig, run_query_localization
+from qloc_tl.methods.consistency_score import classify_facts, consistency_score
 from qloc_tl.zoo.tiny import tiny_model
 
 N = Neuron
@@ -132,7 +131,7 @@ def test_random_matched_neurons_counts_and_exclusion():
 
 
 def test_classify_facts_matches_consistency_score():
-    classes, cs, tau = classify_facts(KNS, cs_threshold=0.3)
+    classes, cs, tau = classify_facts(KNS, threshold=0.3)
     for key, sets in KNS.items():
         want = consistency_score([set(s) for s in sets])
         assert cs[key] == pytest.approx(want)
@@ -257,7 +256,7 @@ CFG = QLConfig(ks_steps=2, n_bootstrap=20, chunk_size=1, kn_steps=2)
 
 def test_runner_tables_and_classes(gpt2, tmp_path):
     res = run_query_localization(gpt2, FACTS, config=CFG, kn_sets=KNS, out_dir=tmp_path / "run", known_only=False)
-    classes, cs, _ = classify_facts(KNS, cs_threshold=CFG.cs_threshold)
+    classes, cs, _ = classify_facts(KNS, threshold=CFG.cs_threshold)
     assert res.classes == classes
     assert res.facts["cs"].tolist() == pytest.approx([cs[f.key] for f in FACTS])
     assert set(res.mapping.columns) >= {"class", "set", "op", "mean_of_ratios", "ratio_of_means", "mean_dprob"}

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from qloc_tl import Neuron, intervene, scale_neurons
-from qloc_tl.experiments.consistency import consistency_score
+from qloc_tl.methods.consistency_score import consistency_score
 from qloc_tl.zoo.tiny import tiny_model
 
 neurons = st.builds(Neuron, st.integers(0, 3), st.integers(0, 7))
@@ -91,7 +91,7 @@ def test_ig_completeness_delta_shrinks_with_steps_on_average(model64, seed):
 @given(st.lists(st.tuples(st.integers(0, 2), st.integers(0, 127)), min_size=1, max_size=6, unique=True),
        st.sampled_from(["erase", "update"]))
 def test_edits_are_exact_inverses(hf_model64, idx, kind):
-    from qloc_tl.experiments.editing import apply_erase, apply_update
+    from qloc_tl.core.edits import apply_erase, apply_update
 
     model = hf_model64
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -18,10 +18,12 @@ import torch
 from conftest import TL_MAJOR, assert_params_identical, param_snapshot, registered_hooks
 
 import qloc_tl.core.hooks as hooks_mod
+import qloc_tl.methods.attribution.engines.synapses as fast_syn
 import qloc_tl.methods.synapses as syn_mod
 from qloc_tl import Fact, Head, Neuron, Synapse
 from qloc_tl.core.errors import CapabilityError, InvalidInputError
 from qloc_tl.core.model import answer_token_id
+from qloc_tl.core.stats import derive_seed
 from qloc_tl.experiments.dynamic import (
     dynamic_kn_selection,
     enh_vs_sup,
@@ -29,7 +31,7 @@ from qloc_tl.experiments.dynamic import (
     measure_dynamic_selection,
     summarize_dynamic,
 )
-from qloc_tl.experiments.mapping import derive_seed, random_matched_neurons
+from qloc_tl.experiments.mapping import random_matched_neurons
 from qloc_tl.methods.synapses import find_synapses, select_synapses, synapse_columns
 from qloc_tl.zoo.tiny import tiny_model
 
@@ -128,6 +130,7 @@ def test_attattr_leaves_model_unchanged_on_error(gpt2, monkeypatch):
         return real(*a, **k)
 
     monkeypatch.setattr(syn_mod, "answer_probability", boom)
+    monkeypatch.setattr(fast_syn, "answer_probability", boom)
     with pytest.raises(RuntimeError, match="injected"):
         find_synapses(gpt2, PROMPT, ANSWER, steps=2)
     assert registered_hooks(gpt2) == 0
@@ -502,11 +505,11 @@ def test_fast_attattr_falls_back_without_kv_path(caplog, monkeypatch):
     """A HookedTransformer-style backend whose KV-cache probe failed has no fast path: the batched engine
     runs, with one warning that names the probe's reason."""
     model = tiny_model("llama", source="hf")
-    caps = syn_mod.capabilities(model)
+    caps = fast_syn.capabilities(model)
     fake = SimpleNamespace(
         **{**caps.__dict__, "backend": "hooked", "kv_cache": None, "notes": ("kv_cache: probe refused",)}
     )
-    monkeypatch.setattr(syn_mod, "capabilities", lambda model: fake)
+    monkeypatch.setattr(fast_syn, "capabilities", lambda model: fake)
     _assert_fallback_equals_batched(model, caplog, "kv_cache: probe refused")
 
 
@@ -515,7 +518,7 @@ def test_fast_attattr_validation_failure_falls_back_and_is_remembered(caplog, mo
     off) is caught by the first pass's validation; the call and later calls run the batched engine."""
     model = tiny_model("gpt2", source="hf")
     if TL_MAJOR < 4:
-        real = syn_mod._KVRows._cache
+        real = fast_syn.KVRows._cache
 
         def shifted(self, j, R):  # the prefix's keys and values without their first position
             c = real(self, j, R)
@@ -523,18 +526,18 @@ def test_fast_attattr_validation_failure_falls_back_and_is_remembered(caplog, mo
             e.past_keys, e.past_values = e.past_keys[:, 1:], e.past_values[:, 1:]
             return c
 
-        monkeypatch.setattr(syn_mod._KVRows, "_cache", shifted)
+        monkeypatch.setattr(fast_syn.KVRows, "_cache", shifted)
     else:
-        real = syn_mod._PackedRows.layout
+        real = fast_syn.PackedRows.layout
 
         def shifted(self, B, r):
             seq, mask, pos = real(self, B, r)
             return seq, mask, pos + 1
 
-        monkeypatch.setattr(syn_mod._PackedRows, "layout", shifted)
+        monkeypatch.setattr(fast_syn.PackedRows, "layout", shifted)
     runs = []
-    orig_run = syn_mod._attattr_fast_run
-    monkeypatch.setattr(syn_mod, "_attattr_fast_run", lambda *a, **k: runs.append(1) or orig_run(*a, **k))
+    orig_run = fast_syn.attattr_fast_run
+    monkeypatch.setattr(fast_syn, "attattr_fast_run", lambda *a, **k: runs.append(1) or orig_run(*a, **k))
     _assert_fallback_equals_batched(model, caplog, "differ from the full forward")
     assert len(runs) == 1  # the second call went straight to the batched engine
 
@@ -546,7 +549,7 @@ def test_fast_attattr_leaves_model_unchanged_when_the_fast_forward_raises(monkey
     next(iter(model.parameters())).requires_grad_(False)  # a mixed set of flags, restored as it was
     flags = [p.requires_grad for p in model.parameters()]
     snap = param_snapshot(model)
-    cls = syn_mod._KVRows if TL_MAJOR < 4 else syn_mod._PackedRows
+    cls = fast_syn.KVRows if TL_MAJOR < 4 else fast_syn.PackedRows
     real = cls.run
 
     def boom(self, layer_of, factors, check):

@@ -8,9 +8,9 @@ import torch
 
 from qloc_tl.core.model import tl_major
 from qloc_tl.methods.attribution import attribute_neurons
-from qloc_tl.methods.attribution import ig as ig_module
-from qloc_tl.methods.attribution import unembed as unembed_module
-from qloc_tl.methods.attribution.unembed import (
+from qloc_tl.methods.attribution.engines import grouped as grouped_mod
+from qloc_tl.methods.attribution.engines import unembed as unembed_module
+from qloc_tl.methods.attribution.engines.unembed import (
     answer_objective,
     answer_objective_and_logits,
     linear_unembedding,
@@ -174,8 +174,8 @@ def test_grouped_fast_path_uses_the_sweep_on_cpu_and_equals_reference(monkeypatc
     source = "native" if tl_major() < 4 else "hf"
     model = tiny_model("gpt2", source=source, dtype=torch.float64)
     calls = []
-    real = ig_module.answer_objective_and_logits
-    monkeypatch.setattr(ig_module, "answer_objective_and_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = grouped_mod.answer_objective_and_logits
+    monkeypatch.setattr(grouped_mod, "answer_objective_and_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     prompts, answers = ["alice was born in", "bob speaks"], ["paris", "french"]
     for objective in ("prob", "logprob"):
         ref = attribute_neurons(model, prompts, answers, steps=4, objective=objective, implementation="reference")

@@ -116,7 +116,6 @@ def test_plots_draw_the_numbers():
     arr = np.asarray(fig.axes[0].images[0].get_array())
     assert arr.tolist() == [[0.0, 0.375], [0.125, 0.5], [0.25, 0.625]]
     assert [t.get_text() for t in fig.axes[0].get_yticklabels()] == ["<s>", "alice*", "was"]
-    assert _trace().plot("mlp") is not None
 
 
 def test_robust_limits_ignore_an_outlier_row():
@@ -162,12 +161,12 @@ def _props(html: str) -> dict:
 
 def test_synapse_heads_view_and_offline_html(tmp_path):
     pytest.importorskip("circuitsvis")
-    from qloc_tl.methods.synapses import find_synapses
+    from qloc_tl.methods.synapses import find_synapses, synapse_patterns
     from qloc_tl.zoo.tiny import tiny_model
 
     model = tiny_model("gpt2")
     res = find_synapses(model, "alice was born in the city of", " paris", method="raw", exclude_keys=(0,))
-    view = synapse_heads_view(model, res, max_heads=3)
+    view = synapse_heads_view(res, synapse_patterns(model, res, max_heads=3))
     props = _props(view.local_src)
     assert len(props["attentionHeadNames"]) == 3
     heads = [Head(int(n[1 : n.index("H")]), int(n[n.index("H") + 1 :])) for n in props["attentionHeadNames"]]

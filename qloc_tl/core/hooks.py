@@ -44,7 +44,7 @@ from torch import Tensor
 from qloc_tl.core.errors import CapabilityError, HookNotFiredError, InvalidInputError
 from qloc_tl.core.identities import Head, Neuron
 from qloc_tl.core.model import (
-    SITES,
+    TLModel,
     capabilities,
     check_layer,
     check_model,
@@ -52,6 +52,7 @@ from qloc_tl.core.model import (
     d_mlp,
     n_heads,
 )
+from qloc_tl.core.validation import as_neurons, validate_neurons
 
 logger = logging.getLogger(__name__)
 
@@ -78,23 +79,6 @@ class HookList(list):
     def __add__(self, other: Iterable[tuple[str, Any]]) -> HookList:  # type: ignore[override]
         return HookList(list(self) + list(other))
 
-
-def _as_neurons(neurons: Iterable[Neuron] | Neuron) -> list[Neuron]:
-    if isinstance(neurons, Neuron):
-        return [neurons]
-    if isinstance(neurons, (str, bytes)):
-        raise InvalidInputError(f"neurons must be Neuron objects, got a string {neurons!r}")
-    out = []
-    for n in neurons:
-        if isinstance(n, Neuron):
-            out.append(n)
-        elif isinstance(n, (tuple, list)) and len(n) == 2:
-            out.append(Neuron(*n))
-        else:
-            raise InvalidInputError(f"expected Neuron(layer, index) or a (layer, index) pair, got {n!r}")
-    if not out:
-        raise InvalidInputError("empty neuron list: give at least one Neuron(layer, index)")
-    return out
 
 
 def _check_positions(positions: Positions) -> tuple[int, ...] | None:
@@ -248,44 +232,34 @@ def _check_value(value: Any, what: str) -> None:
 
 def _neuron_hooks(
     neurons: Iterable[Neuron] | Neuron,
-    value: FactorLike,
+    value: FactorLike | Any,  # checked by _check_value (InvalidInputError)
     mode: str,
     positions: Positions,
     site: str,
     row_positions: Tensor | None,
-    model: Any,
+    model: TLModel | None,
 ) -> HookList:
     suffix = check_site(site)
     _check_value(value, "factor" if mode == "scale" else "values")
-    ns = _as_neurons(neurons)
+    ns = as_neurons(neurons)
     pos = _check_positions(positions)
     if model is not None:
-        _validate_neurons(model, ns, site)
+        validate_neurons(model, ns, site)
     hooks = HookList()
     for layer, (idx, v) in sorted(_group(ns, value).items()):
         hooks.append((f"blocks.{layer}.{suffix}", NeuronHook(layer, idx, v, mode, pos, row_positions)))
     return hooks
 
 
-def _validate_neurons(model: Any, neurons: Sequence[Neuron], site: str) -> None:
-    width = d_mlp(model)
-    for n in neurons:
-        check_layer(model, n.layer, what=f"layer of {n!r}")
-        if n.index >= width:
-            raise InvalidInputError(f"neuron index of {n!r} is out of range: d_mlp={width}")
-        name = f"blocks.{n.layer}.{SITES[site]}"
-        if name not in model.hook_dict:
-            raise InvalidInputError(f"model has no hook {name!r} for site {site!r}")
-
 
 def scale_neurons(
     neurons: Iterable[Neuron] | Neuron,
-    factor: FactorLike,
+    factor: FactorLike | Any,  # checked: a number or a tensor (InvalidInputError)
     *,
     positions: Positions = -1,
     site: str = "post",
     row_positions: Tensor | None = None,
-    model: Any = None,
+    model: TLModel | None = None,
 ) -> HookList:
     """Multiply the given neurons' activations by ``factor`` at ``positions``.
 
@@ -313,12 +287,12 @@ def scale_neurons(
 
 def set_neurons(
     neurons: Iterable[Neuron] | Neuron,
-    values: FactorLike,
+    values: FactorLike | Any,  # checked: a number or a tensor (InvalidInputError)
     *,
     positions: Positions = -1,
     site: str = "post",
     row_positions: Tensor | None = None,
-    model: Any = None,
+    model: TLModel | None = None,
 ) -> HookList:
     """Overwrite the given neurons' activations with ``values`` (a scalar or one value per neuron).
 
@@ -393,14 +367,14 @@ class AttentionHook(CountingHook):
 
 def scale_attention(
     heads: Iterable[Head] | Head,
-    factor: FactorLike,
+    factor: FactorLike | Any,  # checked: a number or a tensor (InvalidInputError)
     *,
     query_positions: Positions = -1,
     key_positions: Positions = None,
     renormalize: bool = False,
     target: str = "pattern",
     row_positions: Tensor | None = None,
-    model: Any = None,
+    model: TLModel | None = None,
 ) -> HookList:
     """Scale attention entries of ``heads`` at (query row, key column) positions by ``factor``.
 
@@ -488,7 +462,7 @@ def record_neurons(
     return HookList((f"blocks.{int(l)}.{suffix}", _Recorder(store, int(l), detach)) for l in layers)
 
 
-def _validate_hooks(model: Any, hooks: Sequence[tuple[str, Any]]) -> None:
+def _validate_hooks(model: TLModel, hooks: Sequence[tuple[str, Any]]) -> None:
     need_pattern = need_scores = False
     for item in hooks:
         if not (isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], str) and callable(item[1])):
@@ -525,7 +499,12 @@ def _validate_hooks(model: Any, hooks: Sequence[tuple[str, Any]]) -> None:
 
 
 @contextlib.contextmanager
-def intervene(model: Any, hooks: Sequence[tuple[str, Any]], *, require_fired: bool = True) -> Iterator[Any]:
+def intervene(
+    model: TLModel | Any,  # anything else: check_model raises UnsupportedModelError
+    hooks: Sequence[tuple[str, Any]],
+    *,
+    require_fired: bool = True,
+) -> Iterator[Any]:
     """Context in which ``hooks`` are active on ``model``; every hook is removed on exit, even on error.
 
     Before entering, hook names and indices are validated and attention edits are refused on backends that
@@ -557,7 +536,7 @@ def intervene(model: Any, hooks: Sequence[tuple[str, Any]], *, require_fired: bo
 
 
 def run_with_interventions(
-    model: Any, inputs: Any, hooks: Sequence[tuple[str, Any]], **forward_kwargs: Any
+    model: TLModel, inputs: Any, hooks: Sequence[tuple[str, Any]], **forward_kwargs: Any
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Run ``model(inputs, **forward_kwargs)`` inside :func:`intervene` and return its output."""
     with intervene(model, hooks):

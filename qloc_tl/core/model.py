@@ -1,8 +1,29 @@
 """Backend-neutral access to a TransformerLens model.
 
-qloc_tl never subclasses, monkeypatches or imports TL internals. It uses the TL model protocol that both
-majors share: ``cfg``, ``hook_dict``, ``hooks()``, ``run_with_hooks``, ``run_with_cache`` and ``to_tokens``.
-This module holds the small amount of knowledge needed to do that uniformly:
+qloc_tl never subclasses TL classes and never patches a TL class. It reads and edits activations through
+the TL model protocol that both majors share: ``cfg``, ``hook_dict``, ``hooks()``, ``run_with_hooks``,
+``run_with_cache`` and ``to_tokens``, with every hook scoped (``model.hooks(...)``, or a PyTorch hook handle
+removed in ``finally``) and gone when the call returns or raises.
+
+The one exception is the fast attribution engines, which, for the duration of a call only, swap parts of
+*the model instance* for faster equivalents, all through one context manager,
+:func:`qloc_tl.methods.attribution.engines.patching.swapped`, which puts every original object back in a
+``finally`` block (in reverse order, also on error):
+
+* child ``NewGELUActivation`` modules, and the ``act_fn`` attribute of TL 3 components holding TL's
+  ``gelu_new``, by a fused tanh-GELU (``attribute_neurons(..., implementation="fast")``);
+* child TL 3 ``LayerNorm`` / ``LayerNormPre`` modules by a module calling ``F.layer_norm`` with their weights,
+  and, on TL 4 LayerNorm ``NormalizationBridge`` instances, an instance-level ``forward`` doing the same
+  (deleted on exit) (``attribute_neurons(..., implementation="fast")``);
+* the weight parameters of TL 3 ``Attention`` / ``GroupedQueryAttention`` / ``GatedMLP`` components on the CPU
+  by parameters with the same values in matmul-ready storage (the fast attribution and knowledge-synapse
+  engines).
+
+Modules and components carrying hooks are never swapped. To recognise what may be swapped those engines
+import the TL classes named above; :func:`hooked_kv_cache` imports TL's KV-cache class. The reference
+implementations run the model's own modules untouched.
+
+This module holds the small amount of knowledge needed to use the protocol uniformly:
 
 * :func:`check_model` refuses objects that are not TL models, with a message that says what is missing;
 * :func:`neuron_hook_name` maps a *site* (``"post"``, ``"pre"``, ``"pre_linear"``) and a layer to a hook name;
@@ -30,10 +51,10 @@ import importlib.metadata
 import logging
 import warnings
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from dataclasses import field as _field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, runtime_checkable
 
 import torch
 from jaxtyping import Int
@@ -45,6 +66,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SITES",
+    "TLModel",
     "Site",
     "Capabilities",
     "tl_major",
@@ -80,6 +102,31 @@ SITES: dict[str, str] = {
 _PROTOCOL = ("cfg", "hook_dict", "hooks", "run_with_hooks", "run_with_cache")
 
 
+@runtime_checkable
+class TLModel(Protocol):
+    """The type of every ``model`` parameter: what TL 3's ``HookedTransformer`` and TL 4's ``TransformerBridge``
+    share and qloc_tl uses (checked at run time by :func:`check_model`).
+
+    Backend-specific attributes (``tokenizer``, ``blocks``, ``W_U`` ...) are typed ``Any`` through
+    ``__getattr__``; code reads them only after :func:`capabilities` or a ``hasattr`` says they exist.
+    """
+
+    cfg: Any
+
+    @property
+    def hook_dict(self) -> Mapping[str, Any]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_hooks(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def run_with_cache(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def __getattr__(self, name: str) -> Any: ...
+
+
 def tl_major() -> int:
     """The installed TransformerLens major version (3 or 4).
 
@@ -90,7 +137,7 @@ def tl_major() -> int:
     return int(importlib.metadata.version("transformer-lens").split(".")[0])
 
 
-def check_model(model: Any) -> None:
+def check_model(model: TLModel) -> None:
     """Raise :class:`UnsupportedModelError` unless ``model`` looks like a TransformerLens model.
 
     A TL model here is anything with ``cfg``, ``hook_dict``, ``hooks()``, ``run_with_hooks`` and
@@ -117,7 +164,7 @@ def _has(obj: Any, name: str) -> bool:
     return True
 
 
-def require_eval(model: Any) -> None:
+def require_eval(model: TLModel) -> None:
     """Refuse a model in training mode (dropout would make every number stochastic)."""
     if getattr(model, "training", False):
         raise InvalidInputError(
@@ -125,17 +172,17 @@ def require_eval(model: Any) -> None:
         )
 
 
-def n_layers(model: Any) -> int:
+def n_layers(model: TLModel) -> int:
     """Number of transformer blocks (``model.cfg.n_layers``)."""
     return int(model.cfg.n_layers)
 
 
-def n_heads(model: Any) -> int:
+def n_heads(model: TLModel) -> int:
     """Number of query heads per layer (``model.cfg.n_heads``; under GQA the key/value heads are fewer)."""
     return int(model.cfg.n_heads)
 
 
-def d_mlp(model: Any) -> int:
+def d_mlp(model: TLModel) -> int:
     """Width of the MLP hidden layer: the number of neurons per layer."""
     value = getattr(model.cfg, "d_mlp", None)
     if value is None:
@@ -143,14 +190,14 @@ def d_mlp(model: Any) -> int:
     return int(value)
 
 
-def model_dtype(model: Any) -> torch.dtype:
+def model_dtype(model: TLModel) -> torch.dtype:
     """dtype of the model's first parameter (float32 when it has none)."""
     for p in model.parameters():
         return p.dtype
     return torch.float32
 
 
-def model_device(model: Any) -> torch.device:
+def model_device(model: TLModel) -> torch.device:
     """Device of the model's first parameter (CPU when it has none)."""
     for p in model.parameters():
         return p.device
@@ -163,14 +210,14 @@ def check_site(site: str) -> str:
     return SITES[site]
 
 
-def check_layer(model: Any, layer: int, what: str = "layer") -> int:
+def check_layer(model: TLModel, layer: int, what: str = "layer") -> int:
     L = n_layers(model)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < L:
         raise InvalidInputError(f"{what} {layer!r} is out of range: the model has layers 0..{L - 1}")
     return layer
 
 
-def neuron_hook_name(model: Any, layer: int, site: str = "post") -> str:
+def neuron_hook_name(model: TLModel, layer: int, site: str = "post") -> str:
     """The TL hook name for the neurons of ``layer`` at ``site``, checked to exist on ``model``.
 
     Examples:
@@ -187,7 +234,7 @@ def neuron_hook_name(model: Any, layer: int, site: str = "post") -> str:
     return name
 
 
-def pattern_hook_name(model: Any, layer: int) -> str:
+def pattern_hook_name(model: TLModel, layer: int) -> str:
     """``blocks.{layer}.attn.hook_pattern``, checked to exist on ``model`` (``[batch, head, q, k]``)."""
     check_layer(model, layer)
     name = f"blocks.{layer}.attn.hook_pattern"
@@ -196,7 +243,7 @@ def pattern_hook_name(model: Any, layer: int) -> str:
     return name
 
 
-def scores_hook_name(model: Any, layer: int) -> str:
+def scores_hook_name(model: TLModel, layer: int) -> str:
     """``blocks.{layer}.attn.hook_attn_scores`` (pre-softmax, masked), checked to exist on ``model``."""
     check_layer(model, layer)
     name = f"blocks.{layer}.attn.hook_attn_scores"
@@ -239,13 +286,13 @@ class Capabilities:
 _CAPS: weakref.WeakKeyDictionary[Any, tuple[Any, Capabilities]] = weakref.WeakKeyDictionary()
 
 
-def mode_key(model: Any) -> Any:
+def mode_key(model: TLModel) -> Any:
     """``(compatibility mode, dtype, device)``: what a per-model cache of a probe's verdict must match, since
     any of the three can change which computations a model does."""
     return (getattr(model, "compatibility_mode", None), model_dtype(model), str(model_device(model)))
 
 
-def capabilities(model: Any, *, refresh: bool = False) -> Capabilities:
+def capabilities(model: TLModel, *, refresh: bool = False) -> Capabilities:
     """Probe (once per model and mode; cached weakly) which interventions the backend honours.
 
     The probe runs a handful of forward passes on a 4-token input. Results are cached per model object
@@ -266,7 +313,7 @@ def capabilities(model: Any, *, refresh: bool = False) -> Capabilities:
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: Any) -> Iterator[None]:
+def frozen_parameters(model: TLModel) -> Iterator[None]:
     """Set ``requires_grad=False`` on every parameter, so that a backward pass builds no weight gradients;
     restore each flag on exit, also on error."""
     params = list(model.parameters())
@@ -329,12 +376,12 @@ def logits_mismatch(got: Tensor, want: Tensor) -> float:
     return err if err == err and err != float("inf") else float("inf")  # NaN / inf: no match
 
 
-def _matches(got: Tensor, want: Tensor, model: Any) -> tuple[bool, float]:
+def _matches(got: Tensor, want: Tensor, model: TLModel) -> tuple[bool, float]:
     err = logits_mismatch(got, want)
     return err <= logit_tolerance(model_dtype(model)), err
 
 
-def _probe(model: Any) -> Capabilities:
+def _probe(model: TLModel) -> Capabilities:
     backend: Literal["hooked", "bridge"] = "bridge" if "Bridge" in type(model).__name__ else "hooked"
     device = model_device(model)
     vocab = int(model.cfg.d_vocab)
@@ -367,11 +414,11 @@ def _probe(model: Any) -> Capabilities:
     return Capabilities(backend, pattern_ok, scores_ok, start_mode, kv, tuple(notes))
 
 
-def _forward(model: Any, toks: Tensor, **kw: Any) -> Tensor:
+def _forward(model: TLModel, toks: Tensor, **kw: Any) -> Tensor:
     return model(toks, **kw)
 
 
-def _edit_changes(model: Any, toks: Tensor, clean: Tensor, name: str, fn: Any) -> bool:
+def _edit_changes(model: TLModel, toks: Tensor, clean: Tensor, name: str, fn: Any) -> bool:
     if name not in model.hook_dict:
         return False
     with warnings.catch_warnings():
@@ -386,7 +433,7 @@ def _edit_changes(model: Any, toks: Tensor, clean: Tensor, name: str, fn: Any) -
 
 
 def _probe_start(
-    model: Any, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
+    model: TLModel, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
 ) -> Literal["fast", "no_saving", "unsupported"]:
     if n_layers(model) < 2:
         return "unsupported"
@@ -410,7 +457,7 @@ def _probe_start(
 
 
 def _probe_kv(
-    model: Any, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
+    model: TLModel, toks: Tensor, clean: Tensor, backend: str, notes: list[str] | None = None
 ) -> Literal["hooked", "hf"] | None:
     try:
         if backend == "hooked":
@@ -436,12 +483,12 @@ def _probe_kv(
     return None
 
 
-def hooked_kv_cache(model: Any, batch: int) -> Any:
+def hooked_kv_cache(model: TLModel, batch: int) -> Any:
     """A fresh TL 3 ``HookedTransformer`` KV cache (the class moved between 2.x and 3.x)."""
     try:
         from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache as _Cache
     except ImportError:  # TL 2.x / early 3.x
-        from transformer_lens.past_key_value_caching import (  # type: ignore[import-not-found,no-redef]
+        from transformer_lens.past_key_value_caching import (  # type: ignore[no-redef]
             HookedTransformerKeyValueCache as _Cache,
         )
     return _Cache.init_cache(model.cfg, model.cfg.device, batch)
@@ -460,7 +507,7 @@ def answer_probability(logits: Tensor, position: int, answer: int) -> Tensor:
     return x.softmax(-1)[:, answer]
 
 
-def to_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:
+def to_tokens(model: TLModel, text: str, prepend_bos: bool | None = None) -> Tensor:
     """``model.to_tokens`` for one string, never truncating silently (TL truncates to n_ctx by default)."""
     kw: dict[str, Any] = {"truncate": False}
     if prepend_bos is not None:
@@ -472,11 +519,11 @@ def to_tokens(model: Any, text: str, prepend_bos: bool | None = None) -> Tensor:
         return model.to_tokens(text, **kw)
 
 
-def _has_tokenizer(model: Any) -> bool:
+def _has_tokenizer(model: TLModel) -> bool:
     return getattr(model, "tokenizer", None) is not None
 
 
-def _pad_id(model: Any) -> int:
+def _pad_id(model: TLModel) -> int:
     tok = getattr(model, "tokenizer", None)
     if tok is not None and getattr(tok, "pad_token_id", None) is not None:
         return int(tok.pad_token_id)
@@ -484,8 +531,8 @@ def _pad_id(model: Any) -> int:
 
 
 def tokenize_prompts(
-    model: Any,
-    prompts: str | Sequence[str] | Tensor | Sequence[Tensor],
+    model: TLModel,
+    prompts: str | Tensor | Sequence[str | Tensor],
     *,
     prepend_bos: bool | None = None,
 ) -> tuple[Int[Tensor, "batch pos"], Int[Tensor, " batch"]]:
@@ -514,7 +561,7 @@ def tokenize_prompts(
             raise InvalidInputError(f"token tensor must be 1-D or 2-D, got shape {tuple(t.shape)}")
         if t.shape[1] == 0:
             raise InvalidInputError("empty prompt: the token tensor has no positions")
-        rows = [r for r in t]
+        rows: list[Any] = [r for r in t]
     else:
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -555,7 +602,7 @@ def tokenize_prompts(
 
 
 def answer_token_id(
-    model: Any,
+    model: TLModel,
     prompt: str | None,
     answer: str | int | Tensor,
     *,

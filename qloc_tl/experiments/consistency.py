@@ -1,19 +1,6 @@
-"""Consistency of knowledge neurons across neighbor queries (the paper's experiment 1).
-
-For a fact with k neighbor queries and their KN sets N_1..N_k (U = ∪ N_i, c(n) = #{i : n ∈ N_i}):
-
-* **strict** CS = |∩ N_i| / |U| (the Jaccard index of k sets);
-* **relaxed** CS (the paper's) = |{n ∈ U : c(n) > 1}| / |U| — the intersection relaxed to neurons that
-  appear in more than one query's set.
-
-Edge cases (documented choices):
-
-* k = 1: one query cannot be consistent *with another*; the score is ``nan`` and the fact is excluded from
-  the K_C / K_I split (it needs neighbors). Callers that want an error call ``Fact.require_neighbors``.
-* empty union (no query has any KN): ``nan`` ("no-KN" facts; excluded and counted separately).
-* k = 2: strict and relaxed coincide.
-
-Always strict ≤ relaxed, both in [0, 1], and both invariant to the order of the queries.
+"""The consistency experiment (the paper's experiment 1): KN sets of every neighbor query of many facts,
+their Consistency Score, the K_C / K_I split per method, threshold and relation, and the sweeps over the KN
+threshold and the CS threshold τ. The score itself is :mod:`qloc_tl.methods.consistency_score`.
 """
 
 from __future__ import annotations
@@ -21,223 +8,33 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
+from qloc_tl.core.model import TLModel
+from qloc_tl.core.stats import bootstrap_proportion_ci
+from qloc_tl.methods.consistency_score import (
+    CLASS_KC,
+    CLASS_KI,
+    CLASS_NONE,
+    ThresholdKind,
+    class_statistics,
+    consistency_score,
+    split_facts,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "consistency_score",
-    "fact_uid",
-    "neuron_counts",
-    "ConsistencyConfig",
-    "ConsistencyResult",
-    "split_facts",
-    "cs_threshold",
-    "class_statistics",
-    "bootstrap_proportion_ci",
-    "run_consistency",
-    "analyze_scores",
-    "plot_cs_histogram",
-    "plot_relation_ki",
-    "plot_threshold_sweep",
-    "plot_tau_sweep",
-    "plot_fact_heatmap",
-]
+THRESHOLD_KINDS: tuple[ThresholdKind, ...] = ("static", "otsu")
 
-CSMode = Literal["relaxed", "strict"]
-
-
-def _as_sets(neuron_sets: Iterable[Iterable[Neuron]]) -> list[frozenset[Neuron]]:
-    if isinstance(neuron_sets, (str, bytes)):
-        raise InvalidInputError("neuron_sets must be a sequence of neuron sets, not a string")
-    out = []
-    for s in neuron_sets:
-        fs = frozenset(s)
-        bad = [n for n in fs if not isinstance(n, Neuron)]
-        if bad:
-            raise InvalidInputError(f"neuron sets must contain Neuron objects, got {bad[0]!r}")
-        out.append(fs)
-    return out
-
-
-def neuron_counts(neuron_sets: Iterable[Iterable[Neuron]]) -> Counter[Neuron]:
-    """c(n): in how many of the sets each neuron appears."""
-    c: Counter[Neuron] = Counter()
-    for s in _as_sets(neuron_sets):
-        c.update(s)
-    return c
-
-
-def consistency_score(neuron_sets: Sequence[Iterable[Neuron]], mode: CSMode = "relaxed") -> float:
-    """Consistency Score of one fact from its queries' KN sets.
-
-    Args:
-        neuron_sets: one iterable of :class:`Neuron` per neighbor query.
-        mode: ``"relaxed"`` (default; the paper's) or ``"strict"``.
-
-    Returns:
-        CS in [0, 1], or ``nan`` for fewer than two sets or an empty union (see module docstring).
-
-    Examples:
-        >>> a, b, c, d = Neuron(0, 1), Neuron(0, 2), Neuron(1, 3), Neuron(2, 4)
-        >>> consistency_score([{a, b}, {a, c}, {a, d}], mode="strict")   # |{a}| / |{a,b,c,d}|
-        0.25
-        >>> consistency_score([{a, b}, {a, c}, {b, d}])                  # |{a,b}| / 4
-        0.5
-    """
-    if mode not in ("relaxed", "strict"):
-        raise InvalidInputError(f"mode must be 'relaxed' or 'strict', got {mode!r}")
-    sets = _as_sets(neuron_sets)
-    if len(sets) < 2:
-        return math.nan
-    union = frozenset().union(*sets)
-    if not union:
-        return math.nan
-    if mode == "strict":
-        inter = frozenset.intersection(*sets)
-        return len(inter) / len(union)
-    counts = neuron_counts(sets)
-    return sum(1 for n in union if counts[n] > 1) / len(union)
-
-
-# ==================================================================================================
-# K_C / K_I split and statistics
-# ==================================================================================================
-
-ThresholdKind = Literal["static", "otsu"]
-CLASS_KC, CLASS_KI, CLASS_NONE = "K_C", "K_I", "excluded"
-
-
-def cs_threshold(cs: Sequence[float] | np.ndarray, kind: ThresholdKind | float = "static", *, static: float = 0.3) -> float:
-    """The CS threshold τ separating K_C (CS ≥ τ) from K_I (CS < τ).
-
-    Args:
-        cs: the facts' CS values (NaNs ignored).
-        kind: ``"static"`` (use ``static``), ``"otsu"`` (Otsu's threshold of the CS distribution, 256 bins) or a
-            number (used as is).
-        static: the static threshold (default 0.3, the example value of the paper's submission; with the
-            relaxed CS it means "fewer than 30% of the fact's KNs are shared by two or more queries" is
-            inconsistent).
-
-    Examples:
-        >>> cs_threshold([0.1, 0.12, 0.8, 0.82], "otsu") < 0.8
-        True
-    """
-    if isinstance(kind, (int, float)) and not isinstance(kind, bool):
-        if not 0 <= float(kind) <= 1:
-            raise InvalidInputError(f"a numeric CS threshold must lie in [0, 1], got {kind}")
-        return float(kind)
-    if kind == "static":
-        if not 0 <= static <= 1:
-            raise InvalidInputError(f"static CS threshold must lie in [0, 1], got {static}")
-        return float(static)
-    if kind == "otsu":
-        from qloc_tl.methods.attribution.selection import otsu_threshold
-
-        v = np.asarray(cs, dtype=float)
-        v = v[np.isfinite(v)]
-        if v.size == 0:
-            raise InvalidInputError("cannot compute an Otsu threshold: no fact has a finite CS")
-        return otsu_threshold(v)
-    raise InvalidInputError(f"threshold kind must be 'static', 'otsu' or a number in [0, 1], got {kind!r}")
-
-
-def split_facts(
-    cs: Sequence[float] | np.ndarray, kind: ThresholdKind | float = "static", *, static: float = 0.3
-) -> tuple[np.ndarray, float]:
-    """Classify facts: ``"K_C"`` when CS ≥ τ, ``"K_I"`` when CS < τ, ``"excluded"`` when CS is NaN.
-
-    Returns:
-        ``(labels, tau)``.
-
-    Examples:
-        >>> labels, tau = split_facts([0.5, 0.1, float("nan")])
-        >>> labels.tolist(), tau
-        (['K_C', 'K_I', 'excluded'], 0.3)
-    """
-    v = np.asarray(cs, dtype=float)
-    tau = cs_threshold(v, kind, static=static)
-    labels = np.where(~np.isfinite(v), CLASS_NONE, np.where(v >= tau, CLASS_KC, CLASS_KI))
-    return labels.astype(object), tau
-
-
-def bootstrap_proportion_ci(
-    flags: Sequence[bool] | np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the proportion of True in ``flags`` (resampling items)."""
-    x = np.asarray(flags, dtype=float)
-    if x.size == 0:
-        return (math.nan, math.nan)
-    rng = np.random.default_rng(seed)
-    means = rng.choice(x, size=(n_boot, x.size), replace=True).mean(axis=1)
-    a = (1 - level) / 2
-    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
-
-
-def _permutation_p(a: np.ndarray, b: np.ndarray, n_perm: int, seed: int) -> float:
-    rng = np.random.default_rng(seed)
-    obs = abs(a.mean() - b.mean())
-    pooled = np.concatenate([a, b])
-    hits = 0
-    for _ in range(n_perm):
-        rng.shuffle(pooled)
-        if abs(pooled[: a.size].mean() - pooled[a.size :].mean()) >= obs - 1e-15:
-            hits += 1
-    return (hits + 1) / (n_perm + 1)
-
-
-def class_statistics(
-    cs: Sequence[float] | np.ndarray,
-    labels: Sequence[str] | np.ndarray,
-    *,
-    n_boot: int = 1000,
-    n_perm: int = 2000,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Proportions, mean CS per class, Welch's t-test and a permutation test between K_C and K_I.
-
-    Note: when the classes are defined by thresholding CS itself, the test is close to tautological (the
-    paper reports it anyway); it is reported for parity, with Cohen's d as the effect size.
-    """
-    from scipy import stats
-
-    v = np.asarray(cs, dtype=float)
-    lab = np.asarray(labels, dtype=object)
-    keep = lab != CLASS_NONE
-    v, lab = v[keep], lab[keep]
-    kc, ki = v[lab == CLASS_KC], v[lab == CLASS_KI]
-    out: dict[str, float] = {
-        "n_facts": int(v.size),
-        "n_KC": int(kc.size),
-        "n_KI": int(ki.size),
-        "prop_KI": float(ki.size / v.size) if v.size else math.nan,
-        "mean_cs": float(v.mean()) if v.size else math.nan,
-        "mean_cs_KC": float(kc.mean()) if kc.size else math.nan,
-        "mean_cs_KI": float(ki.mean()) if ki.size else math.nan,
-    }
-    out["prop_KC"] = 1 - out["prop_KI"] if v.size else math.nan
-    lo, hi = bootstrap_proportion_ci(lab == CLASS_KI, n_boot=n_boot, seed=seed)
-    out["prop_KI_ci_lo"], out["prop_KI_ci_hi"] = lo, hi
-    if kc.size >= 2 and ki.size >= 2 and (kc.std() > 0 or ki.std() > 0):
-        t = stats.ttest_ind(kc, ki, equal_var=False)
-        out["welch_t"], out["welch_p"] = float(t.statistic), float(t.pvalue)
-        out["perm_p"] = _permutation_p(kc, ki, n_perm, seed)
-        sp = math.sqrt(((kc.size - 1) * kc.var(ddof=1) + (ki.size - 1) * ki.var(ddof=1)) / (kc.size + ki.size - 2))
-        out["cohens_d"] = float((kc.mean() - ki.mean()) / sp) if sp > 0 else math.inf
-    else:
-        out["welch_t"] = out["welch_p"] = out["perm_p"] = out["cohens_d"] = math.nan
-    return out
-
+__all__ = ["fact_uid", "ConsistencyConfig", "ConsistencyResult", "run_consistency", "analyze_scores"]
 
 # ==================================================================================================
 # Runner
@@ -449,7 +246,7 @@ def analyze_scores(
     fdf, kn_sets = fact_rows(config.kn_fraction)
     summary_rows, rel_rows = [], []
     if not fdf.empty:
-        for kind in ("static", "otsu"):
+        for kind in THRESHOLD_KINDS:
             col = f"class_{kind}"
             fdf[col] = CLASS_NONE
             fdf[f"tau_{kind}"] = math.nan
@@ -469,7 +266,7 @@ def analyze_scores(
                     "n_union": math.nan, "n_kn_mean": math.nan, "cs_relaxed": math.nan, "cs_strict": math.nan,
                     "cs": float(sub["cs"].mean()),
                 }  # fmt: skip
-                for kind in ("static", "otsu"):
+                for kind in THRESHOLD_KINDS:
                     cl = sub[f"class_{kind}"]
                     row[f"class_{kind}"] = (
                         CLASS_NONE if (cl == CLASS_NONE).any() else (CLASS_KI if (cl == CLASS_KI).all() else CLASS_KC)
@@ -479,7 +276,7 @@ def analyze_scores(
             fdf = pd.concat([fdf, pd.DataFrame(inter)], ignore_index=True)
         for m in list(methods) + (["∩"] if len(methods) > 1 else []):
             sub = fdf[fdf["method"] == m]
-            for kind in ("static", "otsu"):
+            for kind in THRESHOLD_KINDS:
                 labels = sub[f"class_{kind}"].to_numpy()
                 st = class_statistics(
                     sub["cs"].to_numpy(), labels, n_boot=config.n_boot, n_perm=config.n_perm, seed=config.seed
@@ -509,7 +306,7 @@ def analyze_scores(
         for m in methods:
             cs = sdf[sdf["method"] == m]["cs"].to_numpy()
             row = {"model": model_name, "method": m, "kn_fraction": t, "mean_cs": float(np.nanmean(cs)) if np.isfinite(cs).any() else math.nan}
-            for kind in ("static", "otsu"):
+            for kind in THRESHOLD_KINDS:
                 if np.isfinite(cs).any():
                     lab, _tau = split_facts(cs, kind, static=config.cs_static)
                     kept = lab != CLASS_NONE
@@ -561,7 +358,7 @@ def fact_uid(fact: Any) -> str:
 
 
 def run_consistency(
-    model: Any,
+    model: TLModel,
     facts: Sequence[Any],
     config: ConsistencyConfig | None = None,
     *,
@@ -685,11 +482,11 @@ def run_consistency(
     else:
         sc = pd.concat(mem["scores"], ignore_index=True) if mem["scores"] else pd.DataFrame()
         qu = pd.concat(mem["queries"], ignore_index=True) if mem["queries"] else pd.DataFrame()
-    keys = set(order)
+    kept_keys = set(order)
     if not sc.empty:
-        sc = sc[sc["fact_key"].isin(keys)].sort_values(["method", "fact_index", "query_index", "layer", "neuron"], kind="stable").reset_index(drop=True)
+        sc = sc[sc["fact_key"].isin(kept_keys)].sort_values(["method", "fact_index", "query_index", "layer", "neuron"], kind="stable").reset_index(drop=True)
     if not qu.empty:
-        qu = qu[qu["fact_key"].isin(keys)].sort_values(["method", "fact_index", "query_index"], kind="stable").reset_index(drop=True)
+        qu = qu[qu["fact_key"].isin(kept_keys)].sort_values(["method", "fact_index", "query_index"], kind="stable").reset_index(drop=True)
     result = analyze_scores(sc, qu, facts, config, model_name=model_name)
     result = ConsistencyResult(**{**result.__dict__, "timings": timings})
     if store is not None:
@@ -698,7 +495,7 @@ def run_consistency(
     return result
 
 
-def _top1(model: Any, res: Any) -> list[bool]:
+def _top1(model: TLModel, res: Any) -> list[bool]:
     """Whether the answer is the model's top-1 prediction for each attributed prompt."""
     import torch
 
@@ -708,136 +505,3 @@ def _top1(model: Any, res: Any) -> list[bool]:
     logits = model(toks)
     pred = logits[torch.arange(len(last)), last].argmax(-1).cpu()
     return (pred == res.answer_ids.cpu()).tolist()
-
-
-# ==================================================================================================
-# Figures (matplotlib, lazily imported; the `vis` extra)
-# ==================================================================================================
-
-
-def _save(fig: Any, path: str | Path | None) -> Any:
-    if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-    return fig
-
-
-def plot_cs_histogram(
-    result: ConsistencyResult, method: str = "ig", kind: ThresholdKind = "static", path: str | Path | None = None
-) -> Any:
-    """Histogram of the facts' CS for one method, with the K_C / K_I threshold τ."""
-    import matplotlib.pyplot as plt
-
-    df = result.facts[result.facts["method"] == method]
-    if df.empty:
-        raise InvalidInputError(f"no facts for method {method!r}")
-    cs = df["cs"].dropna().to_numpy()
-    tau = float(df[f"tau_{kind}"].iloc[0])
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.hist(cs, bins=np.linspace(0, 1, 21), color="#4c72b0", edgecolor="white")
-    ax.axvline(tau, color="#c44e52", ls="--", label=f"τ ({kind}) = {tau:.2f}")
-    ki = float(np.mean(cs < tau)) if cs.size else math.nan
-    ax.set(xlabel=f"consistency score ({result.config.cs_mode})", ylabel="facts", title=f"{method.upper()}: K_I = {ki:.0%} of {cs.size} facts")
-    ax.legend()
-    plt.close(fig)
-    return _save(fig, path)
-
-
-def plot_relation_ki(result: ConsistencyResult, kind: ThresholdKind = "static", path: str | Path | None = None) -> Any:
-    """Proportion of inconsistent knowledge (K_I) per relation and method."""
-    import matplotlib.pyplot as plt
-
-    df = result.per_relation[result.per_relation["threshold"] == kind]
-    piv = df.pivot(index="relation", columns="method", values="prop_KI")
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * len(piv)), 3.2))
-    piv.plot.bar(ax=ax, width=0.8)
-    ax.set(ylabel="proportion K_I", ylim=(0, 1), title=f"inconsistent knowledge per relation ({kind} τ)")
-    plt.close(fig)
-    return _save(fig, path)
-
-
-def plot_tau_sweep(result: ConsistencyResult, path: str | Path | None = None, **kw: Any) -> Any:
-    """Share of K_I against the CS threshold τ (:meth:`ConsistencyResult.tau_sweep`), one line per method
-    with its bootstrap band."""
-    import matplotlib.pyplot as plt
-
-    df = result.tau_sweep(**kw)
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m, g in df.groupby("method", sort=False):
-        (line,) = ax.plot(g["tau"], g["prop_KI"], marker="o", ms=3, label=f"{m} (n={int(g['n_facts'].iloc[0])})")
-        ax.fill_between(g["tau"], g["ci_low"], g["ci_high"], color=line.get_color(), alpha=0.2)
-    ax.set(xlabel="CS threshold τ (K_I: CS < τ)", ylabel="proportion K_I", ylim=(0, 1), xlim=(0, 1),
-           title="K_I share against τ")  # fmt: skip
-    ax.legend()
-    plt.close(fig)
-    return _save(fig, path)
-
-
-def plot_threshold_sweep(result: ConsistencyResult, kind: ThresholdKind = "static", path: str | Path | None = None) -> Any:
-    """Proportion of K_I as the KN threshold t varies, one line per method."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    for m, g in result.sweep.groupby("method"):
-        ax.plot(g["kn_fraction"], g[f"prop_KI_{kind}"], marker="o", label=m)
-    ax.set(xlabel="KN threshold t (fraction of max)", ylabel="proportion K_I", ylim=(0, 1), title="threshold sweep")
-    ax.legend()
-    plt.close(fig)
-    return _save(fig, path)
-
-
-def plot_fact_heatmap(
-    model: Any,
-    fact: Any,
-    *,
-    method: str = "ig",
-    value: Literal["score", "activation"] = "score",
-    kn_fraction: float = 0.2,
-    max_neurons: int = 40,
-    attribution: Any = None,
-    path: str | Path | None = None,
-    percentile: float | None = 99.0,
-    **attribute_kwargs: Any,
-) -> Any:
-    """The paper's Figure-1 view: one row per neighbor query, one column per neuron of the union of the
-    queries' KNs; cells are attribution scores (normalised by each query's max) or activations.
-
-    A consistent fact shows the same columns lit in every row; an inconsistent one a block diagonal.
-
-    Colour scale: symmetric limits ±v with v the ``percentile``-th percentile (default 99) of |cell values|
-    over all rows (:func:`qloc_tl.reporting.views.robust_limits`), on a colour map diverging at 0, and the colour bar
-    extended at both ends: cells beyond ±v are drawn in the end colours. Normalised scores are ≤ 1 by
-    construction but their negative side is unbounded (a query's negative attributions can reach several
-    times its maximum); a scale set by those few cells would leave every other cell near the middle colour.
-    ``percentile=None`` uses the full range.
-    """
-    import matplotlib.pyplot as plt
-    import torch
-
-    from qloc_tl.methods.attribution import attribute_neurons, select_neurons
-    from qloc_tl.reporting.views import robust_limits
-
-    if attribution is None:
-        attribution = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.queries), method=method, **attribute_kwargs)
-    scores = attribution.scores_batched.detach().to("cpu", torch.float64)
-    sets = select_neurons(scores, method="fraction_of_max", value=kn_fraction)
-    union = sorted(frozenset().union(*[s.to_frozenset() for s in sets]))
-    if len(union) > max_neurons:
-        # keep the neurons with the highest max normalised score
-        norm = scores / scores.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
-        union = sorted(union, key=lambda n: -float(norm[:, n.layer, n.index].max()))[:max_neurons]
-        union.sort()
-    if value == "score":
-        mat = scores / scores.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
-    else:
-        mat = attribution.activations.detach().to("cpu", torch.float64)
-    data = np.array([[float(mat[q, n.layer, n.index]) for n in union] for q in range(len(fact.queries))])
-    cs = consistency_score([s.to_frozenset() for s in sets])
-    fig, ax = plt.subplots(figsize=(max(4, 0.28 * len(union) + 2), 0.45 * len(fact.queries) + 1.8))
-    vmin, vmax = robust_limits(data, percentile)
-    im = ax.imshow(data, aspect="auto", cmap="RdBu_r" if value == "score" else "coolwarm", vmin=vmin, vmax=vmax)
-    ax.set_yticks(range(len(fact.queries)), [q.text for q in fact.queries], fontsize=7)
-    ax.set_xticks(range(len(union)), [str(n) for n in union], rotation=90, fontsize=6)
-    ax.set_title(f"{fact.subject} → {fact.object} ({fact.relation}); CS = {cs:.2f}", fontsize=9)
-    fig.colorbar(im, ax=ax, label="score / max" if value == "score" else "activation", extend="both")
-    plt.close(fig)
-    return _save(fig, path)

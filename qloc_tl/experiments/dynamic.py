@@ -1,4 +1,4 @@
-"""Dynamic KN selection (method spec §4.6): do knowledge synapses steer which knowledge neurons fire?
+"""Dynamic KN selection: do knowledge synapses steer which knowledge neurons fire?
 
 For a query q_i of a fact, with its knowledge synapses (KS, :mod:`qloc_tl.methods.synapses`) and the fact's per-query
 KN sets N_1..N_k, the KS pattern entries (answer row, KS key columns) are **suppressed** (× 0) and
@@ -64,18 +64,11 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import HookList, intervene, record_neurons, scale_attention, set_neurons
 from qloc_tl.core.identities import Head, Neuron, Synapse
-from qloc_tl.core.model import answer_token_id, check_model, d_mlp, n_heads, n_layers, require_eval
+from qloc_tl.core.model import TLModel, answer_token_id, check_model, d_mlp, n_heads, n_layers, require_eval
+from qloc_tl.core.stats import bootstrap_summary, derive_seed
+from qloc_tl.core.validation import as_neuron_set, as_neuron_sets
 from qloc_tl.data.facts import Fact
-from qloc_tl.experiments.mapping import (
-    RowBatch,
-    _as_neuron_set,
-    _as_neuron_sets,
-    _check_ops,
-    _fact_answers,
-    bootstrap_summary,
-    derive_seed,
-    random_matched_neurons,
-)
+from qloc_tl.experiments.mapping import RowBatch, check_ops, fact_answers, random_matched_neurons
 from qloc_tl.methods.synapses import SynapseResult, synapse_columns
 
 logger = logging.getLogger(__name__)
@@ -123,13 +116,13 @@ def irrelevant_synapses(
         if len(free) < k:
             short = True
             k = len(free)
-        pick = rng.choice(len(free), size=k, replace=False) if k else []
+        pick: Any = rng.choice(len(free), size=k, replace=False) if k else []
         out.extend(Synapse(head.layer, head.head, free[int(j)]) for j in pick)
     return tuple(sorted(out)), short
 
 
 def _attention_edits(
-    model: Any,
+    model: TLModel,
     batch: RowBatch,
     edits: Sequence[tuple[int, Sequence[Synapse], float]],
     renormalize: bool,
@@ -139,15 +132,15 @@ def _attention_edits(
     groups: dict[tuple[int, tuple[int, ...], tuple[int, ...], float], list[int]] = defaultdict(list)
     for row, syn, factor in edits:
         by_layer_keys: dict[tuple[int, tuple[int, ...]], list[int]] = defaultdict(list)
-        for head, keys in synapse_columns(syn).items():
-            by_layer_keys[(head.layer, keys)].append(head.head)
+        for head, cols in synapse_columns(syn).items():
+            by_layer_keys[(head.layer, cols)].append(head.head)
         for (layer, keys), heads in by_layer_keys.items():
             groups[(layer, tuple(sorted(heads)), keys, float(factor))].append(int(row))
     hooks = HookList()
-    for (layer, heads, keys, factor), rows in sorted(groups.items()):
+    for (layer, head_ids, keys, factor), members in sorted(groups.items()):
         hooks += scale_attention(
-            [Head(layer, h) for h in heads], factor, key_positions=list(keys), renormalize=renormalize,
-            row_positions=batch.row_positions(rows), model=model,
+            [Head(layer, h) for h in head_ids], factor, key_positions=list(keys), renormalize=renormalize,
+            row_positions=batch.row_positions(members), model=model,
         )  # fmt: skip
     return hooks
 
@@ -183,7 +176,7 @@ _DYN_COLUMNS = [
 
 
 def _measure_queries(
-    model: Any,
+    model: TLModel,
     prompts: Sequence[str],
     answers: Sequence[int],
     synapses: Sequence[tuple[Synapse, ...]],
@@ -259,16 +252,16 @@ def _measure_queries(
         for inter in INTERVENTIONS:
             syn = synapses[i] if inter == "KS" else controls[i][0]
             for op, factor in ops.items():
-                r = job_row.get((i, inter, op))
-                pa = float(p[r]) if r is not None else pb
+                jr = job_row.get((i, inter, op))
+                pa = float(p[jr]) if jr is not None else pb
                 for g in GROUPS:
                     neurons = groups[i][g]
-                    if r is None or not neurons:
+                    if jr is None or not neurons:
                         stats = _group_stats(gather(i, neurons), gather(i, neurons))
                         pvia = pb
                     else:
-                        stats = _group_stats(gather(i, neurons), gather(r, neurons))
-                        pvia = p_via[(r, g)]
+                        stats = _group_stats(gather(i, neurons), gather(jr, neurons))
+                        pvia = p_via[(jr, g)]
                     rec = dict(meta[i])
                     rec.update(
                         intervention=inter, op=op, factor=factor, group=g, n_synapses=len(syn), empty_ks=not syn,
@@ -294,7 +287,7 @@ def _groups_for(
 
 
 def dynamic_kn_selection(
-    model: Any,
+    model: TLModel,
     query: str,
     answer: str | int,
     synapses: SynapseResult | Iterable[Synapse],
@@ -326,13 +319,13 @@ def dynamic_kn_selection(
     """
     check_model(model)
     require_eval(model)
-    ops = _check_ops(ops)
+    ops = check_ops(ops)
     syn, qp = _as_synapses(synapses, "synapses")
     answer_id = answer_token_id(model, query, answer, multi_token=multi_token)
     if qp is None:
         qp = int(model.to_tokens(query).shape[1]) - 1
-    own = _as_neuron_set(query_kns, "query_kns")
-    nb = _as_neuron_set(neighbor_kns, "neighbor_kns")
+    own = as_neuron_set(query_kns, "query_kns")
+    nb = as_neuron_set(neighbor_kns, "neighbor_kns")
     groups = _groups_for([own, nb], 0, d_mlp(model), derive_seed(seed, "", 0, "random"))
     meta = [{"fact_key": "", "relation": "", "query_index": 0, "query": query, "class": ""}]
     rows = _measure_queries(
@@ -343,7 +336,7 @@ def dynamic_kn_selection(
 
 
 def measure_dynamic_selection(
-    model: Any,
+    model: TLModel,
     facts: Sequence[Fact],
     synapses: Mapping[str, Sequence[SynapseResult | Iterable[Synapse]]],
     kn_sets: Mapping[str, Sequence[Iterable[Neuron]]],
@@ -371,7 +364,7 @@ def measure_dynamic_selection(
     """
     check_model(model)
     require_eval(model)
-    ops = _check_ops(ops)
+    ops = check_ops(ops)
     width = d_mlp(model)
     records: list[dict[str, Any]] = []
     it: Iterable[Fact] = facts
@@ -385,8 +378,8 @@ def measure_dynamic_selection(
                 raise InvalidInputError(
                     f"{name} must map fact {fact.key!r} to one entry per query ({len(fact.queries)} queries)"
                 )
-        sets = _as_neuron_sets(kn_sets[fact.key], f"kn_sets[{fact.key!r}]")
-        answers = _fact_answers(model, fact, multi_token)
+        sets = as_neuron_sets(kn_sets[fact.key], f"kn_sets[{fact.key!r}]")
+        answers = fact_answers(model, fact, multi_token)
         syns, qps = [], []
         for i, s in enumerate(synapses[fact.key]):
             sy, qp = _as_synapses(s, f"synapses[{fact.key!r}][{i}]")

@@ -50,11 +50,10 @@ Examples:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 from collections import Counter, defaultdict
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -66,23 +65,30 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import HookList, intervene, scale_neurons
 from qloc_tl.core.identities import Neuron
-from qloc_tl.core.model import answer_token_id, check_model, d_mlp, n_layers, require_eval, tokenize_prompts
+from qloc_tl.core.model import (
+    TLModel,
+    answer_token_id,
+    check_model,
+    d_mlp,
+    n_layers,
+    require_eval,
+    tokenize_prompts,
+)
+from qloc_tl.core.stats import bootstrap_summary, derive_seed
+from qloc_tl.core.validation import as_neuron_set, as_neuron_sets
 from qloc_tl.data.facts import Fact
-from qloc_tl.experiments.consistency import consistency_score, neuron_counts
+from qloc_tl.methods.consistency_score import neuron_counts
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "SET_NAMES",
     "OPS",
-    "derive_seed",
     "random_matched_neurons",
     "query_neuron_sets",
-    "classify_facts",
     "measure_query_kn_mapping",
     "summarize_mapping",
     "set_order",
-    "bootstrap_summary",
 ]
 
 SET_NAMES: tuple[str, ...] = ("Self", "Union", "Intersection", "Refine", "Unrelated")
@@ -96,35 +102,7 @@ CLASS_NONE = "excluded"
 # --------------------------------------------------------------------------------------------------
 
 
-def derive_seed(seed: int, *parts: Hashable) -> int:
-    """A 63-bit seed derived from ``seed`` and a path of labels (stable across processes and runs).
 
-    Examples:
-        >>> derive_seed(0, "fact", 1) == derive_seed(0, "fact", 1) != derive_seed(1, "fact", 1)
-        True
-    """
-    text = repr((int(seed),) + tuple(str(p) for p in parts))
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
-
-
-def _as_neuron_set(s: Iterable[Neuron], what: str) -> frozenset[Neuron]:
-    if isinstance(s, (str, bytes)):
-        raise InvalidInputError(f"{what} must be an iterable of Neuron, got a string {s!r}")
-    out = []
-    for n in s:
-        if isinstance(n, Neuron):
-            out.append(n)
-        elif isinstance(n, (tuple, list)) and len(n) == 2:
-            out.append(Neuron(*n))
-        else:
-            raise InvalidInputError(f"{what} must contain Neuron(layer, index) objects, got {n!r}")
-    return frozenset(out)
-
-
-def _as_neuron_sets(kn_sets: Sequence[Iterable[Neuron]], what: str = "kn_sets") -> list[frozenset[Neuron]]:
-    if isinstance(kn_sets, (str, bytes)) or not isinstance(kn_sets, Sequence):
-        raise InvalidInputError(f"{what} must be a sequence with one neuron set per query, got {type(kn_sets).__name__}")
-    return [_as_neuron_set(s, f"{what}[{i}]") for i, s in enumerate(kn_sets)]
 
 
 def random_matched_neurons(
@@ -143,9 +121,9 @@ def random_matched_neurons(
         >>> [n.layer for n in s]
         [0, 2, 2]
     """
-    per_layer = Counter(n.layer for n in _as_neuron_set(like, "like"))
+    per_layer = Counter(n.layer for n in as_neuron_set(like, "like"))
     excl: dict[int, set[int]] = defaultdict(set)
-    for n in _as_neuron_set(exclude, "exclude"):
+    for n in as_neuron_set(exclude, "exclude"):
         excl[n.layer].add(n.index)
     rng = np.random.default_rng(seed)
     out: list[Neuron] = []
@@ -192,7 +170,7 @@ def query_neuron_sets(
     """
     if isinstance(refine_min_count, bool) or not isinstance(refine_min_count, int) or refine_min_count < 1:
         raise InvalidInputError(f"refine_min_count must be an int >= 1, got {refine_min_count!r}")
-    sets = _as_neuron_sets(kn_sets)
+    sets = as_neuron_sets(kn_sets)
     if not sets:
         raise InvalidInputError("kn_sets is empty: give one neuron set per query")
     full_union = frozenset().union(*sets)
@@ -216,37 +194,6 @@ def query_neuron_sets(
     return out
 
 
-def classify_facts(
-    kn_sets: Mapping[str, Sequence[Iterable[Neuron]]],
-    *,
-    cs_threshold: float | Literal["otsu"] = 0.3,
-    mode: Literal["relaxed", "strict"] = "relaxed",
-) -> tuple[dict[str, str], dict[str, float], float]:
-    """Split facts into K_C (CS ≥ τ) and K_I (CS < τ) by their Consistency Score.
-
-    CS is :func:`qloc_tl.experiments.consistency.consistency_score` over the fact's per-query KN sets and the split is
-    :func:`qloc_tl.experiments.consistency.split_facts`: τ = ``cs_threshold`` (default 0.3, the submission's "example"
-    static threshold; UNCONFIRMED for the paper's tables) or ``"otsu"`` (Otsu's threshold of the CS
-    distribution of these facts). Facts whose CS is NaN (one query, or no query has any KN) are labelled
-    ``"excluded"`` and left out of K_C/K_I summaries.
-
-    Returns:
-        ``(classes, cs, tau)``: fact key → ``"K_C" | "K_I" | "excluded"``, fact key → CS, and τ.
-
-    Examples:
-        >>> a, b, c = Neuron(0, 1), Neuron(0, 2), Neuron(1, 3)
-        >>> classify_facts({"f": [{a, b}, {a, b}], "g": [{a}, {c}]})[0]
-        {'f': 'K_C', 'g': 'K_I'}
-    """
-    from qloc_tl.experiments.consistency import split_facts
-
-    keys = list(kn_sets)
-    scores = {k: consistency_score(_as_neuron_sets(kn_sets[k], f"kn_sets[{k!r}]"), mode=mode) for k in keys}
-    if not keys:
-        return {}, {}, float(cs_threshold) if not isinstance(cs_threshold, str) else math.nan
-    labels, tau = split_facts([scores[k] for k in keys], cs_threshold)
-    return {k: str(lab) for k, lab in zip(keys, labels)}, scores, float(tau)
-
 
 # --------------------------------------------------------------------------------------------------
 # Batched per-row interventions (shared with qloc_tl.experiments.dynamic and qloc_tl.methods.synapses)
@@ -265,7 +212,7 @@ class RowBatch:
 
     def __init__(
         self,
-        model: Any,
+        model: TLModel,
         prompts: Sequence[str | Tensor],
         answers: Sequence[int],
         rows: Sequence[int],
@@ -314,7 +261,7 @@ def _answer_probs(
 
 
 def row_neuron_hooks(
-    model: Any,
+    model: TLModel,
     batch: RowBatch,
     edits: Sequence[tuple[int, Sequence[Neuron], float]],
     *,
@@ -341,7 +288,7 @@ def row_neuron_hooks(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_ops(ops: Mapping[str, float] | None) -> dict[str, float]:
+def check_ops(ops: Mapping[str, float] | None) -> dict[str, float]:
     ops = dict(OPS if ops is None else ops)
     if not ops:
         raise InvalidInputError("ops is empty: give e.g. {'suppress': 0.0, 'enhance': 2.0}")
@@ -351,7 +298,7 @@ def _check_ops(ops: Mapping[str, float] | None) -> dict[str, float]:
     return {str(k): float(v) for k, v in ops.items()}
 
 
-def _fact_answers(model: Any, fact: Fact, multi_token: str) -> list[int]:
+def fact_answers(model: TLModel, fact: Fact, multi_token: str) -> list[int]:
     return [answer_token_id(model, q, fact.answer, multi_token=multi_token) for q in fact.prompts]  # type: ignore[arg-type]
 
 
@@ -360,7 +307,7 @@ def _neuron_str(neurons: Iterable[Neuron]) -> str:
 
 
 def measure_query_kn_mapping(
-    model: Any,
+    model: TLModel,
     facts: Sequence[Fact],
     kn_sets: Mapping[str, Sequence[Iterable[Neuron]]],
     *,
@@ -394,7 +341,7 @@ def measure_query_kn_mapping(
     """
     check_model(model)
     require_eval(model)
-    ops = _check_ops(ops)
+    ops = check_ops(ops)
     width = d_mlp(model)
     L = n_layers(model)
     records: list[dict[str, Any]] = []
@@ -408,7 +355,7 @@ def measure_query_kn_mapping(
             raise InvalidInputError(f"facts must be Fact objects, got {type(fact).__name__}")
         if fact.key not in kn_sets:
             raise InvalidInputError(f"no KN sets for fact {fact.key!r}; kn_sets must map every fact key")
-        sets = _as_neuron_sets(kn_sets[fact.key], f"kn_sets[{fact.key!r}]")
+        sets = as_neuron_sets(kn_sets[fact.key], f"kn_sets[{fact.key!r}]")
         if len(sets) != len(fact.queries):
             raise InvalidInputError(
                 f"fact {fact.key!r} has {len(fact.queries)} queries but {len(sets)} KN sets; give one set per query"
@@ -431,7 +378,7 @@ _MAPPING_COLUMNS = [
 
 
 def _measure_fact(
-    model: Any,
+    model: TLModel,
     fact: Fact,
     qsets: list[dict[str, tuple[Neuron, ...]]],
     ops: dict[str, float],
@@ -441,7 +388,7 @@ def _measure_fact(
     classes: Mapping[str, str] | None,
 ) -> list[dict[str, Any]]:
     k = len(fact.queries)
-    answers = _fact_answers(model, fact, multi_token)
+    answers = fact_answers(model, fact, multi_token)
     # jobs: (query index, set name, op name); clean rows first
     jobs = [(i, name, op) for i in range(k) for name in SET_NAMES for op in ops if qsets[i][name]]
     p_before = _run_rows(model, list(fact.prompts), answers, [(i, (), 1.0) for i in range(k)], site, max_batch)
@@ -472,7 +419,7 @@ def _measure_fact(
 
 
 def _run_rows(
-    model: Any,
+    model: TLModel,
     prompts: list[str],
     answers: list[int],
     rows: list[tuple[int, Sequence[Neuron], float]],
@@ -496,62 +443,6 @@ def _run_rows(
 # --------------------------------------------------------------------------------------------------
 
 
-def _cluster_weights(n_clusters: int, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
-    return rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_bootstrap).astype(np.float64)
-
-
-def bootstrap_summary(
-    df: pd.DataFrame,
-    *,
-    ratios: Mapping[str, tuple[str, str | None]],
-    cluster: str = "fact_key",
-    n_bootstrap: int = 1000,
-    ci: float = 0.95,
-    seed: int = 0,
-) -> dict[str, float]:
-    """Point estimates and cluster-bootstrap percentile CIs of ratio statistics of ``df``'s rows.
-
-    Each entry of ``ratios`` is ``name -> (numerator column, denominator column or None)``: the statistic is
-    ``Σ num / Σ den`` over rows (``None``: ``Σ num / #rows``, i.e. a mean), NaN numerators skipped together
-    with their row. Bootstrap samples resample whole clusters (facts) with replacement.
-
-    Returns:
-        ``{name: value, name_lo: ..., name_hi: ...}`` (CI bounds NaN with fewer than two clusters).
-
-    Examples:
-        >>> df = pd.DataFrame({"fact_key": ["a", "a", "b"], "x": [1.0, 3.0, 5.0]})
-        >>> bootstrap_summary(df, ratios={"mean_x": ("x", None)}, n_bootstrap=50)["mean_x"]
-        3.0
-    """
-    if not 0 < ci < 1:
-        raise InvalidInputError(f"ci must lie in (0, 1), got {ci!r}")
-    keys, inverse = np.unique(df[cluster].astype(str).to_numpy(), return_inverse=True)
-    nc = len(keys)
-    rng = np.random.default_rng(seed)
-    W = _cluster_weights(nc, n_bootstrap, rng) if nc >= 2 and n_bootstrap > 0 else None
-    out: dict[str, float] = {}
-    for name, (num_col, den_col) in ratios.items():
-        num = df[num_col].to_numpy(dtype=np.float64)
-        ok = np.isfinite(num)
-        den = np.ones_like(num) if den_col is None else df[den_col].to_numpy(dtype=np.float64)
-        ok &= np.isfinite(den)
-        sn = np.bincount(inverse[ok], weights=num[ok], minlength=nc)
-        sd = np.bincount(inverse[ok], weights=den[ok], minlength=nc)
-        tot = sd.sum()
-        out[name] = float(sn.sum() / tot) if tot != 0 else math.nan
-        if W is None:
-            out[f"{name}_lo"] = out[f"{name}_hi"] = math.nan
-            continue
-        with np.errstate(divide="ignore", invalid="ignore"):
-            boot = (W @ sn) / (W @ sd)
-        boot = boot[np.isfinite(boot)]
-        if boot.size == 0:
-            out[f"{name}_lo"] = out[f"{name}_hi"] = math.nan
-        else:
-            a = (1 - ci) / 2
-            out[f"{name}_lo"] = float(np.quantile(boot, a))
-            out[f"{name}_hi"] = float(np.quantile(boot, 1 - a))
-    return out
 
 
 _MAPPING_STATS = {

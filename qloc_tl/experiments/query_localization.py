@@ -52,18 +52,14 @@ import torch
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron, Synapse
-from qloc_tl.core.model import check_model, d_mlp, n_layers, require_eval
+from qloc_tl.core.model import TLModel, check_model, d_mlp, n_layers, require_eval
+from qloc_tl.core.validation import as_neuron_sets, check_choice, check_float, check_int
 from qloc_tl.data.facts import Fact
-from qloc_tl.experiments.consistency import consistency_score, split_facts
 from qloc_tl.experiments.dynamic import enh_vs_sup, measure_dynamic_selection, summarize_dynamic
-from qloc_tl.experiments.mapping import (
-    _as_neuron_sets,
-    measure_query_kn_mapping,
-    set_order,
-    summarize_mapping,
-)
+from qloc_tl.experiments.mapping import measure_query_kn_mapping, set_order, summarize_mapping
 from qloc_tl.methods.attribution.quadrature import RULES
 from qloc_tl.methods.attribution.selection import SELECTION_METHODS
+from qloc_tl.methods.consistency_score import consistency_score, split_facts
 from qloc_tl.methods.known import restrict_to_known
 from qloc_tl.methods.synapses import find_synapses
 
@@ -74,24 +70,7 @@ __all__ = ["QLConfig", "QLResult", "run_query_localization"]
 _TABLES = ("facts", "kn", "mapping", "synapses", "dynamic")
 
 
-def _check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise InvalidInputError(f"{name} must be one of {list(choices)}, got {value!r}")
 
-
-def _check_int(name: str, value: Any, lo: int, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise InvalidInputError(f"{name} must be an int >= {lo}{' or None' if allow_none else ''}, got {value!r}")
-
-
-def _check_float(name: str, value: Any, lo: float = -math.inf, hi: float = math.inf, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not lo <= float(value) <= hi:
-        raise InvalidInputError(f"{name} must be a number in [{lo}, {hi}], got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -148,37 +127,37 @@ class QLConfig:
     ci: float = 0.95
 
     def __post_init__(self) -> None:
-        _check_choice("kn_method", self.kn_method, ("ig", "sig", "amig"))
-        _check_int("kn_steps", self.kn_steps, 1)
-        _check_choice("kn_rule", self.kn_rule, RULES)
-        _check_choice("kn_threshold_method", self.kn_threshold_method, SELECTION_METHODS)
-        _check_float("kn_threshold", self.kn_threshold, allow_none=True)
-        _check_choice("site", self.site, ("post", "pre", "pre_linear"))
+        check_choice("kn_method", self.kn_method, ("ig", "sig", "amig"))
+        check_int("kn_steps", self.kn_steps, 1)
+        check_choice("kn_rule", self.kn_rule, RULES)
+        check_choice("kn_threshold_method", self.kn_threshold_method, SELECTION_METHODS)
+        check_float("kn_threshold", self.kn_threshold, allow_none=True)
+        check_choice("site", self.site, ("post", "pre", "pre_linear"))
         if self.cs_threshold != "otsu":
-            _check_float("cs_threshold", self.cs_threshold, 0.0, 1.0)
-        _check_choice("cs_mode", self.cs_mode, ("relaxed", "strict"))
-        _check_int("refine_min_count", self.refine_min_count, 1)
-        _check_float("suppress", self.suppress)
-        _check_float("enhance", self.enhance)
-        _check_choice("ks_method", self.ks_method, ("attattr", "raw"))
-        _check_int("ks_steps", self.ks_steps, 1)
-        _check_choice("ks_rule", self.ks_rule, RULES)
-        _check_choice("ks_threshold_method", self.ks_threshold_method, SELECTION_METHODS)
-        _check_float("ks_threshold", self.ks_threshold, allow_none=True)
-        _check_float("ks_head_threshold", self.ks_head_threshold, 0.0, 1.0, allow_none=True)
+            check_float("cs_threshold", self.cs_threshold, 0.0, 1.0)
+        check_choice("cs_mode", self.cs_mode, ("relaxed", "strict"))
+        check_int("refine_min_count", self.refine_min_count, 1)
+        check_float("suppress", self.suppress)
+        check_float("enhance", self.enhance)
+        check_choice("ks_method", self.ks_method, ("attattr", "raw"))
+        check_int("ks_steps", self.ks_steps, 1)
+        check_choice("ks_rule", self.ks_rule, RULES)
+        check_choice("ks_threshold_method", self.ks_threshold_method, SELECTION_METHODS)
+        check_float("ks_threshold", self.ks_threshold, allow_none=True)
+        check_float("ks_head_threshold", self.ks_head_threshold, 0.0, 1.0, allow_none=True)
         if isinstance(self.ks_exclude_keys, (int, str)):
             raise InvalidInputError(f"ks_exclude_keys must be a tuple of key positions, got {self.ks_exclude_keys!r}")
         object.__setattr__(self, "ks_exclude_keys", tuple(int(k) for k in self.ks_exclude_keys))
         for name in ("include_self", "dynamic", "ks_per_head", "renormalize"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        _check_int("max_queries_per_fact", self.max_queries_per_fact, 1, allow_none=True)
-        _check_choice("multi_token", self.multi_token, ("error", "first"))
-        _check_int("seed", self.seed, 0)
-        _check_int("chunk_size", self.chunk_size, 1)
-        _check_int("batch_size", self.batch_size, 1)
-        _check_int("n_bootstrap", self.n_bootstrap, 0)
-        _check_float("ci", self.ci, 0.0, 1.0)
+        check_int("max_queries_per_fact", self.max_queries_per_fact, 1, allow_none=True)
+        check_choice("multi_token", self.multi_token, ("error", "first"))
+        check_int("seed", self.seed, 0)
+        check_int("chunk_size", self.chunk_size, 1)
+        check_int("batch_size", self.batch_size, 1)
+        check_int("n_bootstrap", self.n_bootstrap, 0)
+        check_float("ci", self.ci, 0.0, 1.0)
         if not 0 < self.ci < 1:
             raise InvalidInputError(f"ci must lie strictly between 0 and 1, got {self.ci!r}")
 
@@ -228,16 +207,6 @@ class QLResult:
     out_dir: Path | None = None
     seconds: float = field(default=math.nan)
 
-    def plot_mapping(self, metric: str = "mean_of_ratios", ax: Any = None) -> Any:
-        from qloc_tl.reporting.views import plot_mapping
-
-        return plot_mapping(self.mapping, metric=metric, ax=ax)
-
-    def plot_dynamic(self, metric: str = "dvalue_rel_agg", ax: Any = None) -> Any:
-        from qloc_tl.reporting.views import plot_dynamic
-
-        return plot_dynamic(self.dynamic, metric=metric, ax=ax)
-
     def __repr__(self) -> str:
         counts = pd.Series(self.classes).value_counts().to_dict() if self.classes else {}
         return f"QLResult(n_facts={len(self.facts)}, classes={counts}, out_dir={self.out_dir})"
@@ -248,7 +217,7 @@ class QLResult:
 # --------------------------------------------------------------------------------------------------
 
 
-def _model_id(model: Any) -> str:
+def _model_id(model: TLModel) -> str:
     h = hashlib.sha256()
     for _, p in sorted(model.state_dict().items())[:4]:
         h.update(p.detach().flatten()[:4096].to("cpu", torch.float64).numpy().tobytes())
@@ -273,7 +242,7 @@ def _trim(fact: Fact, n: int | None) -> Fact:
     return Fact(fact.subject, fact.relation, fact.object, fact.queries[:n], fact.uuid)
 
 
-def _localize(model: Any, facts: Sequence[Fact], cfg: QLConfig, show_progress: bool) -> dict[str, list[frozenset[Neuron]]]:
+def _localize(model: TLModel, facts: Sequence[Fact], cfg: QLConfig, show_progress: bool) -> dict[str, list[frozenset[Neuron]]]:
     from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
     prompts = [q for f in facts for q in f.prompts]
@@ -292,7 +261,7 @@ def _localize(model: Any, facts: Sequence[Fact], cfg: QLConfig, show_progress: b
 
 
 def _chunk_tables(
-    model: Any,
+    model: TLModel,
     facts: list[Fact],
     kn: dict[str, list[frozenset[Neuron]]],
     cfg: QLConfig,
@@ -334,13 +303,13 @@ def _chunk_tables(
                 )  # fmt: skip
                 synapses[f.key].append(r.synapses)
                 delta = r.completeness_delta
-                for s in r.synapses:
+                for syn in r.synapses:
                     syn_rows.append(
                         {
-                            "fact_key": f.key, "query_index": i, "layer": s.layer, "head": s.head,
-                            "key_position": s.key_position, "token": r.str_tokens[s.key_position],
-                            "score": float(r.scores[s.layer, s.head, s.key_position]),
-                            "layer_completeness_delta": float(delta[s.layer]) if delta.numel() else math.nan,
+                            "fact_key": f.key, "query_index": i, "layer": syn.layer, "head": syn.head,
+                            "key_position": syn.key_position, "token": r.str_tokens[syn.key_position],
+                            "score": float(r.scores[syn.layer, syn.head, syn.key_position]),
+                            "layer_completeness_delta": float(delta[syn.layer]) if delta.numel() else math.nan,
                         }
                     )  # fmt: skip
         tables["dynamic"] = measure_dynamic_selection(
@@ -370,7 +339,7 @@ def _with_class(df: pd.DataFrame, classes: Mapping[str, str]) -> pd.DataFrame:
 
 
 def run_query_localization(
-    model: Any,
+    model: TLModel,
     facts: Sequence[Fact],
     *,
     config: QLConfig | None = None,
@@ -430,7 +399,7 @@ def run_query_localization(
         given_kn = {}
         width, L = d_mlp(model), n_layers(model)
         for f in facts:
-            sets = _as_neuron_sets(kn_sets[f.key], f"kn_sets[{f.key!r}]")
+            sets = as_neuron_sets(kn_sets[f.key], f"kn_sets[{f.key!r}]")
             if len(sets) < len(f.queries):
                 raise InvalidInputError(f"kn_sets[{f.key!r}] has {len(sets)} sets for {len(f.queries)} queries")
             sets = sets[: len(f.queries)]
@@ -517,6 +486,7 @@ def _finish(
         cls = {k: str(classes[k]) for k in fdf["fact_key"]}
         tau = math.nan
     else:
+        labels: Any
         labels, tau = split_facts(fdf["cs"].to_numpy(dtype=float), cfg.cs_threshold) if len(fdf) else ([], math.nan)
         cls = {k: str(v) for k, v in zip(fdf["fact_key"], labels)}
     fdf = _with_class(fdf, cls)
@@ -530,7 +500,7 @@ def _finish(
         )
     mrows = _with_class(data["mapping"], cls)
     drows = _with_class(data["dynamic"], cls) if len(data["dynamic"]) else pd.DataFrame()
-    kw = dict(n_bootstrap=cfg.n_bootstrap, ci=cfg.ci, seed=cfg.seed)
+    kw: dict[str, Any] = dict(n_bootstrap=cfg.n_bootstrap, ci=cfg.ci, seed=cfg.seed)
     mapping = summarize_mapping(mrows, **kw) if len(mrows) else pd.DataFrame()
     by_rel = summarize_mapping(mrows, by=("relation", "class", "set", "op"), **kw) if len(mrows) else pd.DataFrame()
     morder = set_order(mapping) if len(mapping) else pd.DataFrame()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -35,7 +34,7 @@ import torch
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import intervene
 from qloc_tl.core.identities import Neuron
-from qloc_tl.core.model import answer_token_id, check_model, require_eval
+from qloc_tl.core.model import TLModel, answer_token_id, check_model, require_eval
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.mapping import RowBatch, row_neuron_hooks
 
@@ -125,7 +124,7 @@ def overlap_summary(pairs: pd.DataFrame, *, n_boot: int = 1000, seed: int = 0) -
     return pd.DataFrame(out)
 
 
-def _probs(model: Any, prompts: list[str], answers: list[int], neurons: Sequence[Neuron] | None) -> np.ndarray:
+def _probs(model: TLModel, prompts: list[str], answers: list[int], neurons: Sequence[Neuron] | None) -> np.ndarray:
     """P(answer) of each prompt, with ``neurons`` suppressed (× 0) at every row's answer position: the
     Query-KN mapping's batch and hooks (:class:`~qloc_tl.experiments.mapping.RowBatch`)."""
     batch = RowBatch(model, prompts, answers, rows=range(len(prompts)))
@@ -135,7 +134,7 @@ def _probs(model: Any, prompts: list[str], answers: list[int], neurons: Sequence
 
 
 def suppression_control(
-    model: Any,
+    model: TLModel,
     facts: Sequence[Fact],
     kn_sets: Mapping[str, Sequence[Iterable[Neuron]]],
     *,

@@ -1,12 +1,13 @@
 """How strong an update must be: the editing experiment's update at a sweep of strengths λ2.
 
-Dai et al.'s update ``v ← v − λ1·(‖v‖/‖e(o)‖)·e(o) + λ2·(‖v‖/‖e(o')‖)·e(o')`` (:func:`qloc_tl.experiments.editing.update`)
+Dai et al.'s update ``v ← v − λ1·(‖v‖/‖e(o)‖)·e(o) + λ2·(‖v‖/‖e(o')‖)·e(o')`` (:func:`qloc_tl.core.edits.update`)
 has one free strength, λ2 (8 in their code). Too strong, every neuron set reaches Rel = Gen = 1 and the
 comparison of N_i, N_u and CAS says nothing (the built-in model saturates at λ2 = 8); too weak, no set moves
 the prediction. :func:`update_strength_sweep` runs the update part of
 :func:`~qloc_tl.experiments.editing.run_editing_experiment` once per λ2 on the same facts, neuron sets, o' and Locality
 queries (attributions are computed once), so a reader can pick a strength where the sets differ and report
-it beside the results; :func:`plot_strength_sweep` draws Rel / Gen / Loc against λ2.
+it beside the results; :func:`qloc_tl.reporting.editing_plots.plot_strength_sweep` draws Rel / Gen / Loc
+against λ2.
 
 Examples:
     >>> from qloc_tl.zoo.tiny import tiny_model
@@ -25,23 +26,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.model import TLModel
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.editing import EditingConfig, fact_attributions, run_editing_experiment
 from qloc_tl.methods.known import restrict_to_known
 
-__all__ = ["update_strength_sweep", "plot_strength_sweep"]
+__all__ = ["update_strength_sweep"]
 
 METRICS = ("rel", "gen", "loc", "loc_same", "avg", "ppl_rel_delta_median", "dprob_new_edited")
 
 
 def update_strength_sweep(
-    model: Any,
+    model: TLModel,
     facts: Sequence[Fact],
     *,
     lambdas: Sequence[float] = (1.0, 2.0, 4.0, 8.0),
@@ -88,36 +89,3 @@ def update_strength_sweep(
     df = pd.concat(tables, ignore_index=True)
     keep = ["lambda2", "class", "method", "n_facts", *[c for c in METRICS if c in df.columns]]
     return df[keep]
-
-
-def plot_strength_sweep(df: pd.DataFrame, path: str | Path | None = None) -> Any:
-    """Rel, Gen, Loc (other relations) and Loc (same relation) against λ2 (log axis), one line per neuron
-    set, pooled over classes (weighted by ``n_facts``). Returns the Figure; saved to ``path`` when given."""
-    import matplotlib
-
-    if path is not None:
-        matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    need = {"lambda2", "method", "n_facts", "rel", "gen", "loc"}
-    if not need <= set(df.columns):
-        raise InvalidInputError(f"plot_strength_sweep needs the columns {sorted(need)}")
-    cols = [c for c in ("rel", "gen", "loc", "loc_same") if c in df.columns]
-    d = df[df["n_facts"] > 0]
-    fig, axes = plt.subplots(1, len(cols), figsize=(3.2 * len(cols), 2.8), squeeze=False)
-    for ax, col in zip(axes[0], cols):
-        for method, g in d.groupby("method", sort=False):
-            pooled = g.groupby("lambda2").apply(
-                lambda x, c=col: (x[c] * x["n_facts"]).sum() / x.loc[x[c].notna(), "n_facts"].sum(),
-                include_groups=False,
-            )
-            ax.plot(pooled.index, pooled.values, marker="o", label=str(method))
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("λ2")
-        ax.set_title({"rel": "Rel", "gen": "Gen", "loc": "Loc (other rel.)", "loc_same": "Loc (same rel.)"}[col], fontsize=9)
-    axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    if path is not None:
-        fig.savefig(str(path), dpi=120)
-    return fig

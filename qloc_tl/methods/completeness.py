@@ -38,6 +38,7 @@ import torch
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import intervene
 from qloc_tl.core.model import (
+    TLModel,
     answer_token_id,
     check_layer,
     check_model,
@@ -53,7 +54,7 @@ __all__ = ["path_probabilities", "completeness_by_layer", "adaptive_steps", "Ada
 
 
 def path_probabilities(
-    model: Any,
+    model: TLModel,
     prompt: str,
     answer: str | int,
     *,
@@ -97,7 +98,7 @@ def path_probabilities(
 
 
 def completeness_by_layer(
-    model: Any,
+    model: TLModel,
     prompts: Sequence[str],
     answers: Sequence[str],
     *,
@@ -148,7 +149,7 @@ class AdaptiveIG:
 
 
 def adaptive_steps(
-    model: Any,
+    model: TLModel,
     prompt: str,
     answer: str,
     *,

@@ -26,7 +26,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import check_model, require_eval, to_tokens, tokenize_prompts
+from qloc_tl.core.model import TLModel, check_model, require_eval, to_tokens, tokenize_prompts
+from qloc_tl.core.validation import check_choice
 from qloc_tl.data.facts import Fact
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ _DROP_COLUMNS = ["fact_key", "relation", "subject", "object", "n_queries", "n_kn
 
 
 def next_token_probs(
-    model: Any,
+    model: TLModel,
     prompts: Sequence[str] | Sequence[Tensor] | Tensor,
     *,
     batch_size: int = 32,
@@ -69,7 +70,7 @@ def next_token_probs(
     require_eval(model)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer, got {batch_size!r}")
-    rows = list(prompts) if not isinstance(prompts, Tensor) else list(prompts if prompts.ndim == 2 else prompts[None])
+    rows: list[Any] = list(prompts) if not isinstance(prompts, Tensor) else list(prompts if prompts.ndim == 2 else prompts[None])
     if not rows:
         raise InvalidInputError("no prompts given")
     out = []
@@ -81,7 +82,7 @@ def next_token_probs(
     return torch.cat(out)
 
 
-def object_tokens(model: Any, prompt: str, obj: str) -> list[int]:
+def object_tokens(model: TLModel, prompt: str, obj: str) -> list[int]:
     """The tokens of ``obj`` as the continuation of ``prompt`` (``prompt + " " + obj`` minus the prompt's
     tokens; the same rule as :func:`qloc_tl.core.model.answer_token_id`, which returns the first of them)."""
     p = to_tokens(model, prompt)[0].tolist()
@@ -142,13 +143,9 @@ class KnownFacts:
         return df.reset_index()
 
 
-def _check_choice(name: str, value: Any, options: tuple[str, ...]) -> None:
-    if value not in options:
-        raise InvalidInputError(f"{name} must be one of {list(options)}, got {value!r}")
-
 
 def filter_known(
-    model: Any,
+    model: TLModel,
     facts: Sequence[Fact],
     *,
     criterion: Criterion = "top1",
@@ -189,8 +186,8 @@ def filter_known(
 
     check_model(model)
     require_eval(model)
-    _check_choice("criterion", criterion, get_args(Criterion))
-    _check_choice("multi_token", multi_token, get_args(MultiTokenPolicy))
+    check_choice("criterion", criterion, get_args(Criterion))
+    check_choice("multi_token", multi_token, get_args(MultiTokenPolicy))
     if isinstance(min_prob, bool) or not isinstance(min_prob, (int, float)) or not 0 < float(min_prob) <= 1:
         raise InvalidInputError(f"min_prob must be a number in (0, 1], got {min_prob!r}")
     for name, value in (("min_queries", min_queries), ("batch_size", batch_size)):
@@ -279,7 +276,7 @@ def filter_known(
 
 
 def restrict_to_known(
-    model: Any, facts: Sequence[Fact], known_only: bool | None, *, what: str = "the experiment"
+    model: TLModel, facts: Sequence[Fact], known_only: bool | None, *, what: str = "the experiment"
 ) -> tuple[list[Fact], KnownFacts | None]:
     """The experiment runners' policy: with ``known_only=None`` facts are filtered by :func:`filter_known`
     (defaults) on every model except the built-in fact model, which was trained on its facts; ``True``

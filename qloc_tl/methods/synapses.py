@@ -1,4 +1,4 @@
-"""Knowledge synapses (KS): attention-pattern entries at the answer row that carry a fact (method spec §4.6).
+"""Knowledge synapses (KS): attention-pattern entries at the answer row that carry a fact.
 
 Vocabulary: a **knowledge synapse** ``Synapse(layer, head, key_position)`` is column ``key_position`` of head
 ``(layer, head)``'s attention pattern ``blocks.{layer}.attn.hook_pattern[:, head]`` *in the row of the answer
@@ -57,8 +57,9 @@ Engines (``implementation``):
   KV-cache probe failed), or the validation fails or the layout's forward raises (TL 4 ``boot_native``
   bridges ignore 4-D masks), the call runs ``"batched"`` instead and one WARNING per model names the
   reason; a failed validation is remembered per model (and mode), so later calls go straight to
-  ``"batched"``. :attr:`SynapseResult.implementation` / ``fast_path`` record what ran. The benchmark
-  ``bench_synapses.py`` measures it against ``"batched"``.
+  ``"batched"``. :attr:`SynapseResult.implementation` / ``fast_path`` record what ran. The engine lives in
+  :mod:`qloc_tl.methods.attribution.engines.synapses`; its failures are remembered in
+  :data:`~qloc_tl.methods.attribution.engines.cache.ENGINE_CACHE`.
 * ``"batched"``: runs the m steps of several layers as rows of one full-sequence forward (``batch_size``
   rows per pass) using :func:`~qloc_tl.core.hooks.scale_attention` with per-row query positions and a read-only
   gradient tap. Memory: one pass holds activations and gradients of ``batch_size`` rows.
@@ -82,12 +83,10 @@ Examples:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import weakref
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -96,34 +95,35 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from qloc_tl.core.errors import CapabilityError, InvalidInputError, NumericalError
-from qloc_tl.core.hooks import AttentionHook, CountingHook, HookList, intervene, scale_attention
+from qloc_tl.core.errors import InvalidInputError, NumericalError
+from qloc_tl.core.hooks import CountingHook, HookList, intervene, scale_attention
 from qloc_tl.core.identities import Head, Synapse
 from qloc_tl.core.model import (
+    TLModel,
     answer_probability,
     answer_token_id,
-    capabilities,
     check_layer,
     check_model,
     frozen_parameters,
-    hooked_kv_cache,
-    logit_tolerance,
-    logits_mismatch,
-    mode_key,
-    model_dtype,
     n_heads,
     n_layers,
     pattern_hook_name,
     require_eval,
     tokenize_prompts,
 )
-from qloc_tl.methods.attribution.layout import matmul_ready_weights
+from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
+from qloc_tl.methods.attribution.engines.synapses import (
+    FastMismatch,
+    FastPath,
+    attattr_fast,
+    synapse_fast_path,
+)
 from qloc_tl.methods.attribution.quadrature import quadrature
 from qloc_tl.methods.attribution.selection import select_neurons
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SynapseResult", "find_synapses", "select_synapses", "synapse_columns"]
+__all__ = ["SynapseResult", "find_synapses", "select_synapses", "synapse_columns", "synapse_patterns"]
 
 Method = Literal["attattr", "raw"]
 Implementation = Literal["fast", "batched", "reference"]
@@ -190,7 +190,7 @@ class SynapseResult:
         """The same scores with another selection rule (keywords of :func:`select_synapses`)."""
         from dataclasses import replace
 
-        params = dict(
+        params: dict[str, Any] = dict(
             threshold_method=self.threshold_method, threshold=self.threshold, per_head=self.per_head,
             head_threshold=self.head_threshold, exclude_keys=self.exclude_keys,
         )  # fmt: skip
@@ -243,12 +243,12 @@ def synapse_columns(synapses: Iterable[Synapse]) -> dict[Head, tuple[int, ...]]:
 
 
 def select_synapses(
-    scores: Float[Tensor, "n_layers n_heads n_keys"],
+    scores: Float[Tensor, "..."],  # [n_layers, n_heads, n_keys]; checked below (InvalidInputError)
     *,
     threshold_method: str = "fraction_of_max",
-    threshold: float | None = 0.2,
+    threshold: float | int | None = 0.2,
     per_head: bool = False,
-    head_threshold: float | None = None,
+    head_threshold: float | int | None = None,
     exclude_keys: Sequence[int] = (),
 ) -> tuple[Synapse, ...]:
     """Select synapses from a score tensor with :func:`qloc_tl.methods.attribution.select_neurons`' rules.
@@ -325,7 +325,7 @@ class _GradTap(CountingHook):
 
 
 def _attattr_batched(
-    model: Any,
+    model: TLModel,
     tokens: Tensor,
     answer: int,
     layers: Sequence[int],
@@ -374,9 +374,12 @@ def _attattr_batched(
             logits = mdl(batch)
             p_graph = answer_probability(logits, q, answer)
             tap_layers = sorted(taps)
-            grads = (
-                torch.autograd.grad(p_graph.sum(), [taps[t].z for t in tap_layers]) if tap_layers else ()  # type: ignore[misc]
-            )
+            zs: list[Tensor] = []
+            for t in tap_layers:
+                z = taps[t].z
+                assert z is not None  # set when the hook ran, in the forward pass above
+                zs.append(z)
+            grads = torch.autograd.grad(p_graph.sum(), zs) if tap_layers else ()
         p = p_graph.detach()
         g_by_layer = dict(zip(tap_layers, grads))
         for r, (layer, k) in enumerate(chunk):
@@ -388,7 +391,7 @@ def _attattr_batched(
 
 
 def _attattr_reference(
-    model: Any,
+    model: TLModel,
     tokens: Tensor,
     answer: int,
     layers: Sequence[int],
@@ -423,269 +426,11 @@ def _attattr_reference(
     return acc, pzero
 
 
-# ------------------------------------------------------------------------------------------ fast engine
-#
-# Scaling the answer row (position q) of one layer's pattern changes the computation at position q only:
-# every earlier position's keys and values, in every layer, are the clean ones. So a sample (layer l,
-# factor α) needs only the answer token recomputed on top of the clean prefix, and the samples of a call
-# share that prefix.
-
-FastPath = Literal["kv-hooked", "packed"]
-
-# models on which the fast engine failed its validation, per (compatibility mode, dtype, device): the reason
-_FAST_FAILED: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
-# models for which the fall-back warning was logged (once per model)
-_FAST_WARNED: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-class _FastMismatch(Exception):
-    """The fast engine cannot reproduce this model (its validation failed, or its forward raised)."""
-
-
-class _SampleRowsEdit(AttentionHook):
-    """The fast engine's edit of layer ``layer``'s pattern: the answer rows of the samples are multiplied by
-    their factors (all heads), and a zero leaf ``z`` is added to them so that ``z.grad`` is ∂P/∂(pattern
-    entry) at the scaled point.
-
-    ``rows`` picks the sample rows of the hooked ``[batch, head, query, key]`` pattern: ``"tail"`` (TL 3 KV
-    path: one query per batch row, the samples are the last ``len(factors)`` batch rows, ``factors [n]``) or
-    ``"copies"`` (packed rows: the copies are the queries from ``q`` on, ``factors [batch, copies]``, 1 for
-    copies of other samples). An :class:`~qloc_tl.core.hooks.AttentionHook` (target ``"pattern"``, every head), so
-    :func:`~qloc_tl.core.hooks.intervene` validates it as a pattern edit and refuses backends that ignore those.
-    """
-
-    def __init__(
-        self, layer: int, n_heads_: int, factors: Tensor, rows: Literal["tail", "copies"], q: int = 0
-    ) -> None:
-        super().__init__(layer, list(range(n_heads_)), 1.0, None, None, False, "pattern", None)
-        self.factors = factors
-        self.rows = rows
-        self.q = q
-        self.z: Tensor | None = None
-
-    def apply(self, act: Tensor) -> Tensor:
-        if self.rows == "tail":
-            n = self.factors.shape[0]
-            keep, edit = act[: act.shape[0] - n], act[act.shape[0] - n :]
-            f = self.factors.to(device=act.device, dtype=act.dtype).view(n, 1, 1, 1)
-            self.z = torch.zeros_like(edit, requires_grad=True)
-            return torch.cat([keep, edit * f + self.z], dim=0)
-        keep, edit = act[:, :, : self.q], act[:, :, self.q :]
-        f = self.factors.to(device=act.device, dtype=act.dtype).unsqueeze(1).unsqueeze(-1)  # [B, 1, r, 1]
-        self.z = torch.zeros_like(edit, requires_grad=True)
-        return torch.cat([keep, edit * f + self.z], dim=2)
-
-
-@dataclass
-class _FastPass:
-    """One pass of the fast engine: P(answer) ``[S]`` and the answer-row gradients ``[S, n_heads, n_keys]``
-    (float64, CPU) of its samples, and, when asked for, the answer logits ``[2, d_vocab]`` of the unedited
-    validation row and of the pass's first sample."""
-
-    prob: Tensor
-    grads: Tensor
-    check_logits: Tensor | None
-
-
-@contextlib.contextmanager
-def _forward_guard(path: str, active: bool) -> Iterator[None]:
-    """While ``active`` (the validation pass): an exception of the fast layout's forward (a backend that
-    rejects 4-D masks, position ids or the KV cache, or whose hooks do not fire) becomes
-    :class:`_FastMismatch` and the call falls back; :class:`~qloc_tl.core.errors.CapabilityError` (pattern
-    edits ignored) is raised as it is, as by every engine."""
-    if not active:
-        yield
-        return
-    try:
-        yield
-    except (_FastMismatch, CapabilityError):
-        raise
-    except Exception as exc:
-        raise _FastMismatch(f"the {path!r} forward raised {exc!r}") from exc
-
-
-class _FastRows:
-    """Evaluates samples ``(layer, factor)`` of one prompt on top of its clean prefix (see the subclasses)."""
-
-    path: str = ""
-
-    def __init__(self, model: Any, tokens: Tensor, answer: int) -> None:
-        self.model = model
-        self.tokens = tokens
-        self.P = tokens.shape[1]
-        self.q = self.P - 1
-        self.H = n_heads(model)
-        self.answer = answer
-
-    def run(self, layer_of: list[int], factors: Tensor, check: bool) -> _FastPass:
-        raise NotImplementedError
-
-    def _grads(self, prob: Tensor, taps: dict[int, _SampleRowsEdit]) -> dict[int, Tensor]:
-        order = list(taps)
-        zs = [taps[l].z for l in order]
-        if any(z is None for z in zs):
-            raise _FastMismatch("a pattern hook of the fast pass did not run")
-        got = torch.autograd.grad(prob.sum(), zs)  # type: ignore[arg-type]
-        return dict(zip(order, got))
-
-
-class _KVRows(_FastRows):
-    """TL 3 ``HookedTransformer``: the prefix (tokens 0..q−1) goes once into TL's KV cache; a pass runs the
-    answer token only, one block per call (``start_at_layer=j, stop_at_layer=j + 1``) with the prefix's keys
-    and values of block j expanded over the batch (views). The samples of layer l join the batch at block l
-    with the clean residual entering it at q (``resid_q[l]``), so no sample computes a block below its own;
-    the answer-row pattern of block l is ``[batch, head, 1, n_keys]`` and its samples are the last batch rows.
-    """
-
-    path = "kv-hooked"
-
-    def __init__(self, model: Any, tokens: Tensor, answer: int, resid_q: dict[int, Tensor]) -> None:
-        super().__init__(model, tokens, answer)
-        self.resid_q = resid_q
-        self.L = n_layers(model)
-        self.prefix = hooked_kv_cache(model, 1)
-        if self.q > 0:
-            with torch.no_grad():
-                model(tokens[:, : self.q], past_kv_cache=self.prefix, return_type=None)
-        self.prefix.freeze()
-
-    def _cache(self, j: int, R: int) -> Any:
-        """A frozen cache whose block-``j`` entry holds the prefix for ``R`` rows; a one-block call reads no
-        other entry."""
-        c = hooked_kv_cache(self.model, R)
-        src = self.prefix.entries[j]
-        c.entries[j].past_keys = src.past_keys.expand(R, *src.past_keys.shape[1:])
-        c.entries[j].past_values = src.past_values.expand(R, *src.past_values.shape[1:])
-        c.freeze()
-        return c
-
-    def _logits(self, resid: Tensor) -> Tensor:
-        """The logits from the last block's output: ``ln_final``, then ``@ W_U + b_U`` (soft-capped where the
-        model caps them). HookedTransformer's own ``unembed`` copies ``W_U.T`` on every call (≈ 80 ms on
-        SmolLM2-135M); the validation compares these logits with the model's own."""
-        m = self.model
-        final = m.ln_final(resid) if m.cfg.normalization_type is not None else resid
-        logits = final @ m.W_U + m.b_U
-        cap = float(getattr(m.cfg, "output_logits_soft_cap", 0.0) or 0.0)
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
-
-    def run(self, layer_of: list[int], factors: Tensor, check: bool) -> _FastPass:
-        counts: dict[int, int] = {}
-        for l in layer_of:  # samples come sorted by layer
-            counts[l] = counts.get(l, 0) + 1
-        taps: dict[int, _SampleRowsEdit] = {}
-        s0 = 0
-        for l, n in counts.items():
-            taps[l] = _SampleRowsEdit(l, self.H, factors[s0 : s0 + n], "tail")
-            s0 += n
-        hooks = [(pattern_hook_name(self.model, l), t) for l, t in taps.items()]
-        lmin = min(counts)
-        d = self.resid_q[lmin].shape[-1]
-        with _forward_guard(self.path, check), intervene(self.model, hooks):
-            # the unedited validation row joins first, at the lowest block, and climbs with the samples
-            resid = self.resid_q[lmin].view(1, 1, d) if check else self.resid_q[lmin].new_zeros(0, 1, d)
-            for j in range(lmin, self.L):
-                if j in counts:
-                    resid = torch.cat([resid, self.resid_q[j].view(1, 1, d).expand(counts[j], 1, d)])
-                resid = self.model(
-                    resid, start_at_layer=j, stop_at_layer=j + 1, past_kv_cache=self._cache(j, resid.shape[0])
-                )
-            logits = self._logits(resid)  # [R, 1, d_vocab]
-        prob = answer_probability(logits, 0, self.answer)
-        g = self._grads(prob, taps)
-        grads = torch.cat([g[l][:, :, 0, :] for l in counts]).detach().to("cpu", torch.float64)
-        off = 1 if check else 0
-        check_logits = logits[: off + 1, 0].detach() if check else None
-        return _FastPass(prob[off:].detach(), grads, check_logits)
-
-
-class _PackedRows(_FastRows):
-    """HF-backed TL 4 bridges (which keep no KV cache): a row is the prefix followed by one copy of the answer
-    token per sample; a 4-D mask lets each copy see the prefix and itself only, and every copy has position id
-    q, so each copy computes the clean answer position. In the pattern a copy's row holds the prefix keys
-    0..q−1 and its own column, which stands for key q. When the context (``n_ctx``) cannot hold all copies
-    after the prefix they are spread over rows of one batch, each repeating the prefix."""
-
-    path = "packed"
-
-    def __init__(self, model: Any, tokens: Tensor, answer: int) -> None:
-        super().__init__(model, tokens, answer)
-        n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
-        self.room = n_ctx - self.q if n_ctx else None  # copies one row can hold
-        if self.room is not None and self.room < 1:
-            raise _FastMismatch(f"the prompt ({self.P} tokens) leaves no room for a copy in n_ctx={n_ctx}")
-
-    def layout(self, B: int, r: int) -> tuple[Tensor, Tensor, Tensor]:
-        """``(tokens [B, N], mask [B, 1, N, N], position ids [B, N])``: ``B`` rows = prefix + ``r`` copies."""
-        q, dev = self.q, self.tokens.device
-        row = self.tokens[0]
-        N = q + r
-        seq = torch.cat([row[:q], row[q:].expand(r)]).unsqueeze(0).expand(B, N)
-        allowed = torch.zeros(N, N, dtype=torch.bool, device=dev)
-        allowed[:q, :q] = torch.ones(q, q, dtype=torch.bool, device=dev).tril()
-        allowed[q:, :q] = True
-        diag = torch.arange(q, N, device=dev)
-        allowed[diag, diag] = True
-        pos = torch.cat([torch.arange(q, device=dev), torch.full((r,), q, device=dev)])
-        pos = pos.unsqueeze(0).expand(B, N)
-        return seq, allowed[None, None].expand(B, 1, N, N), pos
-
-    def run(self, layer_of: list[int], factors: Tensor, check: bool) -> _FastPass:
-        q, H = self.q, self.H
-        off = 1 if check else 0  # copy 0 of row 0: the unedited validation copy
-        S = len(layer_of) + off
-        r = S if self.room is None else max(1, min(S, self.room))
-        B = -(-S // r)
-        dev = self.tokens.device
-        slot_layer = torch.full((B * r,), -1, dtype=torch.long)
-        slot_layer[off:S] = torch.tensor(layer_of, dtype=torch.long)
-        slot_factor = torch.ones(B * r, dtype=torch.float64)
-        slot_factor[off:S] = factors.to(torch.float64)
-        taps: dict[int, _SampleRowsEdit] = {}
-        slots: dict[int, Tensor] = {}
-        for l in dict.fromkeys(layer_of):
-            sl = (slot_layer == l).nonzero().squeeze(-1)
-            f = torch.ones(B * r, dtype=torch.float64)
-            f[sl] = slot_factor[sl]
-            slots[l] = sl
-            taps[l] = _SampleRowsEdit(l, H, f.view(B, r).to(dev), "copies", q=q)
-        seq, mask, pos = self.layout(B, r)
-        hooks = [(pattern_hook_name(self.model, l), t) for l, t in taps.items()]
-        with _forward_guard(self.path, check), intervene(self.model, hooks):
-            logits = self.model(seq, attention_mask=mask, position_ids=pos)
-        copies = logits[:, q:].reshape(B * r, -1)[:S]  # copies past S in the last row: unedited, dropped
-        prob = answer_probability(copies.unsqueeze(1), 0, self.answer)
-        g = self._grads(prob, taps)
-        parts = []
-        for l in taps:
-            sl = slots[l]
-            zg = g[l].permute(0, 2, 1, 3).reshape(B * r, H, q + r)[sl.to(dev)]  # [n_l, H, N]
-            own = (q + sl % r).to(dev).view(-1, 1, 1).expand(-1, H, 1)  # the copy's own column = key q
-            parts.append(torch.cat([zg[:, :, :q], zg.gather(2, own)], dim=2))
-        grads = torch.cat(parts).detach().to("cpu", torch.float64)
-        check_logits = copies[: off + 1].detach() if check else None
-        return _FastPass(prob[off:].detach(), grads, check_logits)
-
-
-def _fast_path(model: Any) -> tuple[FastPath | None, str]:
-    """The fast engine's path for this model, or ``(None, why not)``."""
-    hit = _FAST_FAILED.get(model)
-    if hit is not None and hit[0] == mode_key(model):
-        return None, hit[1]
-    caps = capabilities(model)
-    if caps.backend == "hooked":
-        if caps.kv_cache == "hooked" and caps.start_at_layer == "fast":
-            return "kv-hooked", ""
-        why = "; ".join(caps.notes) or "its capability probes found no usable KV cache / start_at_layer"
-        return None, f"the fast engine needs TL's KV cache and start_at_layer: {why}"
-    return "packed", ""  # TL 4 bridges; the validation tells HF-backed ones (4-D masks honoured) from others
-
-
-def _warn_fallback(model: Any, why: str) -> None:
-    if model in _FAST_WARNED:
+def _warn_fallback(model: TLModel, why: str) -> None:
+    """One WARNING per model that the fast engine cannot run; later fallbacks log at INFO."""
+    if not ENGINE_CACHE.first_time(model, "synapses fallback"):
         logger.info("find_synapses: full-sequence batched engine (%s)", why)
         return
-    _FAST_WARNED.add(model)
     logger.warning(
         "find_synapses: the fast engine cannot run on this %s (%s); using the full-sequence batched engine, "
         "which computes every prompt position per sample (about n_tokens times slower)",
@@ -693,120 +438,22 @@ def _warn_fallback(model: Any, why: str) -> None:
     )  # fmt: skip
 
 
-def _fast_jobs(layers: Sequence[int], m: int, per_pass: int) -> list[list[tuple[int, int]]]:
-    """Samples ``(layer, k)`` (k = −1: the α = 0 baseline, first in each layer: the first pass holds one),
-    layer-major, cut into passes of whole layers of up to ``per_pass`` samples (a layer larger than that is
-    split)."""
-    jobs = [(l, k) for l in layers for k in range(-1, m)]
-    per_layer = m + 1
-    n = max(1, per_pass // per_layer) * per_layer if per_pass >= per_layer else per_pass
-    return [jobs[i : i + n] for i in range(0, len(jobs), n)]
-
-
-def _attattr_fast(model: Any, *args: Any) -> tuple[dict[int, Tensor], dict[int, float]]:
-    """:func:`_attattr_batched`'s sums and baselines from the answer token alone, on top of the clean prefix.
-
-    Validation (first pass): the unedited row's answer logits must equal the clean forward's
-    (``clean_logits``), and the first sample (the α = 0 baseline of the first layer) must equal a full
-    forward with that layer's answer row zeroed, both within :func:`~qloc_tl.core.model.logit_tolerance` relative
-    to the logits' scale (:func:`~qloc_tl.core.model.logits_mismatch`). A mismatch, or a forward that raises on
-    that pass, raises :class:`_FastMismatch`.
-    """
-    # TL 3 (CPU): weights stored in the order the components multiply by, so their per-call copies become
-    # views (the same values; a no-op on TL 4). Arguments: those of _attattr_fast_run.
-    with matmul_ready_weights(model):
-        return _attattr_fast_run(model, *args)
-
-
-def _attattr_fast_run(
-    model: Any,
-    path: FastPath,
-    tokens: Tensor,
-    answer: int,
-    layers: Sequence[int],
-    alphas: Tensor,
-    weights: Tensor,
-    per_pass: int,
-    clean_logits: Tensor,
-    resid_q: dict[int, Tensor] | None,
-    show_progress: bool,
-) -> tuple[dict[int, Tensor], dict[int, float]]:
-    P = tokens.shape[1]
-    q = P - 1
-    H = n_heads(model)
-    ev: _FastRows
-    with _forward_guard(path, True):
-        if path == "kv-hooked":
-            ev = _KVRows(model, tokens, answer, resid_q or {})
-        else:
-            ev = _PackedRows(model, tokens, answer)
-    m = len(alphas)
-    acc = {layer: torch.zeros(H, P, dtype=torch.float64) for layer in layers}
-    pzero: dict[int, float] = {}
-    passes = _fast_jobs(layers, m, per_pass)
-    it: Iterable[list[tuple[int, int]]] = passes
-    if show_progress:
-        from tqdm.auto import tqdm
-
-        it = tqdm(passes, desc=f"attattr ({path})", unit="pass", leave=False)
-    tol = logit_tolerance(model_dtype(model))
-    w64 = weights.to(torch.float64)
-    for i, chunk in enumerate(it):
-        check = i == 0
-        layer_of = [l for l, _ in chunk]
-        factors = torch.tensor([0.0 if k < 0 else float(alphas[k]) for _, k in chunk], dtype=torch.float64)
-        with frozen_parameters(model), torch.enable_grad():
-            res = ev.run(layer_of, factors, check=check)
-        if check:
-            assert res.check_logits is not None
-            _validate_fast(model, tokens, q, chunk[0][0], res.check_logits, clean_logits, tol, path)
-        for r, (layer, k) in enumerate(chunk):
-            if k < 0:
-                pzero[layer] = float(res.prob[r])
-            else:
-                acc[layer] += w64[k] * res.grads[r]
-    return acc, pzero
-
-
-def _validate_fast(
-    model: Any, tokens: Tensor, q: int, layer: int, got: Tensor, clean_logits: Tensor, tol: float, path: str
-) -> None:
-    """Raise :class:`_FastMismatch` unless the fast pass's unedited row reproduces the clean logits and its
-    first sample (layer ``layer``'s answer row zeroed) a full forward with the same edit."""
-    err = logits_mismatch(got[0], clean_logits)
-    if not err <= tol:
-        raise _FastMismatch(
-            f"{path!r}: the unedited answer token's logits differ from the full forward's by {err:.2e} "
-            f"relative to the logits' scale (tolerance {tol:.0e})"
-        )
-    heads = [Head(layer, h) for h in range(n_heads(model))]
-    zero = scale_attention(heads, 0.0, query_positions=[q], model=model)
-    with torch.no_grad(), intervene(model, zero) as mdl:
-        want = mdl(tokens)[0, q]
-    err = logits_mismatch(got[1], want)
-    if not err <= tol:
-        raise _FastMismatch(
-            f"{path!r}: with layer {layer}'s answer row zeroed the logits differ from the full forward's by "
-            f"{err:.2e} relative to the logits' scale (tolerance {tol:.0e})"
-        )
-
-
 def find_synapses(
-    model: Any,
+    model: TLModel,
     query: str | Tensor,
     answer: str | int,
     *,
-    method: Method = "attattr",
+    method: Method | str = "attattr",
     steps: int = 20,
     rule: str = "left",
-    threshold: float | None = 0.2,
+    threshold: float | int | None = 0.2,
     threshold_method: str = "fraction_of_max",
     per_head: bool = False,
     head_threshold: float | None = None,
     exclude_keys: Sequence[int] = (),
     layers: Sequence[int] | None = None,
     batch_size: int = 64,
-    implementation: Implementation = "fast",
+    implementation: Implementation | str = "fast",
     multi_token: Literal["error", "first"] = "first",
     show_progress: bool = False,
 ) -> SynapseResult:
@@ -867,7 +514,7 @@ def find_synapses(
     fast: FastPath | None = None
     why = ""
     if method == "attattr" and implementation == "fast":
-        fast, why = _fast_path(model)
+        fast, why = synapse_fast_path(model)
     # the KV path starts the samples of layer l at block l from the clean residual entering it
     resid_names = {l: f"blocks.{l}.hook_resid_pre" for l in layer_list} if fast == "kv-hooked" else {}
     with torch.no_grad():
@@ -891,14 +538,14 @@ def find_synapses(
         if fast is not None:
             per_pass = batch_size * P if fast == "kv-hooked" else 2 * batch_size
             try:
-                got = _attattr_fast(
+                got = attattr_fast(
                     model, fast, tokens, answer_id, layer_list, alphas, weights, per_pass, clean_logits,
                     resid_q, show_progress,
                 )  # fmt: skip
                 used_path = fast
-            except _FastMismatch as exc:
+            except FastMismatch as exc:
                 why = str(exc)
-                _FAST_FAILED[model] = (mode_key(model), why)
+                ENGINE_CACHE.mark_failed(model, "synapses", why)
         if got is None and implementation in ("fast", "batched"):
             if implementation == "fast":
                 _warn_fallback(model, why)
@@ -929,8 +576,36 @@ def find_synapses(
     )  # fmt: skip
 
 
-def _str_tokens(model: Any, tokens: Tensor) -> list[str]:
+def _str_tokens(model: TLModel, tokens: Tensor) -> list[str]:
     try:
         return [str(t) for t in model.to_str_tokens(tokens)]
     except Exception:  # no tokenizer
         return [str(int(t)) for t in tokens]
+
+
+def synapse_patterns(
+    model: TLModel, result: SynapseResult, heads: Sequence[Head] | None = None, *, max_heads: int = 12
+) -> dict[Head, Tensor]:
+    """Attention patterns ``[query_pos, key_pos]`` of the heads holding a query's knowledge synapses, on the
+    query's tokens: the data a head view (:func:`qloc_tl.reporting.views.synapse_heads_view`) draws.
+
+    Args:
+        model: the TL model ``result`` was computed on.
+        result: a :class:`SynapseResult`.
+        heads: heads to read (default: the synapse heads, strongest synapse first, at most ``max_heads``).
+        max_heads: cap on the number of default heads.
+
+    Returns:
+        ``{Head: pattern}`` in display order (CPU tensors).
+    """
+    if heads is None:
+        best = {h: float(result.scores[h.layer, h.head].nan_to_num(nan=-math.inf).max()) for h in result.heads}
+        heads = sorted(best, key=lambda h: (-best[h], h))[:max_heads]
+    heads = list(heads)
+    if not heads:
+        raise InvalidInputError("the query has no knowledge synapses to show; pass heads= explicitly")
+    names = [pattern_hook_name(model, layer) for layer in sorted({h.layer for h in heads})]
+    device = next((q.device for q in model.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        _, cache = model.run_with_cache(result.tokens.unsqueeze(0).to(device), names_filter=names)
+    return {h: cache[pattern_hook_name(model, h.layer)][0, h.head].detach().cpu() for h in heads}

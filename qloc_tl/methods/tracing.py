@@ -1,4 +1,4 @@
-"""Causal tracing (Meng et al., NeurIPS 2022 "ROME"; method spec §2.5) as TransformerLens hooks.
+"""Causal tracing (Meng et al., NeurIPS 2022 "ROME") as TransformerLens hooks.
 
 Three runs per prompt, all read at the answer position (the last prompt token):
 
@@ -53,6 +53,7 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import CountingHook, HookList, intervene
 from qloc_tl.core.model import (
+    TLModel,
     answer_probability,
     answer_token_id,
     check_model,
@@ -176,14 +177,8 @@ class TraceResult:
                     )  # fmt: skip
         return pd.DataFrame(rows, columns=["kind", "layer", "position", "token", "subject", "ie", "p"])
 
-    def plot(self, kind: str = "resid", ax: Any = None) -> Any:
-        """A matplotlib heatmap of ``ie[kind]`` (see :func:`qloc_tl.reporting.views.plot_causal_trace`)."""
-        from qloc_tl.reporting.views import plot_causal_trace
 
-        return plot_causal_trace(self, kind, ax=ax)
-
-
-def subject_token_positions(model: Any, prompt: str, subject: str, *, prepend_bos: bool | None = None) -> tuple[int, ...]:
+def subject_token_positions(model: TLModel, prompt: str, subject: str, *, prepend_bos: bool | None = None) -> tuple[int, ...]:
     """Token positions of ``subject`` (its first occurrence) in ``model.to_tokens(prompt)``.
 
     The text before the subject (right-stripped) and the text through the subject's end are tokenized; the
@@ -224,7 +219,7 @@ def subject_token_positions(model: Any, prompt: str, subject: str, *, prepend_bo
     return tuple(range(len(before), len(through)))
 
 
-def _embed_std(model: Any) -> float:
+def _embed_std(model: TLModel) -> float:
     W_E = getattr(model, "W_E", None)
     if W_E is None:
         raise InvalidInputError("model has no W_E to derive the noise level from; pass noise_std=")
@@ -232,7 +227,7 @@ def _embed_std(model: Any) -> float:
 
 
 def causal_trace(
-    model: Any,
+    model: TLModel,
     prompt: str | Tensor,
     answer: str | int,
     *,
@@ -284,16 +279,16 @@ def causal_trace(
     if corrupt_hook not in model.hook_dict:
         raise InvalidInputError(f"model has no hook {corrupt_hook!r} to add the noise at; use 'hook_embed' or 'blocks.0.hook_resid_pre'")
     L = n_layers(model)
-    windows = dict(_DEFAULT_WINDOW)
+    windows: dict[str, int] = dict(_DEFAULT_WINDOW)
     if isinstance(window, int) and not isinstance(window, bool):
         windows = {k: window for k in KINDS}
     elif isinstance(window, dict):
         windows.update(window)
     elif window is not None:
         raise InvalidInputError(f"window must be an int, a dict kind -> int, or None, got {window!r}")
-    for k, w in windows.items():
+    for name, w in windows.items():
         if isinstance(w, bool) or not isinstance(w, int) or w < 1:
-            raise InvalidInputError(f"window for {k!r} must be a positive int, got {w!r}")
+            raise InvalidInputError(f"window for {name!r} must be a positive int, got {w!r}")
     tokens, _ = tokenize_prompts(model, [prompt])
     P = tokens.shape[1]
     if subject_positions is None:
@@ -356,7 +351,7 @@ def causal_trace(
 
 
 def restore_states(
-    model: Any,
+    model: TLModel,
     tokens: Int[Tensor, "1 pos"],
     answer_id: int,
     configs: Sequence[Sequence[tuple[str, int, int]]],

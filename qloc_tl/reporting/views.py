@@ -225,46 +225,24 @@ def _prepare_trace_heatmap(result: Any, kind: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------------
 
 
-def synapse_heads_view(
-    model: Any,
-    result: Any,
-    *,
-    heads: Sequence[Head] | None = None,
-    max_heads: int = 12,
-) -> Any:
+def synapse_heads_view(result: Any, patterns: Mapping[Head, Tensor]) -> Any:
     """A circuitsvis ``attention_heads`` widget of the heads holding a query's knowledge synapses.
 
     Args:
-        model: the TL model the :class:`~qloc_tl.methods.synapses.SynapseResult` was computed on.
-        result: a :class:`~qloc_tl.methods.synapses.SynapseResult`.
-        heads: heads to show (default: the synapse heads, strongest first, at most ``max_heads``).
-        max_heads: cap on the number of heads.
+        result: a :class:`~qloc_tl.methods.synapses.SynapseResult` (tokens and synapses to mark).
+        patterns: ``{Head: [query_pos, key_pos] pattern}`` in display order, e.g.
+            :func:`qloc_tl.methods.synapses.synapse_patterns` ``(model, result, max_heads=6)``.
 
     Returns:
         A circuitsvis ``RenderedHTML`` (display it in a notebook, or :func:`save_html` it).
     """
     import circuitsvis as cv
 
-    if heads is None:
-        best = {h: float(result.scores[h.layer, h.head].nan_to_num(nan=-math.inf).max()) for h in result.heads}
-        heads = sorted(best, key=lambda h: (-best[h], h))[:max_heads]
-    heads = list(heads)
-    if not heads:
-        raise InvalidInputError("the query has no knowledge synapses to show; pass heads= explicitly")
-    layers = sorted({h.layer for h in heads})
-    names = [f"blocks.{layer}.attn.hook_pattern" for layer in layers]
-    with torch.no_grad():
-        _, cache = model.run_with_cache(result.tokens.unsqueeze(0).to(_device(model)), names_filter=names)
-    patterns = {h: cache[f"blocks.{h.layer}.attn.hook_pattern"][0, h.head] for h in heads}
-    att, tokens, head_names = _prepare_attention_heads(patterns, result.str_tokens, result.synapses, heads=heads)
+    if not patterns:
+        raise InvalidInputError("no head patterns to show")
+    heads = list(patterns)
+    att, tokens, head_names = _prepare_attention_heads(dict(patterns), result.str_tokens, result.synapses, heads=heads)
     return cv.attention.attention_heads(attention=np.asarray(att), tokens=tokens, attention_head_names=head_names)
-
-
-def _device(model: Any) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    return torch.device("cpu")
-
 
 def save_html(objs: Any, path: str | os.PathLike[str], *, title: str = "qloc_tl") -> str:
     """Write one or several circuitsvis ``RenderedHTML`` objects to a standalone, offline HTML file.

@@ -20,6 +20,7 @@ from typing import Any, Literal
 import torch
 
 from qloc_tl.core.errors import DataError
+from qloc_tl.core.model import TLModel
 from qloc_tl.zoo.smollm2 import SMOLLM2_NAME, convert_smollm2
 
 logger = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def load_builtin_model(
     return model
 
 
-def is_builtin_model(model: Any) -> bool:
+def is_builtin_model(model: TLModel) -> bool:
     """Whether ``model`` was returned by :func:`load_builtin_model` (or ``load_model("builtin")``)."""
     try:
         return model in _BUILTIN

@@ -134,8 +134,8 @@ def _native(arch: str, seed: int, dtype: torch.dtype) -> Any:
 
         if gated:
             common["final_rms"] = True
-        cfg = TransformerBridgeConfig(**common, seed=seed)
-        model = TransformerBridge.boot_native(cfg, tokenizer=tok, dtype=dtype)
+        cfg = TransformerBridgeConfig(**common, seed=seed)  # type: ignore[arg-type]
+        model = TransformerBridge.boot_native(cfg, tokenizer=tok, dtype=dtype)  # type: ignore[attr-defined]
     else:
         import warnings
 

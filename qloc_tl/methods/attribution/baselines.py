@@ -1,6 +1,6 @@
 """Baselines for neuron IG: zero, user tensors, and the per-token masked baselines of SIG and AMIG.
 
-**Masked-token baselines** (method_spec §2.3–2.4). For a prompt x of n tokens with answer position t
+**Masked-token baselines**. For a prompt x of n tokens with answer position t
 (its last token) and each masked position j, run the model on x with token j replaced by the
 *replacement token* (the tokenizer's EOS by default — AMIG's "architecture adaptation" for causal LMs,
 which have no [MASK]) and read layer l's neuron vector at position t: that is ``b_j[l]``.
@@ -19,6 +19,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.model import TLModel
 from qloc_tl.methods.attribution.config import AttributionConfig
 
 logger = logging.getLogger(__name__)
@@ -32,8 +33,9 @@ __all__ = [
 ]
 
 
-def replacement_token_id(model: Any, config: AttributionConfig) -> int:
+def replacement_token_id(model: TLModel, config: AttributionConfig) -> int:
     """The token that replaces each position for SIG/AMIG baselines: ``config.replacement_id`` or EOS."""
+    rid: int | None
     if config.replacement_id is not None:
         rid = config.replacement_id
     else:
@@ -50,7 +52,7 @@ def replacement_token_id(model: Any, config: AttributionConfig) -> int:
     return int(rid)
 
 
-def masked_positions(model: Any, row: Tensor, config: AttributionConfig) -> list[int]:
+def masked_positions(model: TLModel, row: Tensor, config: AttributionConfig) -> list[int]:
     """Positions of the 1-D prompt ``row`` (real tokens only) that get masked one at a time."""
     n = int(row.shape[0])
     start = 0
@@ -71,7 +73,7 @@ def masked_variants(row: Tensor, positions: list[int], rid: int) -> Tensor:
 
 @torch.no_grad()
 def masked_token_baselines(
-    model: Any,
+    model: TLModel,
     row: Tensor,
     hook_names: dict[int, str],
     config: AttributionConfig,
@@ -90,7 +92,7 @@ def masked_token_baselines(
 
 @torch.no_grad()
 def masked_token_baselines_many(
-    model: Any,
+    model: TLModel,
     rows: list[Tensor],
     hook_names: dict[int, str],
     config: AttributionConfig,

@@ -1,19 +1,20 @@
-"""The frozen, validated configuration of one :func:`~qloc_tl.methods.attribution.attribute_neurons` call."""
+"""The frozen, validated configuration of one :func:`~qloc_tl.methods.attribution.attribute_neurons` call, and
+its prompts and answers in normal form (:func:`normalise_inputs`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import SITES
+from qloc_tl.core.model import SITES, TLModel, answer_token_id
 from qloc_tl.methods.attribution.quadrature import RULES
 
-__all__ = ["AttributionConfig", "METHODS", "OBJECTIVES", "MULTIPLY_BY", "IMPLEMENTATIONS"]
+__all__ = ["AttributionConfig", "METHODS", "OBJECTIVES", "MULTIPLY_BY", "IMPLEMENTATIONS", "normalise_inputs"]
 
 METHODS = ("ig", "sig", "amig")
 OBJECTIVES = ("prob", "logprob")
@@ -53,22 +54,22 @@ class AttributionConfig:
         qloc_tl.core.errors.InvalidInputError: steps must be a positive int, got 0
     """
 
-    method: Literal["ig", "sig", "amig"] = "ig"
+    method: Literal["ig", "sig", "amig"] | str = "ig"
     steps: int = 20
     rule: str = "left"
-    site: Literal["post", "pre", "pre_linear"] = "post"
+    site: Literal["post", "pre", "pre_linear"] | str = "post"
     baseline: Any = None
-    objective: Literal["prob", "logprob"] = "prob"
-    multiply_by: Literal["activation", "difference"] | None = None
+    objective: Literal["prob", "logprob"] | str = "prob"
+    multiply_by: Literal["activation", "difference"] | str | None = None
     layers: tuple[int, ...] | None = None
     batch_size: int | None = None
     prepend_bos: bool | None = None
-    multi_token: Literal["error", "first"] = "error"
-    implementation: Literal["fast", "reference"] = "fast"
+    multi_token: Literal["error", "first"] | str = "error"
+    implementation: Literal["fast", "reference"] | str = "fast"
     show_progress: bool = False
     replacement_id: int | None = None
     mask_bos: bool = False
-    fast_path: Literal["auto", "kv", "blockwise", "packed", "full"] = "auto"
+    fast_path: Literal["auto", "kv", "blockwise", "packed", "full"] | str = "auto"
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
@@ -149,3 +150,43 @@ class AttributionConfig:
         if self.layers is not None:
             out["layers"] = list(self.layers)
         return out
+
+
+def normalise_inputs(
+    model: TLModel, prompts: Any, answers: Any, config: AttributionConfig
+) -> tuple[list[Any], list[int], bool]:
+    """``(prompts, answer ids, single)``: the prompts as a list (a string, a 1-D token tensor, a list of them
+    or a 2-D token tensor), one answer token id per prompt, and whether a single prompt was given."""
+    single = isinstance(prompts, str) or (isinstance(prompts, Tensor) and prompts.ndim == 1)
+    if single:
+        plist: list[Any] = [prompts]
+    elif isinstance(prompts, Tensor):
+        if prompts.ndim != 2:
+            raise InvalidInputError(
+                f"token tensor prompts must be 1-D or 2-D, got shape {tuple(prompts.shape)}"
+            )
+        plist = list(prompts)
+    else:
+        plist = list(prompts)
+    if not plist:
+        raise InvalidInputError("no prompts given")
+    if isinstance(answers, (str, int)) or (isinstance(answers, Tensor) and answers.numel() == 1 and single):
+        alist: list[Any] = [answers]
+    elif isinstance(answers, Tensor):
+        alist = [int(a) for a in answers.reshape(-1)]
+    else:
+        alist = list(answers)
+    if len(alist) == 1 and len(plist) > 1 and isinstance(answers, (str, int)):
+        raise InvalidInputError(
+            f"got {len(plist)} prompts but a single answer; pass a list of {len(plist)} answers (one per prompt)"
+        )
+    if len(alist) != len(plist):
+        raise InvalidInputError(
+            f"got {len(plist)} prompts but {len(alist)} answers; give one answer per prompt"
+        )
+    multi_token = cast(Literal["error", "first"], config.multi_token)  # checked by AttributionConfig
+    ids = [
+        answer_token_id(model, p if isinstance(p, str) else None, a, multi_token=multi_token)
+        for p, a in zip(plist, alist)
+    ]
+    return plist, ids, single

@@ -34,7 +34,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -49,7 +49,9 @@ Rule = Literal["left", "right", "midpoint", "trapezoid", "gauss_legendre", "eleu
 RULES: tuple[str, ...] = ("left", "right", "midpoint", "trapezoid", "gauss_legendre", "eleuther")
 
 
-def quadrature(rule: str, steps: int) -> tuple[Float[Tensor, " steps"], Float[Tensor, " steps"]]:
+def quadrature(
+    rule: str, steps: int | Any  # a positive int; checked below (InvalidInputError)
+) -> tuple[Float[Tensor, " steps"], Float[Tensor, " steps"]]:
     """Nodes and weights of ``rule`` with ``steps`` points on [0, 1] (float64, CPU).
 
     Args:
@@ -81,8 +83,8 @@ def quadrature(rule: str, steps: int) -> tuple[Float[Tensor, " steps"], Float[Te
         w[0] = w[-1] = 0.5 / (m - 1)
         return k / (m - 1), w
     if rule == "gauss_legendre":
-        x, w = np.polynomial.legendre.leggauss(m)
-        return torch.from_numpy((x + 1.0) / 2.0), torch.from_numpy(w / 2.0)
+        gx, gw = np.polynomial.legendre.leggauss(m)
+        return torch.from_numpy((gx + 1.0) / 2.0), torch.from_numpy(gw / 2.0)
     # eleuther
     return torch.linspace(0.0, 1.0, m, dtype=torch.float64), torch.full((m,), 1.0 / m, dtype=torch.float64)
 

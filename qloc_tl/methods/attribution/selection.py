@@ -1,6 +1,6 @@
 """Turning attribution scores into knowledge-neuron sets: thresholds, refining across prompts, adaptive p.
 
-Conventions (method_spec §2.1, §2.2, §3):
+Conventions:
 
 * **Coarse KNs of one prompt** — :func:`select_neurons` keeps neurons whose score passes a threshold τ;
   ``>=`` by default (Dai et al.'s rule), ``strict=True`` for ``>`` (EleutherAI). NaN scores (layers that were
@@ -40,7 +40,7 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -89,9 +89,15 @@ class NeuronSet:
     """
 
     __slots__ = ("_neurons", "_set", "threshold")
+    _neurons: tuple[Neuron, ...]
+    _set: frozenset[Neuron]
+    threshold: float | None
 
     def __init__(
-        self, neurons: Iterable[Neuron | tuple[int, int]] = (), *, threshold: float | None = None
+        self,
+        neurons: Iterable[Neuron | tuple[int, int] | Any] = (),  # other items: InvalidInputError below
+        *,
+        threshold: float | None = None,
     ) -> None:
         items = set()
         for n in neurons:
@@ -182,7 +188,7 @@ def _as_set(other: Iterable[Neuron]) -> frozenset[Neuron]:
 # --------------------------------------------------------------------------------------------------
 
 
-def otsu_threshold(values: Tensor | np.ndarray, bins: int = 256) -> float:
+def otsu_threshold(values: Tensor | np.ndarray | Sequence[float], bins: int = 256) -> float:
     """Otsu's threshold of 1-D ``values`` (NaNs ignored), on a ``bins``-bin histogram over [min, max].
 
     The split "bins 0..k | bins k+1.." maximising the between-class variance ``w0·w1·(μ0 − μ1)²`` (bin
@@ -280,29 +286,13 @@ def _select_one(scores: Tensor, method: str, value: Any, strict: bool) -> Neuron
     return NeuronSet((Neuron(l, i) for l, i in idx), threshold=tau)
 
 
-@overload
 def select_neurons(
-    scores: Float[Tensor, "n_layers d_mlp"],
-    *,
-    method: str = ...,
-    value: float | None = ...,
-    strict: bool = ...,
-) -> NeuronSet: ...
-@overload
-def select_neurons(
-    scores: Float[Tensor, "n_prompts n_layers d_mlp"],
-    *,
-    method: str = ...,
-    value: float | None = ...,
-    strict: bool = ...,
-) -> list[NeuronSet]: ...
-def select_neurons(
-    scores: Float[Tensor, "*n_prompts n_layers d_mlp"],
+    scores: Float[Tensor, "..."] | Any,  # [n_layers, d_mlp] or [n_prompts, n_layers, d_mlp]; checked below
     *,
     method: SelectionMethod | str = "fraction_of_max",
-    value: float | None = None,
-    strict: bool = False,
-) -> NeuronSet | list[NeuronSet]:
+    value: float | int | None = None,
+    strict: bool | Any = False,  # True or False; checked below (InvalidInputError)
+) -> Any:  # NeuronSet | list[NeuronSet], by the number of dimensions, which a static checker cannot see
     """Select neurons whose attribution passes a threshold (coarse KNs of one prompt).
 
     Args:
@@ -352,8 +342,8 @@ def _check_refine(p: Any, rule: Any, min_count: Any) -> None:
 def refine_neurons(
     neuron_sets: Sequence[Iterable[Neuron]],
     *,
-    p: float = 0.7,
-    rule: Literal[">=", ">"] = ">=",
+    p: float | int = 0.7,
+    rule: Literal[">=", ">"] | str = ">=",
     min_count: int = 3,
 ) -> NeuronSet:
     """Keep the neurons shared by enough of the per-prompt sets of one fact ("bag").
@@ -421,12 +411,12 @@ class AdaptiveRefinement:
 
 def refine_adaptive(
     bags: Sequence[Sequence[Iterable[Neuron]]],
-    p0: float = 0.7,
+    p0: float | int = 0.7,
     step: float = 0.05,
-    target: tuple[float, float] = (2, 5),
+    target: tuple[float | int, float | int] = (2, 5),
     max_iter: int = 6,
     *,
-    rule: Literal[">=", ">"] = ">=",
+    rule: Literal[">=", ">"] | str = ">=",
     min_count: int = 3,
 ) -> AdaptiveRefinement:
     """Dai et al.'s adaptive sharing fraction for one relation.

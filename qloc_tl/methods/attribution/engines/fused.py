@@ -5,11 +5,12 @@ GPT-2-family models compute their activation, the tanh approximation of GELU
 ``NewGELUActivation`` (``activation_function="gelu_new"``, also behind TL 4 bridges) and TL 3's
 ``gelu_new`` function each launch about eight elementwise kernels forward, keep their intermediates for
 autograd and launch about ten more backward. ``torch.nn.functional.gelu(x, approximate="tanh")`` is the
-same formula (the same constants) in one kernel each way. On the CPU the elementwise chain is memory-bound:
-on a 4-layer d128 GPT-2 it was about a fifth of the fast path's time, on the GPT-2-small shape about a tenth.
+same formula (the same constants) in one kernel each way. On the CPU the elementwise chain is memory-bound,
+so on small models it is a visible share of the fast paths' time.
 
-:func:`fused_activations` swaps the one for the other inside a context and puts the model's own back on
-exit, also when an exception is raised. Only exact matches are swapped: a module whose type is exactly
+:func:`fused_activations` swaps the one for the other inside a context (through
+:func:`~qloc_tl.methods.attribution.engines.patching.swapped`) and puts the model's own back on exit, also
+when an exception is raised. Only exact matches are swapped: a module whose type is exactly
 ``NewGELUActivation`` and that has no hooks of its own, and a TL 3 component whose ``act_fn`` attribute is
 TL's ``gelu_new`` function. Values differ from the model's own activation by rounding only (the two
 evaluate the same expression in a different order: ~1e-7 relative in float32, ~1e-16 in float64).
@@ -40,9 +41,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from qloc_tl.core.model import TLModel
+from qloc_tl.methods.attribution.engines.patching import Swap, has_hooks, swapped
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["fused_activations", "fused_gelu_tanh", "FusedGELUTanh", "fused_layer_norms", "FusedLayerNorm"]
+__all__ = [
+    "fused_activations",
+    "fused_gelu_tanh",
+    "FusedGELUTanh",
+    "fused_layer_norms",
+    "FusedLayerNorm",
+    "activation_swaps",
+    "layer_norm_swaps",
+]
 
 
 def fused_gelu_tanh(x: Tensor) -> Tensor:
@@ -77,15 +89,8 @@ def _unfused_functions() -> tuple[Any, ...]:
     return tuple(fns)
 
 
-def _has_hooks(module: torch.nn.Module) -> bool:
-    return any(
-        getattr(module, name, None)
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
-    )
-
-
 @contextlib.contextmanager
-def fused_activations(model: torch.nn.Module) -> Iterator[int]:
+def fused_activations(model: torch.nn.Module | TLModel) -> Iterator[int]:
     """Within the context, compute the model's tanh-GELU activations with the fused kernel.
 
     Yields the number of activations swapped (0 when the model has none of the unfused forms). Everything
@@ -101,25 +106,27 @@ def fused_activations(model: torch.nn.Module) -> Iterator[int]:
         >>> n, type(mlp[1]).__name__, torch.allclose(y, mlp(x), rtol=1e-12, atol=1e-15)
         (1, 'NewGELUActivation', True)
     """
+    swaps = activation_swaps(model)
+    if swaps:
+        logger.debug("fused %d tanh-GELU activations of %s", len(swaps), type(model).__name__)
+    with swapped(swaps) as n:
+        yield n
+
+
+def activation_swaps(model: torch.nn.Module | TLModel) -> list[Swap]:
+    """What :func:`fused_activations` replaces: every child ``NewGELUActivation`` without hooks of its own,
+    and every ``act_fn`` attribute holding TL's ``gelu_new``."""
     types = _unfused_module_types()
     fns = _unfused_functions()
-    undo: list[tuple[torch.nn.Module, str, Any]] = []
-    try:
-        for parent in list(model.modules()):
-            for name, child in list(parent.named_children()):
-                if types and type(child) in types and not _has_hooks(child):
-                    undo.append((parent, name, child))
-                    setattr(parent, name, FusedGELUTanh())
-            fn = vars(parent).get("act_fn")
-            if fn is not None and any(fn is g for g in fns):
-                undo.append((parent, "act_fn", fn))
-                parent.act_fn = fused_gelu_tanh
-        if undo:
-            logger.debug("fused %d tanh-GELU activations of %s", len(undo), type(model).__name__)
-        yield len(undo)
-    finally:
-        for parent, name, old in reversed(undo):
-            setattr(parent, name, old)
+    swaps: list[Swap] = []
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if types and type(child) in types and not has_hooks(child):
+                swaps.append(Swap(parent, name, FusedGELUTanh()))
+        fn = vars(parent).get("act_fn")
+        if fn is not None and any(fn is g for g in fns):
+            swaps.append(Swap(parent, "act_fn", fused_gelu_tanh))
+    return swaps
 
 
 def _tl_layer_norm_types() -> tuple[type, ...]:
@@ -135,12 +142,14 @@ class FusedLayerNorm(torch.nn.Module):
     normalisation component — what replaces it within :func:`fused_layer_norms`. The original is referenced,
     not registered as a submodule. Inputs other than float32/float64 go to the original."""
 
+    original: torch.nn.Module
+
     def __init__(self, original: torch.nn.Module) -> None:
         super().__init__()
         object.__setattr__(self, "original", original)
 
     def forward(self, x: Tensor) -> Tensor:
-        o = self.original
+        o: Any = self.original  # a TL 3 LayerNorm / LayerNormPre: ``w``, ``b`` and ``eps`` are its own attributes
         if x.dtype not in (torch.float32, torch.float64):
             return o(x)
         return F.layer_norm(x, (x.shape[-1],), getattr(o, "w", None), getattr(o, "b", None), o.eps)
@@ -148,7 +157,7 @@ class FusedLayerNorm(torch.nn.Module):
 
 def _hooked(m: torch.nn.Module) -> bool:
     """PyTorch hooks on ``m``, or (a TL hook point) hooks in its own lists."""
-    return _has_hooks(m) or bool(getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None))
+    return has_hooks(m) or bool(getattr(m, "fwd_hooks", None) or getattr(m, "bwd_hooks", None))
 
 
 def _hooked_anywhere(module: torch.nn.Module) -> bool:
@@ -196,7 +205,7 @@ def _fused_bridge_forward(bridge: Any, weight: Tensor, bias: Tensor | None, eps:
 
 
 @contextlib.contextmanager
-def fused_layer_norms(model: torch.nn.Module) -> Iterator[int]:
+def fused_layer_norms(model: torch.nn.Module | TLModel) -> Iterator[int]:
     """Within the context, compute the model's LayerNorms with ``F.layer_norm``: TL 3 ``LayerNorm`` /
     ``LayerNormPre`` components are replaced by :class:`FusedLayerNorm`; TL 4 LayerNorm bridges on the
     op-by-op path get an instance-level ``forward`` (see the module docstring).
@@ -205,30 +214,28 @@ def fused_layer_norms(model: torch.nn.Module) -> Iterator[int]:
     on one of its hook points is left alone (a TL 4 bridge may keep its own forward pre-hooks). Everything is
     put back on exit, in reverse order, even on error.
     """
+    swaps = layer_norm_swaps(model)
+    if swaps:
+        logger.debug("fused %d layer norms of %s", len(swaps), type(model).__name__)
+    with swapped(swaps) as n:
+        yield n
+
+
+def layer_norm_swaps(model: torch.nn.Module | TLModel) -> list[Swap]:
+    """What :func:`fused_layer_norms` replaces: TL 3 normalisation children (by :class:`FusedLayerNorm`),
+    then the ``forward`` of TL 4 LayerNorm bridges."""
     types = _tl_layer_norm_types()
     bridge_type = _bridge_norm_type()
-    undo: list[tuple[torch.nn.Module, str, Any]] = []
-    patched: list[torch.nn.Module] = []  # TL 4 bridges with an instance-level forward for the call
-    try:
-        if types:
-            for parent in list(model.modules()):
-                for name, child in list(parent.named_children()):
-                    if type(child) in types and not _hooked_anywhere(child):
-                        undo.append((parent, name, child))
-                        setattr(parent, name, FusedLayerNorm(child))
-        if bridge_type is not None:
-            for mod in list(model.modules()):
-                if type(mod) is bridge_type:
-                    args = _bridge_layer_norm_args(mod)
-                    if args is not None:
-                        patched.append(mod)
-                        object.__setattr__(mod, "forward", _fused_bridge_forward(mod, *args))
-        n = len(undo) + len(patched)
-        if n:
-            logger.debug("fused %d layer norms of %s", n, type(model).__name__)
-        yield n
-    finally:
-        for mod in reversed(patched):
-            vars(mod).pop("forward", None)
-        for parent, name, old in reversed(undo):
-            setattr(parent, name, old)
+    swaps: list[Swap] = []
+    if types:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) in types and not _hooked_anywhere(child):
+                    swaps.append(Swap(parent, name, FusedLayerNorm(child)))
+    if bridge_type is not None:
+        for mod in list(model.modules()):
+            if type(mod) is bridge_type:
+                args = _bridge_layer_norm_args(mod)
+                if args is not None:
+                    swaps.append(Swap(mod, "forward", _fused_bridge_forward(mod, *args), "forward"))
+    return swaps

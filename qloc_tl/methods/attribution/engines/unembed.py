@@ -11,7 +11,7 @@ with the running ``Σ_v e^{z_v − m} W_U[:, v]`` rescaled whenever the running 
 ``[samples, d_vocab]`` logits, their softmax and their gradient are never held in memory at once. On a CPU
 this is what the attribution of a small model with a 50 257-token vocabulary spends most of its time on:
 the blocks stay in cache, and the gradient needs one matmul instead of autograd's softmax backward plus a
-matmul (``benchmarks/bench_attribution.py``; numbers in ``docs/performance.md``).
+matmul.
 
 It is exact up to float rounding (the same sums in a different order). It is used only where the
 unembedding is exactly that affine map (see :func:`linear_unembedding`); the blockwise paths still check
@@ -27,15 +27,23 @@ from jaxtyping import Float, Int
 from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.model import TLModel, model_device
 
-__all__ = ["answer_objective", "answer_objective_and_logits", "linear_unembedding"]
+__all__ = [
+    "answer_objective",
+    "answer_objective_and_logits",
+    "linear_unembedding",
+    "sweep_unembedding",
+    "hooked_ln_final",
+    "hooked_logits",
+]
 
 # block of the sweep: rows × vocabulary columns (about 1 MB of float32 logits: stays in a core's L2 cache)
 _ROWS = 256
 _COLS = 1024
 
 
-def linear_unembedding(model: Any) -> tuple[Tensor, Tensor | None] | None:
+def linear_unembedding(model: TLModel) -> tuple[Tensor, Tensor | None] | None:
     """``(W_U [d_model, d_vocab], b_U [d_vocab] or None)`` when the model's logits are ``ln_final(r) @ W_U +
     b_U`` in float32 or float64 (no logit soft cap); ``None`` otherwise (low precision: the matmuls of the
     plain path run in the model's dtype, which this sweep would not reproduce)."""
@@ -55,7 +63,7 @@ def linear_unembedding(model: Any) -> tuple[Tensor, Tensor | None] | None:
 
 class _AnswerObjective(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         resid: Tensor,
         W_U: Tensor,
@@ -73,7 +81,7 @@ class _AnswerObjective(torch.autograd.Function):
         return (lp if logprob else prob), out, kept
 
     @staticmethod
-    def backward(  # type: ignore[override]
+    def backward(
         ctx: Any, g: Tensor, _g_prob: Tensor, _g_kept: Tensor
     ) -> tuple[Tensor | None, ...]:
         prob, pW, W_U, answers = ctx.saved_tensors
@@ -126,9 +134,9 @@ def _sweep(
 
 def answer_objective(
     resid: Float[Tensor, "rows d_model"],
-    W_U: Float[Tensor, "d_model d_vocab"],
+    W_U: Float[Tensor, "_d_model d_vocab"],  # _: d_model and rows are checked below (InvalidInputError)
     b_U: Float[Tensor, " d_vocab"] | None,
-    answers: Int[Tensor, " rows"],
+    answers: Int[Tensor, " _rows"],
     objective: str = "prob",
 ) -> tuple[Float[Tensor, " rows"], Float[Tensor, " rows"]]:
     """``(objective, prob)`` of the answer tokens from the final (normalised) residual ``resid``:
@@ -144,14 +152,15 @@ def answer_objective(
 
 def answer_objective_and_logits(
     resid: Float[Tensor, "rows d_model"],
-    W_U: Float[Tensor, "d_model d_vocab"],
+    W_U: Float[Tensor, "_d_model d_vocab"],  # _: d_model and rows are checked below (InvalidInputError)
     b_U: Float[Tensor, " d_vocab"] | None,
-    answers: Int[Tensor, " rows"],
+    answers: Int[Tensor, " _rows"],
     objective: str = "prob",
-    logits_of: Int[Tensor, " k"] | None = None,
-) -> tuple[Float[Tensor, " rows"], Float[Tensor, " rows"], Float[Tensor, "k d_vocab"]]:
-    """:func:`answer_objective`, plus the logits ``resid[logits_of] @ W_U + b_U`` (detached; ``[0, d_vocab]``
-    without ``logits_of``), taken from the same sweep instead of a second pass over ``W_U``."""
+    logits_of: Int[Tensor, "..."] | None = None,
+) -> tuple[Float[Tensor, " rows"], Float[Tensor, " rows"], Float[Tensor, "kept d_vocab"]]:
+    """:func:`answer_objective`, plus the logits ``resid[logits_of] @ W_U + b_U`` (detached; ``logits_of`` of
+    any shape, flattened: ``[logits_of.numel(), d_vocab]``, ``[0, d_vocab]`` without it), taken from the same
+    sweep instead of a second pass over ``W_U``."""
     if objective not in ("prob", "logprob"):
         raise InvalidInputError(f"objective must be 'prob' or 'logprob', got {objective!r}")
     if resid.dim() != 2 or resid.shape[1] != W_U.shape[0] or answers.shape != resid.shape[:1]:
@@ -167,3 +176,25 @@ def answer_objective_and_logits(
         resid = resid.to(W_U.dtype)
     obj, prob, kept = _AnswerObjective.apply(resid, W_U, b_U, answers, objective == "logprob", logits_of)
     return obj, prob, kept
+
+
+def sweep_unembedding(model: TLModel) -> tuple[Tensor, Tensor | None] | None:
+    """``(W_U, b_U)`` when the grouped fast paths compute the objective with :func:`answer_objective` (on the
+    CPU, with a plain float32/float64 unembedding: :func:`linear_unembedding`); ``None`` when they
+    materialise the logits (on a GPU its blocks of ``_ROWS × _COLS`` would be launch-bound)."""
+    if model_device(model).type != "cpu":
+        return None
+    return linear_unembedding(model)
+
+
+def hooked_ln_final(model: TLModel, resid: Tensor) -> Tensor:
+    """A HookedTransformer's ``ln_final`` of ``resid`` (``resid`` itself for a model without normalisation)."""
+    return model.ln_final(resid) if model.cfg.normalization_type is not None else resid
+
+
+def hooked_logits(model: TLModel, final: Tensor) -> Tensor:
+    """A HookedTransformer's logits from the normalised final residual: ``final @ W_U + b_U`` (soft-capped
+    where the model caps them); HT's own ``unembed`` copies ``W_U.T`` on every call."""
+    logits = final @ model.W_U + model.b_U
+    cap = float(getattr(model.cfg, "output_logits_soft_cap", 0.0) or 0.0)
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits

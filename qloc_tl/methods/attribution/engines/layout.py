@@ -10,10 +10,9 @@ rearrangement of a standard-layout parameter is a copy:
 * ``GatedMLP`` (LLaMA and its family): ``W_gate.T.contiguous()``, ``W_in.T.contiguous()``,
   ``W_out.T.contiguous()``.
 
-The fast paths call each block once per pass, so a call of several passes repeats these copies. Measured on
-the CPU (TL 3, one thread, 2026-11-27, side by side): 1.10–1.23× faster on calls of several passes (GPT-2-small
-shape with 4 queries, LLaMA 8L d512, the built-in model and a 4L d128 model with 32 queries); no measurable
-gain on a single GPT-2-small query, which is one pass, so each weight is copied once either way.
+The fast paths call each block once per pass, so a call of several passes repeats these copies; storing the
+weights in the rearranged order turns them into views. A single pass copies each weight once either way, so
+only calls of several passes gain.
 
 :func:`matmul_ready_weights` replaces, inside a context, each of these parameters by a new parameter holding
 the **same values** whose storage is already in the rearranged order: the parameter keeps its shape
@@ -21,8 +20,9 @@ the **same values** whose storage is already in the rearranged order: the parame
 own rearrangement becomes a view and ``F.linear`` multiplies by the same numbers in the same order (the
 results are bitwise identical in TL's default attention and MLP code paths; the tests check it; the
 optional ``use_split_qkv_input`` / ``use_attn_result`` einsum paths get the same values in a different
-memory order, equal up to rounding). On exit, also on error, the original parameter objects are put back:
-identity, storage and ``requires_grad`` are as before.
+memory order, equal up to rounding). On exit, also on error, the original parameter objects are put back
+(:func:`~qloc_tl.methods.attribution.engines.patching.swapped`): identity, storage and ``requires_grad``
+are those the model had before the call.
 
 What is swapped: only modules whose type is exactly one of those TL 3 components (a subclass may compute
 differently), with no 4-bit weights, no forward override and no hooks of their own; only on the CPU (on a
@@ -41,11 +41,12 @@ from typing import Any
 
 import torch
 
-from qloc_tl.methods.attribution.fused import _has_hooks
+from qloc_tl.core.model import TLModel
+from qloc_tl.methods.attribution.engines.patching import Swap, has_hooks, swapped
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["matmul_ready_weights", "MAX_BYTES"]
+__all__ = ["matmul_ready_weights", "weight_layout_swaps", "MAX_BYTES"]
 
 MAX_BYTES = 2**32
 """The most memory (bytes) the re-laid-out copies may take together; above it nothing is swapped."""
@@ -84,11 +85,11 @@ def _swappable(module: torch.nn.Module) -> bool:
     cfg = getattr(module, "cfg", None)
     if cfg is not None and getattr(cfg, "load_in_4bit", False):
         return False
-    return "forward" not in vars(module) and not _has_hooks(module)
+    return "forward" not in vars(module) and not has_hooks(module)
 
 
 @contextlib.contextmanager
-def matmul_ready_weights(model: torch.nn.Module) -> Iterator[int]:
+def matmul_ready_weights(model: torch.nn.Module | TLModel) -> Iterator[int]:
     """Within the context, TL 3 attention and gated-MLP weights are stored in the order their components
     multiply by (the same values; see the module docstring). Yields the number of parameters swapped (0 when
     there is nothing to do, on a GPU, or above :data:`MAX_BYTES`); the originals are back on exit, even on
@@ -105,6 +106,17 @@ def matmul_ready_weights(model: torch.nn.Module) -> Iterator[int]:
         >>> torch.equal(before, inside)  # the same numbers multiplied in the same order
         True
     """
+    swaps = weight_layout_swaps(model)
+    if swaps:
+        total = sum(s.new.numel() * s.new.element_size() for s in swaps)
+        logger.debug("re-laid out %d weights (%.1f MiB) of %s", len(swaps), total / 2**20, type(model).__name__)
+    with swapped(swaps) as n:
+        yield n
+
+
+def weight_layout_swaps(model: torch.nn.Module | TLModel) -> list[Swap]:
+    """What :func:`matmul_ready_weights` replaces: each swappable CPU parameter of the known TL 3 components,
+    by a new parameter with the same values in the rearranged storage (none above :data:`MAX_BYTES`)."""
     targets = _targets()
     plan: list[tuple[torch.nn.Module, str, torch.nn.Parameter, Any]] = []
     for module in model.modules():
@@ -122,18 +134,8 @@ def matmul_ready_weights(model: torch.nn.Module) -> Iterator[int]:
     total = sum(p.numel() * p.element_size() for _, _, p, _ in plan)
     if total > MAX_BYTES:
         logger.debug("weights not re-laid out: %.1f GiB of copies > MAX_BYTES", total / 2**30)
-        plan = []
-    undo: list[tuple[torch.nn.Module, str, torch.nn.Parameter]] = []
-    try:
-        for module, name, p, rule in plan:
-            new = torch.nn.Parameter(rule(p), requires_grad=p.requires_grad)
-            undo.append((module, name, p))
-            module._parameters[name] = new
-        if undo:
-            logger.debug(
-                "re-laid out %d weights (%.1f MiB) of %s", len(undo), total / 2**20, type(model).__name__
-            )
-        yield len(undo)
-    finally:
-        for module, name, p in reversed(undo):
-            module._parameters[name] = p
+        return []
+    return [
+        Swap(module, name, torch.nn.Parameter(rule(p), requires_grad=p.requires_grad), "parameter")
+        for module, name, p, rule in plan
+    ]
