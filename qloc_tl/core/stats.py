@@ -1,14 +1,16 @@
 """Statistics and seeding shared by every experiment: derived seeds, bootstrap CIs and permutation tests.
 
-One seeding scheme for the whole package: every random draw of an experiment is seeded with
-:func:`derive_seed` ``(config.seed, *labels)``, so a fact's draw does not depend on which other facts ran, in
-which order, or in which shard.
+One seeding scheme for the whole package: every random draw of an experiment is seeded by the run's seed and
+a path of labels (the draw's purpose, the fact's key ...) — :func:`derive_seed` ``(seed, *labels)`` for numpy
+and torch generators, :func:`seeded_random` ``(seed, *labels)`` for Python's ``random`` — so a fact's draw
+does not depend on which other facts ran, in which order, or in which shard.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+import random
 from collections.abc import Hashable, Mapping, Sequence
 
 import numpy as np
@@ -16,7 +18,7 @@ import pandas as pd
 
 from qloc_tl.core.errors import InvalidInputError
 
-__all__ = ["derive_seed", "bootstrap_proportion_ci", "permutation_p", "bootstrap_summary"]
+__all__ = ["derive_seed", "seeded_random", "bootstrap_proportion_ci", "permutation_p", "bootstrap_summary"]
 
 
 def derive_seed(seed: int, *parts: Hashable) -> int:
@@ -29,6 +31,17 @@ def derive_seed(seed: int, *parts: Hashable) -> int:
     text = repr((int(seed),) + tuple(str(p) for p in parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
+
+
+def seeded_random(seed: int, *parts: Hashable) -> random.Random:
+    """A :class:`random.Random` for one draw of an experiment, seeded by ``seed`` and a path of labels (e.g.
+    ``("unrelated", fact.key)``): the same labels give the same stream in any process, order or shard.
+
+    Examples:
+        >>> seeded_random(0, "unrelated", "P36:France").random() == seeded_random(0, "unrelated", "P36:France").random()
+        True
+    """
+    return random.Random("|".join([str(int(seed)), *(str(p) for p in parts)]))
 
 def bootstrap_proportion_ci(
     flags: Sequence[bool] | np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0

@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any, Literal
 
 from qloc_tl.core.errors import DataError, InvalidInputError
+from qloc_tl.core.validation import check_choice
 from qloc_tl.data.facts import Fact, Query, Template
 
 logger = logging.getLogger(__name__)
@@ -109,10 +110,8 @@ def builtin_facts(
         >>> all(not q.held_out for f in builtin_facts(split="train") for q in f.queries)
         True
     """
-    if split not in _SPLITS:
-        raise InvalidInputError(f"split must be one of {_SPLITS}, got {split!r}")
-    if group not in _GROUPS:
-        raise InvalidInputError(f"group must be one of {_GROUPS}, got {group!r}")
+    check_choice("split", split, _SPLITS)
+    check_choice("group", group, _GROUPS)
     known = list(_blob()["relations"])
     if relations is None:
         wanted = set(known)
@@ -147,8 +146,7 @@ def builtin_ppl_texts(kind: Literal["all", "generic", "facts"] = "all") -> list[
         >>> len(texts) == len(builtin_ppl_texts("generic")) + len(builtin_ppl_texts("facts"))
         True
     """
-    if kind not in _PPL_KINDS:
-        raise InvalidInputError(f"kind must be one of {_PPL_KINDS}, got {kind!r}")
+    check_choice("kind", kind, _PPL_KINDS)
     texts = _blob()["ppl_texts"]
     if kind == "all":
         return list(texts["generic"]) + list(texts["facts"])

@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import math
-import random
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from qloc_tl.core.edits import erase, update
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
 from qloc_tl.core.model import TLModel, answer_token_id, check_model, d_mlp, n_layers, require_eval
+from qloc_tl.core.stats import seeded_random
 from qloc_tl.core.store import RunStore
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.editing_config import ALL_METHODS, CLASSES, EDITS, METHODS, EditingConfig
@@ -146,9 +146,6 @@ def summarize(rows: pd.DataFrame, config: EditingConfig | None = None) -> pd.Dat
             "ppl_rel_delta_median", "n_neurons", "dprob_old_edited", "dprob_new_edited", "dprob_old_neighbors", "dprob_new_neighbors"]  # fmt: skip
     return pd.DataFrame(out, columns=cols)
 
-
-def _fact_rng(seed: int, key: str, purpose: str) -> random.Random:
-    return random.Random(f"{seed}|{purpose}|{key}")
 
 
 def _digest(obj: Any) -> str:
@@ -421,7 +418,7 @@ def _all_full(cfg: EditingConfig, state: _RunState) -> bool:
 def _unrelated_prompts(fact: Fact, pool: Sequence[Fact], cfg: EditingConfig) -> list[str]:
     if cfg.n_unrelated == 0:
         return []
-    rng = _fact_rng(cfg.seed, fact.key, "unrelated")
+    rng = seeded_random(cfg.seed, "unrelated", fact.key)
     others = [f for f in pool if f.relation != fact.relation]
     if not others:  # one relation only: fall back to other subjects of the same relation
         others = [f for f in pool if f.key != fact.key and f.subject != fact.subject]
@@ -436,7 +433,7 @@ def _same_relation_prompts(fact: Fact, pool: Sequence[Fact], cfg: EditingConfig)
     and another object (a fact sharing the object would make an erase of o look like a Locality failure)."""
     if cfg.n_same_relation == 0:
         return []
-    rng = _fact_rng(cfg.seed, fact.key, "same_relation")
+    rng = seeded_random(cfg.seed, "same_relation", fact.key)
     others = [
         f for f in pool
         if f.relation == fact.relation and f.key != fact.key and f.subject != fact.subject and f.object != fact.object
@@ -455,7 +452,7 @@ def _top1_kept(before: Tensor | None, after: Tensor | None) -> float:
 def _new_object(
     model: TLModel, fact: Fact, prompt: str, old_token: int, gold: int, objects: Sequence[str], cfg: EditingConfig
 ) -> tuple[str, int] | None:
-    rng = _fact_rng(cfg.seed, fact.key, "new_object")
+    rng = seeded_random(cfg.seed, "new_object", fact.key)
     cands = [o for o in objects if o != fact.object]
     rng.shuffle(cands)
     for obj in cands:
@@ -579,7 +576,7 @@ def _process_fact(
     i = (
         candidates[0]
         if cfg.edit_query == "first"
-        else _fact_rng(cfg.seed, fact.key, "edit_query").choice(candidates)
+        else seeded_random(cfg.seed, "edit_query", fact.key).choice(candidates)
     )
     o = int(top1[i]) if cfg.old_object == "top1" else gold
 

@@ -24,7 +24,6 @@ Examples:
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
@@ -35,6 +34,7 @@ from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import intervene
 from qloc_tl.core.identities import Neuron
 from qloc_tl.core.model import TLModel, answer_token_id, check_model, require_eval
+from qloc_tl.core.stats import seeded_random
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.mapping import RowBatch, row_neuron_hooks
 
@@ -164,7 +164,7 @@ def suppression_control(
         it = tqdm(facts, desc="suppression control", unit="fact")
     rows = []
     for f in it:
-        rng = random.Random(f"{seed}|control|{f.key}")
+        rng = seeded_random(seed, "control", f.key)
         same = [g for g in facts if g.relation == f.relation and g.key != f.key and g.object != f.object]
         other = [g for g in facts if g.relation != f.relation]
         prompts = list(f.prompts)

@@ -3,7 +3,6 @@ its prompts and answers in normal form (:func:`normalise_inputs`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
@@ -12,6 +11,7 @@ from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.model import SITES, TLModel, answer_token_id
+from qloc_tl.core.validation import check_choice
 from qloc_tl.methods.attribution.quadrature import RULES
 
 __all__ = ["AttributionConfig", "METHODS", "OBJECTIVES", "MULTIPLY_BY", "IMPLEMENTATIONS", "normalise_inputs"]
@@ -22,10 +22,6 @@ MULTIPLY_BY = ("activation", "difference")
 IMPLEMENTATIONS = ("fast", "reference")
 FAST_PATHS = ("auto", "kv", "blockwise", "packed", "full")
 
-
-def _choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if not isinstance(value, str) or value not in choices:
-        raise InvalidInputError(f"{name} must be one of {list(choices)}, got {value!r}")
 
 
 def _pos_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -72,16 +68,16 @@ class AttributionConfig:
     fast_path: Literal["auto", "kv", "blockwise", "packed", "full"] | str = "auto"
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
+        check_choice("method", self.method, METHODS)
         _pos_int("steps", self.steps)
-        _choice("rule", self.rule, RULES)
+        check_choice("rule", self.rule, RULES)
         if self.rule == "trapezoid" and self.steps < 2:
             raise InvalidInputError("rule='trapezoid' needs steps >= 2 (it uses both end points)")
-        _choice("site", self.site, tuple(SITES))
-        _choice("objective", self.objective, OBJECTIVES)
-        _choice("multi_token", self.multi_token, ("error", "first"))
-        _choice("implementation", self.implementation, IMPLEMENTATIONS)
-        _choice("fast_path", self.fast_path, FAST_PATHS)
+        check_choice("site", self.site, tuple(SITES))
+        check_choice("objective", self.objective, OBJECTIVES)
+        check_choice("multi_token", self.multi_token, ("error", "first"))
+        check_choice("implementation", self.implementation, IMPLEMENTATIONS)
+        check_choice("fast_path", self.fast_path, FAST_PATHS)
         _pos_int("batch_size", self.batch_size, allow_none=True)
         for name in ("show_progress", "mask_bos"):
             if not isinstance(getattr(self, name), bool):
@@ -100,7 +96,7 @@ class AttributionConfig:
         mb = self.multiply_by
         if mb is None:
             mb = "activation" if self.method == "amig" else "difference"
-        _choice("multiply_by", mb, MULTIPLY_BY)
+        check_choice("multiply_by", mb, MULTIPLY_BY)
         object.__setattr__(self, "multiply_by", mb)
         # baseline
         b = self.baseline
