@@ -1,5 +1,5 @@
 """Write tests/data/smollm2_ig_reference.json: IG of one known SmolLM2 fact, the oracle of the cross-major
-test in tests/test_known.py (run under either TL major; the test then compares the other one against it).
+test in tests/integration/test_smollm2_known.py (run under either TL major; the test then compares the other one against it).
 
     QLOC_TL_CACHE=... python tests/make_smollm2_reference.py
 """

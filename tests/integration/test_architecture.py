@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-PKG = Path(__file__).resolve().parents[1] / "qloc_tl"
+PKG = Path(__file__).resolve().parents[2] / "qloc_tl"
 MODULES = sorted(p for p in PKG.rglob("*.py"))
-MAX_LINES = 750
+MAX_LINES = 700
 
 
 def _module_name(path: Path) -> str:

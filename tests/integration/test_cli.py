@@ -13,7 +13,7 @@ import pytest
 from qloc_tl import Fact
 from qloc_tl.cli import build_parser, cap_facts, main, round_robin, run_settings
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize(
