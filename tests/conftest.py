@@ -98,3 +98,23 @@ def smollm2_model():
     import qloc_tl
 
     return qloc_tl.load_model("smollm2-135m")
+
+
+def manual_prob(model, prompt, answer_id, neurons, factor):
+    """P(answer) with ``neurons`` scaled by ``factor`` at the last position: a plain hand-written hook."""
+    toks = model.to_tokens(prompt)
+    by_layer: dict[int, list[int]] = {}
+    for n in neurons:
+        by_layer.setdefault(n.layer, []).append(n.index)
+    hooks = []
+    for layer, idx in by_layer.items():
+
+        def hook(act, hook, idx=idx):
+            act = act.clone()
+            act[:, -1, idx] = act[:, -1, idx] * factor
+            return act
+
+        hooks.append((f"blocks.{layer}.mlp.hook_post", hook))
+    with torch.no_grad():
+        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
+    return float(logits[0, -1].float().softmax(-1)[answer_id])

@@ -10,8 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from conftest import registered_hooks
+from conftest import manual_prob, registered_hooks
 
 import qloc_tl.experiments.query_localization as ql_mod
 from qloc_tl import Fact, Neuron
@@ -48,25 +47,6 @@ def model(request):
 def gpt2():
     return tiny_model("gpt2")
 
-
-def _manual_prob(model, prompt, answer_id, neurons, factor):
-    """P(answer) with ``neurons`` scaled by ``factor`` at the last position: a plain hand-written hook."""
-    toks = model.to_tokens(prompt)
-    by_layer: dict[int, list[int]] = {}
-    for n in neurons:
-        by_layer.setdefault(n.layer, []).append(n.index)
-    hooks = []
-    for layer, idx in by_layer.items():
-
-        def hook(act, hook, idx=idx):
-            act = act.clone()
-            act[:, -1, idx] = act[:, -1, idx] * factor
-            return act
-
-        hooks.append((f"blocks.{layer}.mlp.hook_post", hook))
-    with torch.no_grad():
-        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
-    return float(logits[0, -1].float().softmax(-1)[answer_id])
 
 
 # ---------------------------------------------------------------------------------------------- runner
@@ -188,8 +168,8 @@ def test_builtin_model_one_call_tables():
     q = fact.prompts[int(r.query_index)]
     kns = sorted(res.kn_sets[r.fact_key][int(r.query_index)])
     aid = answer_token_id(model, q, fact.answer, multi_token="first")
-    assert r.p_before == pytest.approx(_manual_prob(model, q, aid, [], 1.0), abs=2e-6)
-    assert r.p_after == pytest.approx(_manual_prob(model, q, aid, kns, 0.0), abs=2e-6)
+    assert r.p_before == pytest.approx(manual_prob(model, q, aid, [], 1.0), abs=2e-6)
+    assert r.p_after == pytest.approx(manual_prob(model, q, aid, kns, 0.0), abs=2e-6)
 
 
 # ------------------------------------------------------------------------------------- claim verdicts

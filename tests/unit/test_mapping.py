@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_params_identical, param_snapshot, registered_hooks
+from conftest import assert_params_identical, manual_prob, param_snapshot, registered_hooks
 
 import qloc_tl.experiments.mapping as mapping_mod
 from qloc_tl import Fact, Neuron
@@ -53,25 +53,6 @@ def model(request):
 def gpt2():
     return tiny_model("gpt2")
 
-
-def _manual_prob(model, prompt, answer_id, neurons, factor):
-    """P(answer) with ``neurons`` scaled by ``factor`` at the last position: a plain hand-written hook."""
-    toks = model.to_tokens(prompt)
-    by_layer: dict[int, list[int]] = {}
-    for n in neurons:
-        by_layer.setdefault(n.layer, []).append(n.index)
-    hooks = []
-    for layer, idx in by_layer.items():
-
-        def hook(act, hook, idx=idx):
-            act = act.clone()
-            act[:, -1, idx] = act[:, -1, idx] * factor
-            return act
-
-        hooks.append((f"blocks.{layer}.mlp.hook_post", hook))
-    with torch.no_grad():
-        logits = model.run_with_hooks(toks, fwd_hooks=hooks)
-    return float(logits[0, -1].float().softmax(-1)[answer_id])
 
 
 # ----------------------------------------------------------------------------------------------- sets
@@ -149,12 +130,12 @@ def test_table_dprob_equals_manual_hook(model):
     for fact, i in ((FACTS[0], 1), (FACTS[1], 2)):
         for q in [fact.prompts[i]]:
             aid = answer_token_id(model, q, fact.answer, multi_token="first")
-            clean = _manual_prob(model, q, aid, [], 1.0)
+            clean = manual_prob(model, q, aid, [], 1.0)
             sub = rows[(rows.fact_key == fact.key) & (rows.query_index == i)]
             assert np.allclose(sub["p_before"], clean, atol=2e-6, rtol=1e-4)
             for _, r in sub.iterrows():
                 neurons = [N(int(x[1:].split("N")[0]), int(x.split("N")[1])) for x in r["neurons"].split(";") if x]
-                want = _manual_prob(model, q, aid, neurons, r["factor"])
+                want = manual_prob(model, q, aid, neurons, r["factor"])
                 assert r["p_after"] == pytest.approx(want, abs=2e-6, rel=1e-4), (fact.key, i, r["set"], r["op"])
                 assert r["dprob"] == pytest.approx(r["p_after"] - r["p_before"], abs=1e-12)
                 assert r["dprob_ratio"] == pytest.approx(r["dprob"] / r["p_before"])
