@@ -208,8 +208,9 @@ def ql_claims(
       and carry more Δprob (``dprob_via``) than the neighbors' KNs, and the KS edit must move P(answer) more
       than the irrelevant-KS control. All three: *supported*; one or two: *partial*. Evidence: n and
       fact-bootstrap CIs (:func:`qloc_tl.core.stats.bootstrap_summary`, the stage's ``n_bootstrap`` and ``ci``).
-    * **Enh < Sup**: |Δprob| under enhancement < under suppression for the KS intervention, checked in each
-      class with enough facts (classes with fewer are named and left out). Evidence: n and the CIs of Δprob
+    * **Enh < Sup**: |Δprob| under enhancement < under suppression for the KS intervention and, when the mapping
+      ran, for the Self and Union neuron sets (``mapping_enh_vs_sup``), checked in each class with enough facts
+      (classes with fewer are named and left out): all comparisons hold → *supported*, some → *partial*. Evidence: n and the CIs of Δprob
       under both ops (``dynamic_summary``), and the model's mean P(answer) before the edit.
     """
     ql, need = Path(ql), facts_needed(min_facts)
@@ -312,8 +313,18 @@ def ql_claims(
         if enough.empty:
             out.append((c3, _too_few(n_cls, need) or _verdict("not run", "no class in the Enh-vs-Sup table")))
         else:
-            flags = enough["dprob_enh_lt_sup"].dropna().astype(bool)
-            status = "supported" if len(flags) and flags.all() else ("partial" if flags.any() else "not supported")
+            flags = enough["dprob_enh_lt_sup"].dropna().astype(bool).tolist()
+            # the same comparison for the query's own neuron sets (Self, and Union over its neighbors), when the
+            # mapping stage ran: the claim is about enhancement in general, not only through synapses
+            me = _read(ql / "mapping_enh_vs_sup.parquet")
+            kn_rows = (
+                me[me["set"].isin(("Self", "Union")) & me["class"].isin(list(enough["class"]))]
+                if me is not None and not me.empty
+                else None
+            )
+            if kn_rows is not None:
+                flags += kn_rows["dprob_enh_lt_sup"].dropna().astype(bool).tolist()
+            status = "supported" if flags and all(flags) else ("partial" if any(flags) else "not supported")
 
             def dp_ci(cls: str, op: str) -> str:
                 if cells is None:
@@ -326,6 +337,11 @@ def ql_claims(
                 f"(Δp enh {dp_ci(r['class'], 'enhance')}, sup {dp_ci(r['class'], 'suppress')})"
                 for _, r in enough.iterrows()
             )  # fmt: skip
+            if kn_rows is not None and not kn_rows.empty:
+                ev += "; neuron sets: " + "; ".join(
+                    f"{r['class']} {r['set']}: |Δp| enh {r['dprob_enh']:.2f} vs sup {r['dprob_sup']:.2f}"
+                    for _, r in kn_rows.iterrows()
+                )
             skipped = [f"{c} n={n_cls[c]}" for c in ks["class"] if n_cls[c] < need]
             if skipped:
                 ev += f"; too few facts for a verdict: {', '.join(skipped)}"

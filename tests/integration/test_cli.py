@@ -347,6 +347,16 @@ def test_report_text_names_the_model_of_the_run(tmp_path):
     page = write_report(out).read_text()
     assert "qloc-tl report — smollm2-135m" in page and "smollm2-135m answers at mean p≈0.40" in page
     assert "built-in model" not in page and "builtin" not in page
+    # neuron sets whose enhancement moves P(answer) more than their suppression (as on SmolLM2) turn the verdict
+    # into "partial"; sets where it moves less keep it "supported"
+    for enh_dp, want in ((0.5, "partial"), (0.1, "supported")):
+        mrows = pd.DataFrame([
+            {"class": cls, "set": st, "n_pairs": 20, "dprob_sup": 0.3, "dprob_enh": enh_dp, "dprob_enh_lt_sup": enh_dp < 0.3}
+            for cls in ("K_C", "K_I") for st in ("Self", "Union")
+        ])  # fmt: skip
+        mrows.to_parquet(out / "ql" / "mapping_enh_vs_sup.parquet")
+        enh = {c: v for c, v in claim_verdicts(out)}["Enh < Sup: enhancing moves P(answer) less than suppressing"]
+        assert enh["status"] == want and f"K_I Self: |Δp| enh {enh_dp:.2f} vs sup 0.30" in enh["evidence"]
 
 
 def test_smollm2_consistency_run_uses_only_known_queries(tmp_path):
