@@ -88,6 +88,7 @@ __all__ = [
     "logit_tolerance",
     "logits_mismatch",
     "hooked_kv_cache",
+    "hooked_kv_mask",
     "frozen_parameters",
     "mode_key",
 ]
@@ -462,8 +463,9 @@ def _probe_kv(
     try:
         if backend == "hooked":
             cache = hooked_kv_cache(model, 1)
-            model(toks[:, :-1], past_kv_cache=cache)
-            out = model(toks[:, -1:], past_kv_cache=cache)
+            head, tail = toks[:, :-1], toks[:, -1:]
+            model(head, past_kv_cache=cache, attention_mask=hooked_kv_mask(model, head))
+            out = model(tail, past_kv_cache=cache, attention_mask=hooked_kv_mask(model, tail))
             kind: Literal["hooked", "hf"] = "hooked"
         else:
             return None  # bridges: no uniform KV-cache API across TL versions
@@ -492,6 +494,21 @@ def hooked_kv_cache(model: TLModel, batch: int) -> Any:
             HookedTransformerKeyValueCache as _Cache,
         )
     return _Cache.init_cache(model.cfg, model.cfg.device, batch)
+
+
+def hooked_kv_mask(model: TLModel, tokens: Tensor) -> Tensor | None:
+    """The ``attention_mask`` to pass with ``tokens`` (``[batch, pos]``, no padding) to a TL 3
+    ``HookedTransformer`` forward that fills or reads a ``past_kv_cache``: ``None`` where the model has a
+    tokenizer (TL computes the mask from its pad token, as before), else all ones.
+
+    Why: with a cache, TL 3's ``input_to_embed`` needs a mask and, given none, derives it from the tokenizer;
+    a model built from a config without one (tests, toy models, notebooks) raises "Cannot compute attention
+    mask without a tokenizer". All ones is what TL's own ``get_attention_mask`` returns without a tokenizer
+    (no token is taken for padding), so the cache holds what the full forward computes.
+    """
+    if getattr(model, "tokenizer", None) is not None:
+        return None
+    return torch.ones(tokens.shape, dtype=torch.long, device=tokens.device)
 
 
 # --------------------------------------------------------------------------------------------------

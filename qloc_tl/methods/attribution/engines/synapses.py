@@ -30,6 +30,7 @@ from qloc_tl.core.model import (
     capabilities,
     frozen_parameters,
     hooked_kv_cache,
+    hooked_kv_mask,
     logit_tolerance,
     logits_mismatch,
     model_dtype,
@@ -165,7 +166,8 @@ class KVRows(FastRows):
         self.prefix = hooked_kv_cache(model, 1)
         if self.q > 0:
             with torch.no_grad():
-                model(tokens[:, : self.q], past_kv_cache=self.prefix, return_type=None)
+                head = tokens[:, : self.q]
+                model(head, past_kv_cache=self.prefix, attention_mask=hooked_kv_mask(model, head), return_type=None)
         self.prefix.freeze()
 
     def _cache(self, j: int, R: int) -> Any:
