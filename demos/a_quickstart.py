@@ -28,6 +28,7 @@ import torch
 
 import qloc_tl as q
 from qloc_tl.methods.attribution import attribute_neurons, select_neurons
+from qloc_tl.methods.consistency_score import consistency_score
 
 torch.set_num_threads(2)
 model = q.load_model("smollm2-135m")
@@ -105,7 +106,7 @@ print(f"random neurons suppressed: P(answer) {p_answer(q.scale_neurons(placebo, 
 # %%
 other = facts[1]
 other_tokens = model.to_tokens(other.prompts[0])
-other_answer = q.model.answer_token_id(model, other.prompts[0], other.answer)
+other_answer = q.core.model.answer_token_id(model, other.prompts[0], other.answer)
 with torch.no_grad():
     before = float(model(other_tokens)[0, -1].softmax(-1)[other_answer])
     with q.intervene(model, q.scale_neurons(kns, 0.0)):
@@ -122,7 +123,7 @@ all_q = attribute_neurons(model, list(fact.prompts), [fact.answer] * len(fact.qu
 sets = select_neurons(all_q.scores)
 for query, s in zip(fact.queries, sets):
     print(f"{len(s):3d} KNs, shared with query 0: {len(s & sets[0]):3d} | {query.text}")
-print("consistency score (relaxed):", round(q.consistency.consistency_score([s.to_frozenset() for s in sets]), 3))
+print("consistency score (relaxed):", round(consistency_score([s.to_frozenset() for s in sets]), 3))
 
 # %% [markdown]
 # ## 4. Are these neurons specific to the fact?
