@@ -1,9 +1,17 @@
-"""Benchmark: IG on a TL 3 ``HookedTransformer`` built from a config without a tokenizer.
+"""Benchmark: IG on a TL 3 ``HookedTransformer`` / TL 4 ``TransformerBridge.boot_native`` model built from a
+config without a tokenizer.
 
 Such a model (tests, toy experiments, many notebooks) used to run the slow ``"full"`` path: TL 3's KV-cache
 forward raises "Cannot compute attention mask without a tokenizer", so the capability probe refused the KV
 cache. The probe and the TL 3 engines now pass an explicit all-ones ``attention_mask`` where the model has no
 tokenizer (:func:`qloc_tl.core.model.hooked_kv_mask`), and such a model gets the prefix-reusing paths.
+
+TL 4: a ``boot_native`` bridge (TL's own ``NativeModel``, no Hugging Face model) used to run the ``"full"`` path
+too: its attention reads a 4-D boolean ``attention_mask`` as True = masked (Hugging Face: True = keep), so the
+``"blockwise"`` and ``"packed"`` layouts failed their validation against the clean logits. The engines now
+pass the mask in the convention the backend is probed to read
+(:func:`qloc_tl.core.model.bridge_mask_convention`) and keep its rows within ``n_ctx``; such a bridge gets
+``"blockwise"``. The same shape as a ``TransformerBridgeConfig``, booted with ``boot_native(cfg)``.
 
 Model: ``HookedTransformerConfig(n_layers=6, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=N,
 d_vocab=1000, act_fn="gelu", normalization_type="LN")``, random weights, no tokenizer, N = 64 and 1024
@@ -27,6 +35,7 @@ Usage::
 
     python benchmarks/bench_tokenizerless.py                       # N = 64 and 1024, 12 queries, 3 rounds
     python benchmarks/bench_tokenizerless.py --n-ctx 64 --queries 8 --repeats 5
+    .ci-venvs/tl4/bin/python benchmarks/bench_tokenizerless.py    # TL 4: the boot_native bridge
 """
 
 from __future__ import annotations
@@ -43,28 +52,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from qloc_tl.core.model import capabilities, tl_major  # noqa: E402
+from qloc_tl.core.model import bridge_mask_convention, capabilities, tl_major  # noqa: E402
 from qloc_tl.methods.attribution import attribute_neurons  # noqa: E402
 
 
 def tokenizerless_model(n_ctx: int, seed: int = 0) -> Any:
-    """The 6-layer d_model-256 GPT-2-shaped ``HookedTransformer`` of the issue, random weights, no tokenizer."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
+    """The 6-layer d_model-256 GPT-2-shaped model of the issue, random weights, no tokenizer: a TL 3
+    ``HookedTransformer``, or under TL 4 a ``TransformerBridge.boot_native`` bridge."""
+    shape = dict(
+        n_layers=6, d_model=256, n_heads=4, d_head=64, d_mlp=1024, n_ctx=n_ctx, d_vocab=1000, act_fn="gelu",
+        normalization_type="LN", seed=seed,
+    )  # fmt: skip
     torch.manual_seed(seed)
-    cfg = HookedTransformerConfig(
-        n_layers=6,
-        d_model=256,
-        n_heads=4,
-        d_head=64,
-        d_mlp=1024,
-        n_ctx=n_ctx,
-        d_vocab=1000,
-        act_fn="gelu",
-        normalization_type="LN",
-        seed=seed,
-    )
-    model = HookedTransformer(cfg).eval()
+    if tl_major() >= 4:
+        from transformer_lens.config import TransformerBridgeConfig
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_native(TransformerBridgeConfig(**shape)).eval()  # type: ignore[attr-defined]
+    else:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+        model = HookedTransformer(HookedTransformerConfig(**shape)).eval()
     assert model.tokenizer is None
     return model
 
@@ -82,6 +90,11 @@ def bench(n_ctx: int, args: argparse.Namespace) -> dict[str, Any]:
     answers = [int(a) for a in torch.randint(0, 1000, (args.queries,), generator=g)]
     n, steps = args.queries, args.steps
     caps = capabilities(model)
+    kind = (
+        f"boot_native TransformerBridge without tokenizer (4-D mask convention {bridge_mask_convention(model)!r})"
+        if caps.backend == "bridge"
+        else f"HookedTransformer without tokenizer (kv_cache={caps.kv_cache!r})"
+    )
     engines = {
         "reference": lambda: attribute_neurons(model, prompts, answers, steps=steps, implementation="reference"),
         "full": lambda: attribute_neurons(model, prompts, answers, steps=steps, fast_path="full"),
@@ -115,7 +128,7 @@ def bench(n_ctx: int, args: argparse.Namespace) -> dict[str, Any]:
     }
     unit = "CPU time of the calling thread" if args.threads == 1 else "wall time"
     print(
-        f"n_ctx {n_ctx}: TL {tl_major()} HookedTransformer without tokenizer (kv_cache={caps.kv_cache!r}), "
+        f"n_ctx {n_ctx}: TL {tl_major()} {kind}, "
         f"{n} queries of {args.tokens} tokens, m = {steps}, {torch.get_num_threads()} thread(s); median of "
         f"{args.repeats} rounds, {unit}, ms per query (wall median in brackets):\n"
         f"  reference       {1e3 * med['reference']:8.2f} ({1e3 * medw['reference']:.2f})  "
@@ -145,9 +158,6 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
         logging.getLogger("qloc_tl.methods.attribution").setLevel(logging.INFO)
-    if tl_major() >= 4:
-        print("TL 4 removed HookedTransformer: nothing to measure (run this under TL 3)", flush=True)
-        return
     for n_ctx in args.n_ctx:
         bench(n_ctx, args)
 

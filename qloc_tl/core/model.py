@@ -89,6 +89,7 @@ __all__ = [
     "logits_mismatch",
     "hooked_kv_cache",
     "hooked_kv_mask",
+    "bridge_mask_convention",
     "frozen_parameters",
     "mode_key",
 ]
@@ -509,6 +510,51 @@ def hooked_kv_mask(model: TLModel, tokens: Tensor) -> Tensor | None:
     if getattr(model, "tokenizer", None) is not None:
         return None
     return torch.ones(tokens.shape, dtype=torch.long, device=tokens.device)
+
+
+_MASKS: weakref.WeakKeyDictionary[Any, tuple[Any, Literal["keep", "mask"] | None]] = weakref.WeakKeyDictionary()
+
+
+def bridge_mask_convention(model: TLModel) -> Literal["keep", "mask"] | None:
+    """How a TL 4 bridge reads a 4-D boolean ``attention_mask`` ``[batch, 1, q, k]`` (probed once per model and
+    mode, on a 4-token input; cached weakly): ``"keep"`` (True = may attend: Hugging Face's convention, what
+    HF-backed bridges take), ``"mask"`` (True = masked out, combined with the causal mask: TL 4's
+    ``TransformerBridge.boot_native`` models, whose ``NativeAttention`` ORs the mask into its causal one) or
+    ``None`` (neither reproduces the plain forward's logits, or the forward raised: no packed layout).
+
+    The causal mask in the keep convention is tried first, so a backend that honours it (every HF-backed
+    bridge) keeps the layout it always had. Its complement (True above the diagonal) reproduces the plain
+    forward only where True means masked: the keep convention would leave each query its future only.
+    The engines validate their first pass against the clean logits regardless.
+    """
+    key = mode_key(model)
+    hit = _MASKS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    device = model_device(model)
+    vocab = int(model.cfg.d_vocab)
+    toks = (torch.arange(4, device=device) % max(vocab, 1)).unsqueeze(0) + (1 if vocab > 5 else 0)
+    keep = torch.ones(4, 4, dtype=torch.bool, device=device).tril()[None, None]
+    verdict: Literal["keep", "mask"] | None = None
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            clean = _forward(model, toks)
+            for name, mask in (("keep", keep), ("mask", ~keep)):
+                try:
+                    out = _forward(model, toks, attention_mask=mask)
+                except Exception as exc:  # a backend that rejects 4-D masks
+                    logger.debug("4-D mask probe (%s) raised %r", name, exc)
+                    continue
+                if _matches(out, clean, model)[0]:
+                    verdict = "keep" if name == "keep" else "mask"
+                    break
+    finally:
+        model.train(was_training)
+    _MASKS[model] = (key, verdict)
+    return verdict
 
 
 # --------------------------------------------------------------------------------------------------

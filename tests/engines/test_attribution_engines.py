@@ -51,7 +51,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _expected_path(source: str) -> str:
     if tl_major() < 4:
         return "kv-hooked"
-    return "blockwise" if source == "hf" else "full"
+    return "blockwise"  # HF and native bridges alike (native: rows within n_ctx, its own mask convention)
 
 
 def _fast_kw(source: str) -> dict:
@@ -232,8 +232,6 @@ def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method):
     """Several prompts of different lengths in one call share blockwise passes (TL 4: rows left-padded to
     the longest prefix; TL 3: one KV cache of left-padded prefixes): the call runs block 0 fewer times than
     one call per prompt, and its scores equal the reference and the one-prompt calls."""
-    if _expected_path(source) == "full":
-        pytest.skip("native TL 4 bridges take the full path")
     model = _model(arch, source)
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # 1-token prompt: an empty prefix
     kw = dict(method=method, steps=4, rule="trapezoid", fast_path="kv")
@@ -436,17 +434,17 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path
 
 
 @pytest.mark.skipif(tl_major() < 4, reason="TL 3 native models are HookedTransformers (KV path)")
-def test_native_bridge_falls_back_with_one_warning(caplog, monkeypatch):
-    model = tiny_model("gpt2", dtype=torch.float64)  # fresh: the fallback memo is per model
+def test_native_bridge_takes_the_blockwise_path_without_a_warning(caplog):
+    """A TL 4 boot_native bridge reads a 4-D boolean mask as True = masked (HF: True = keep); the engines use
+    the probed convention, so the bridge gets the prefix-reusing path, warns nothing and equals the reference."""
+    model = tiny_model("gpt2", dtype=torch.float64)
     with caplog.at_level(logging.WARNING, logger="qloc_tl.methods.attribution"):
         r1 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
-        r2 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3)
-    assert r1.path == r2.path == "full"
-    assert sum("falls back" in m or "full-sequence" in m for m in caplog.messages) == 1
+        r2 = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
+    assert r1.path == r2.path == "blockwise"
+    assert not [m for m in caplog.messages if "falls back" in m or "full-sequence" in m]
     ref = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, implementation="reference")
     assert _rel(r1.scores, ref.scores) <= 1e-9 and torch.equal(r1.scores, r2.scores)
-    with pytest.raises(Exception, match="fast_path='kv'"):
-        attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
 
 
 def _spy_run_with_cache(model, monkeypatch) -> list:

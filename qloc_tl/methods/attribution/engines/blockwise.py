@@ -1,5 +1,5 @@
-"""The ``"blockwise"`` engine of HF-backed TL 4 bridges: packed rows driven one block at a time through
-``model.blocks[j]``, the samples of layer l joining at block l."""
+"""The ``"blockwise"`` engine of TL 4 bridges (HF-backed and ``boot_native``): packed rows driven one block at a
+time through ``model.blocks[j]``, the samples of layer l joining at block l."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from torch import Tensor
 from qloc_tl.core.model import n_layers
 from qloc_tl.methods.attribution.engines.base import Evaluation, PathMismatch
 from qloc_tl.methods.attribution.engines.grouped import GroupedEngine, in_order, inverse, layer_groups
+from qloc_tl.methods.attribution.engines.packed import bridge_mask, bridge_row_limit
 
 logger = logging.getLogger(__name__)
 
@@ -116,18 +117,18 @@ class BlockCall:
 
 
 class BlockwiseEngine(GroupedEngine):
-    """HF-backed bridges, blockwise, several prompts per pass (one row each).
+    """TL 4 bridges, blockwise, several prompts per pass (one row each).
 
     Row g = the prompt's prefix, left-padded to the group's longest prefix T, then one copy of the answer
-    token per sample; a 4-D mask lets each copy see its row's prefix and itself (pads see only themselves)
+    token per sample; a 4-D mask (in the backend's convention: :func:`~.packed.bridge_mask`) lets each copy see its row's prefix and itself (pads see only themselves)
     and every copy gets the answer's position id. The rows are driven one block at a time through
     ``model.blocks[j]`` (:class:`BlockCall`): the copies of layer-l samples join every row at block l with
     the clean residual entering it (``resid_last``) — with the MLP-out shortcut at block l + 1 — so no copy
     computes a layer below its own. The prefix (the clean input of the lowest requested layer,
     ``resid_rows``) is recomputed per block, since the bridges keep no KV cache; the logits are
     ``unembed(ln_final(·))`` of the copies only. All rows of a pass hold the same samples (layer, path, step)
-    of their prompts. A row may be longer than ``n_ctx``: position ids are explicit and no copy's exceeds the
-    prompt's; the validation copy is the last of its row, the farthest along the sequence (with the
+    of their prompts. On HF-backed bridges a row may be longer than ``n_ctx`` (on ``boot_native`` ones not:
+    :meth:`max_chunk`): position ids are explicit and no copy's exceeds the prompt's; the validation copy is the last of its row, the farthest along the sequence (with the
     shortcut, the probe of layer j is the farthest entry at block j), so a backend that cares about the
     sequence length fails validation.
     """
@@ -162,7 +163,14 @@ class BlockwiseEngine(GroupedEngine):
             allowed[g, T:, off:T] = True
             pos[g, off:T] = torch.arange(t, device=dev)
             pos[g, T:] = t
-        return seq, allowed.unsqueeze(1), pos
+        return seq, bridge_mask(self.model, allowed.unsqueeze(1)), pos
+
+    def max_chunk(self, n_tok: int) -> int | None:
+        """Where the backend refuses rows longer than ``n_ctx`` (:func:`~.packed.bridge_row_limit`: TL 4's
+        ``boot_native`` bridges): a row (prefix of up to ``n_tok - 1`` tokens, the samples, a probe) and the
+        one-longer layout :class:`BlockCall` probes must fit; else no limit."""
+        limit = bridge_row_limit(self.model)
+        return None if limit is None else limit - n_tok - 2
 
     def evaluate(self, layer_of: Tensor, x: Tensor, check: bool) -> Evaluation:
         """``x [G, S, D]`` (the same samples ``layer_of [S]`` for every row) → objective, probability ``[G,

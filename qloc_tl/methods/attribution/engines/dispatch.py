@@ -248,8 +248,8 @@ class PathPlan:
             nxt = "full"
         # the detail of each event; the one warning per model is settle's, once the call runs on a path
         logger.info(
-            "the %s fast path does not reproduce the clean logits on this %s (relative error %.2e; e.g. a native "
-            "bridge ignores 4-D attention masks); using the %s path",
+            "the %s fast path does not reproduce the clean logits on this %s (relative error %.2e; e.g. a backend "
+            "that ignores 4-D attention masks or explicit position ids); using the %s path",
             kind,
             type(model).__name__,
             err,

@@ -1,5 +1,6 @@
-"""The ``"packed"`` engine (HF-backed TL 4 bridges, the fallback after ``"blockwise"``): a prompt's prefix,
-then one copy of the answer token per sample, through the bridge's normal forward."""
+"""The ``"packed"`` engine (TL 4 bridges, the fallback after ``"blockwise"``): a prompt's prefix, then one copy
+of the answer token per sample, through the bridge's normal forward; and :func:`bridge_mask`, the 4-D mask in
+the convention of the bridge's backend, which it shares with ``"blockwise"``."""
 
 from __future__ import annotations
 
@@ -9,17 +10,36 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qloc_tl.core.model import TLModel, bridge_mask_convention
 from qloc_tl.methods.attribution.engines.base import Evaluation, PathMismatch, PromptEngine, row_hooks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PackedEngine"]
+__all__ = ["PackedEngine", "bridge_mask", "bridge_row_limit"]
+
+
+def bridge_mask(model: TLModel, allowed: Tensor) -> Tensor:
+    """The boolean 4-D ``attention_mask`` a bridge's forward takes for ``allowed`` (``[B, 1, N, N]``, True where
+    a query may attend): ``allowed`` itself for HF-backed bridges (True = keep), its complement for TL 4's
+    ``boot_native`` bridges, which read True as masked (:func:`~qloc_tl.core.model.bridge_mask_convention`).
+    With neither convention confirmed by the probe, ``allowed``: the first pass's validation decides."""
+    return ~allowed if bridge_mask_convention(model) == "mask" else allowed
+
+
+def bridge_row_limit(model: TLModel) -> int | None:
+    """The longest row a bridge's forward and blocks take: ``n_ctx`` for TL 4's ``boot_native`` bridges (their
+    position table and causal-mask buffer are sized ``n_ctx``; the forward refuses longer inputs), ``None``
+    (no limit: explicit position ids) for HF-backed ones."""
+    if bridge_mask_convention(model) != "mask":
+        return None
+    n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
+    return n_ctx or None
 
 
 class PackedEngine(PromptEngine):
     """Each sequence = prompt prefix + copies of the answer token, one copy per sample.
 
-    A 4-D boolean attention mask lets every copy attend to the prefix and to itself only, and every copy gets
+    A 4-D boolean attention mask (:func:`bridge_mask`) lets every copy attend to the prefix and to itself only, and every copy gets
     the answer position's position id, so each copy computes exactly the clean last-token forward; the hook
     at layer l overwrites the copies of layer-l samples. When the context cannot hold all copies after the
     prefix (``n_ctx``), they are spread over several rows of one batch, each row repeating the prefix, so a
@@ -58,7 +78,7 @@ class PackedEngine(PromptEngine):
         diag = torch.arange(t, N, device=dev)
         allowed[diag, diag] = True
         pos = torch.cat([torch.arange(t, device=dev), torch.full((r,), t, device=dev)]).unsqueeze(0).expand(B, N)
-        return seq, allowed[None, None].expand(B, 1, N, N), pos
+        return seq, bridge_mask(self.model, allowed[None, None].expand(B, 1, N, N)), pos
 
     def _run(self, S: int, r: int, hooks: list[tuple[str, Any]], check: bool) -> Tensor:
         t = self.t
