@@ -27,6 +27,7 @@
 import torch
 
 import qloc_tl as q
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 from qloc_tl.methods.consistency_score import consistency_score
 
@@ -106,7 +107,7 @@ print(f"random neurons suppressed: P(answer) {p_answer(q.scale_neurons(placebo, 
 # %%
 other = facts[1]
 other_tokens = model.to_tokens(other.prompts[0])
-other_answer = q.core.model.answer_token_id(model, other.prompts[0], other.answer)
+other_answer = answer_token_id(model, other.prompts[0], other.answer)
 with torch.no_grad():
     before = float(model(other_tokens)[0, -1].softmax(-1)[other_answer])
     with q.intervene(model, q.scale_neurons(kns, 0.0)):

@@ -26,6 +26,7 @@
 import torch
 
 import qloc_tl as q
+from qloc_tl.core.tokens import tokenize_prompts
 from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
 model = q.load_builtin_model()
@@ -46,7 +47,7 @@ answer = int(att.answer_ids[0])
 
 
 def top1_hits(prompts, target):
-    toks, last = q.core.model.tokenize_prompts(model, prompts)
+    toks, last = tokenize_prompts(model, prompts)
     with torch.no_grad():
         pred = model(toks)[torch.arange(len(prompts)), last].argmax(-1)
     return float((pred == target).float().mean())
@@ -54,7 +55,7 @@ def top1_hits(prompts, target):
 
 unrel_prompts = [f.prompts[0] for f in unrelated]
 with torch.no_grad():
-    toks, last = q.core.model.tokenize_prompts(model, unrel_prompts)
+    toks, last = tokenize_prompts(model, unrel_prompts)
     unrel_before = model(toks)[torch.arange(len(unrel_prompts)), last].argmax(-1)
 
 rows = []

@@ -48,7 +48,8 @@ from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
-from qloc_tl.core.model import TLModel, answer_token_id, check_model
+from qloc_tl.core.model import TLModel, check_model
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.core.value_slots import WeightEdit, prepare_neurons, value_rows, write_value_rows
 
 logger = logging.getLogger(__name__)

@@ -43,15 +43,7 @@ from torch import Tensor
 
 from qloc_tl.core.errors import CapabilityError, HookNotFiredError, InvalidInputError
 from qloc_tl.core.identities import Head, Neuron
-from qloc_tl.core.model import (
-    TLModel,
-    capabilities,
-    check_layer,
-    check_model,
-    check_site,
-    d_mlp,
-    n_heads,
-)
+from qloc_tl.core.model import TLModel, capabilities, check_layer, check_model, check_site, d_mlp, n_heads
 from qloc_tl.core.validation import as_neurons, validate_neurons
 
 logger = logging.getLogger(__name__)

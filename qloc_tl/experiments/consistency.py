@@ -499,7 +499,7 @@ def _top1(model: TLModel, res: Any) -> list[bool]:
     """Whether the answer is the model's top-1 prediction for each attributed prompt."""
     import torch
 
-    from qloc_tl.core.model import tokenize_prompts
+    from qloc_tl.core.tokens import tokenize_prompts
 
     toks, last = tokenize_prompts(model, list(res.prompts), prepend_bos=res.config.prepend_bos)
     logits = model(toks)

@@ -64,8 +64,9 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import HookList, intervene, record_neurons, scale_attention, set_neurons
 from qloc_tl.core.identities import Head, Neuron, Synapse
-from qloc_tl.core.model import TLModel, answer_token_id, check_model, d_mlp, n_heads, n_layers, require_eval
+from qloc_tl.core.model import TLModel, check_model, d_mlp, n_heads, n_layers, require_eval
 from qloc_tl.core.stats import bootstrap_summary, derive_seed
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.core.validation import as_neuron_set, as_neuron_sets
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.mapping import RowBatch, check_ops, fact_answers, random_matched_neurons

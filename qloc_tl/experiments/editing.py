@@ -40,9 +40,10 @@ from torch import Tensor
 from qloc_tl.core.edits import erase, update
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
-from qloc_tl.core.model import TLModel, answer_token_id, check_model, d_mlp, n_layers, require_eval
+from qloc_tl.core.model import TLModel, check_model, d_mlp, n_layers, require_eval
 from qloc_tl.core.stats import seeded_random
 from qloc_tl.core.store import RunStore
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.editing_config import ALL_METHODS, CLASSES, EDITS, METHODS, EditingConfig
 from qloc_tl.methods.attribution import NeuronSet, attribute_neurons

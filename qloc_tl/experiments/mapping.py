@@ -65,16 +65,9 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import HookList, intervene, scale_neurons
 from qloc_tl.core.identities import Neuron
-from qloc_tl.core.model import (
-    TLModel,
-    answer_token_id,
-    check_model,
-    d_mlp,
-    n_layers,
-    require_eval,
-    tokenize_prompts,
-)
+from qloc_tl.core.model import TLModel, check_model, d_mlp, n_layers, require_eval
 from qloc_tl.core.stats import bootstrap_summary, derive_seed
+from qloc_tl.core.tokens import answer_token_id, tokenize_prompts
 from qloc_tl.core.validation import as_neuron_set, as_neuron_sets
 from qloc_tl.data.facts import Fact
 from qloc_tl.methods.consistency_score import neuron_counts

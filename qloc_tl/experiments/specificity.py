@@ -33,8 +33,9 @@ import torch
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import intervene
 from qloc_tl.core.identities import Neuron
-from qloc_tl.core.model import TLModel, answer_token_id, check_model, require_eval
+from qloc_tl.core.model import TLModel, check_model, require_eval
 from qloc_tl.core.stats import seeded_random
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.mapping import RowBatch, row_neuron_hooks
 

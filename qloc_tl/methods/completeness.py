@@ -37,15 +37,8 @@ import torch
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import intervene
-from qloc_tl.core.model import (
-    TLModel,
-    answer_token_id,
-    check_layer,
-    check_model,
-    neuron_hook_name,
-    require_eval,
-    tokenize_prompts,
-)
+from qloc_tl.core.model import TLModel, check_layer, check_model, neuron_hook_name, require_eval
+from qloc_tl.core.tokens import answer_token_id, tokenize_prompts
 from qloc_tl.methods.attribution import NeuronAttribution, attribute_neurons
 
 logger = logging.getLogger(__name__)

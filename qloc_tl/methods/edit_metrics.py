@@ -29,7 +29,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import TLModel, tokenize_prompts
+from qloc_tl.core.model import TLModel
+from qloc_tl.core.tokens import tokenize_prompts
 
 __all__ = [
     "last_token_logprobs",

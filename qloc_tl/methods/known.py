@@ -26,7 +26,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import TLModel, check_model, require_eval, to_tokens, tokenize_prompts
+from qloc_tl.core.model import TLModel, check_model, require_eval
+from qloc_tl.core.tokens import to_tokens, tokenize_prompts
 from qloc_tl.core.validation import check_choice
 from qloc_tl.data.facts import Fact
 
@@ -84,7 +85,7 @@ def next_token_probs(
 
 def object_tokens(model: TLModel, prompt: str, obj: str) -> list[int]:
     """The tokens of ``obj`` as the continuation of ``prompt`` (``prompt + " " + obj`` minus the prompt's
-    tokens; the same rule as :func:`qloc_tl.core.model.answer_token_id`, which returns the first of them)."""
+    tokens; the same rule as :func:`qloc_tl.core.tokens.answer_token_id`, which returns the first of them)."""
     p = to_tokens(model, prompt)[0].tolist()
     full = to_tokens(model, prompt.rstrip() + " " + obj.strip())[0].tolist()
     if full[: len(p)] == p and len(full) > len(p):

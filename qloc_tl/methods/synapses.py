@@ -100,8 +100,6 @@ from qloc_tl.core.hooks import CountingHook, HookList, intervene, scale_attentio
 from qloc_tl.core.identities import Head, Synapse
 from qloc_tl.core.model import (
     TLModel,
-    answer_probability,
-    answer_token_id,
     check_layer,
     check_model,
     frozen_parameters,
@@ -109,8 +107,8 @@ from qloc_tl.core.model import (
     n_layers,
     pattern_hook_name,
     require_eval,
-    tokenize_prompts,
 )
+from qloc_tl.core.tokens import answer_probability, answer_token_id, tokenize_prompts
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines.synapses import (
     FastMismatch,

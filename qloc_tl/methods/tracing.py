@@ -52,15 +52,8 @@ from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import CountingHook, HookList, intervene
-from qloc_tl.core.model import (
-    TLModel,
-    answer_probability,
-    answer_token_id,
-    check_model,
-    n_layers,
-    require_eval,
-    tokenize_prompts,
-)
+from qloc_tl.core.model import TLModel, check_model, n_layers, require_eval
+from qloc_tl.core.tokens import answer_probability, answer_token_id, tokenize_prompts
 
 logger = logging.getLogger(__name__)
 

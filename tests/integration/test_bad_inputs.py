@@ -17,6 +17,7 @@ import torch
 import qloc_tl as q
 from qloc_tl.core import errors as E
 from qloc_tl.core.model import tl_major
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.methods.consistency_score import cs_threshold
 from qloc_tl.zoo.tiny import tiny_model
 
@@ -128,8 +129,8 @@ CASES = [
     Case("template-no-x", "template without [X]", lambda t: q.Template("was born in [Y]."), E.InvalidInputError, r"\[X\] exactly once"),
     Case("template-no-y", "template without [Y]", lambda t: q.Template("[X] was born."), E.InvalidInputError, r"\[Y\] exactly once"),
     Case("template-y-not-final", "[Y] not final", lambda t: q.Template("[Y] is where [X] was born."), E.InvalidInputError, r"does not end with \[Y\]"),
-    Case("answer-multi-token", "object of several tokens (error mode)", lambda t: q.core.model.answer_token_id(model(), "alice was born in", "paris london"), E.InvalidInputError, "2 tokens.*multi_token='first'"),
-    Case("answer-oov", "object not in the vocabulary", lambda t: q.core.model.answer_token_id(model(), "alice was born in", "zanzibar"), E.InvalidInputError, "not in the model's vocabulary"),
+    Case("answer-multi-token", "object of several tokens (error mode)", lambda t: answer_token_id(model(), "alice was born in", "paris london"), E.InvalidInputError, "2 tokens.*multi_token='first'"),
+    Case("answer-oov", "object not in the vocabulary", lambda t: answer_token_id(model(), "alice was born in", "zanzibar"), E.InvalidInputError, "not in the model's vocabulary"),
     Case("fact-no-queries", "empty neighbor set", lambda t: q.Fact("alice", "P19", "paris", []), E.InvalidInputError, "has no queries"),
     Case("fact-one-query", "one-query neighbor set in the consistency runner", lambda t: __import__("qloc_tl.experiments.consistency", fromlist=["x"]).run_consistency(model(), [q.Fact("alice", "P19", "paris", ["alice was born in"])], known_only=False), E.InvalidInputError, "at least 2 are needed"),
     Case("prompt-too-long", "prompt longer than n_ctx", _attr(prompt=" ".join(["the"] * 40)), E.InvalidInputError, "longer than the model's context n_ctx=32"),

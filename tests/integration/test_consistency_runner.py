@@ -87,7 +87,8 @@ def test_dense_scores_are_the_attributions_above_keep_fraction(model, full_resul
     dense = full_result.dense_scores("ig", fact.key, 3, L, D)
     for j in range(3):
         keep = att[j] >= CFG.keep_fraction * att[j].max()
-        torch.testing.assert_close(dense[j][keep], att[j][keep], rtol=1e-6, atol=1e-9)
+        # float32 scores: the run attributes a chunk of facts per call, whose prompts share passes differently
+        torch.testing.assert_close(dense[j][keep], att[j][keep], rtol=1e-5, atol=1e-8)
         assert bool((dense[j][~keep] == 0).all())
 
 

@@ -395,7 +395,7 @@ def test_update_on_builtin_model_makes_new_object_top1():
     the first other P19 object of the built-in facts; the edited query must then answer it, and the model is
     restored afterwards."""
     model, facts = _builtin()
-    from qloc_tl.core.model import answer_token_id
+    from qloc_tl.core.tokens import answer_token_id
     from qloc_tl.methods.attribution import attribute_neurons, select_neurons
 
     fact = next(f for f in facts if f.subject == "Lou Reed" and f.relation == "P19")

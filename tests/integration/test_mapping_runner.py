@@ -15,7 +15,7 @@ from conftest import manual_prob, registered_hooks
 import qloc_tl.experiments.query_localization as ql_mod
 from qloc_tl import Fact, Neuron
 from qloc_tl.core.errors import InvalidInputError, ResumeMismatchError
-from qloc_tl.core.model import answer_token_id
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.experiments.mapping import (
     SET_NAMES,
     measure_query_kn_mapping,

@@ -8,7 +8,7 @@ import torch
 from conftest import smollm2_or_skip  # noqa: F401
 
 import qloc_tl as q
-from qloc_tl.core.model import to_tokens
+from qloc_tl.core.tokens import to_tokens
 from qloc_tl.methods.known import filter_known, next_token_probs, object_tokens
 
 # --------------------------------------------------------------------------------------------------

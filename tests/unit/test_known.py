@@ -11,7 +11,7 @@ from conftest import smollm2_or_skip  # noqa: F401
 
 import qloc_tl as q
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import answer_token_id, to_tokens
+from qloc_tl.core.tokens import answer_token_id, to_tokens
 from qloc_tl.methods.known import filter_known, next_token_probs, restrict_to_known
 
 

@@ -18,7 +18,7 @@ from conftest import assert_params_identical, manual_prob, param_snapshot, regis
 import qloc_tl.experiments.mapping as mapping_mod
 from qloc_tl import Fact, Neuron
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import answer_token_id
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.experiments.mapping import (
     SET_NAMES,
     measure_query_kn_mapping,

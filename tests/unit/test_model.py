@@ -8,7 +8,8 @@ import torch
 from conftest import TL_MAJOR
 
 from qloc_tl import InvalidInputError, UnsupportedModelError, capabilities, neuron_hook_name
-from qloc_tl.core.model import answer_token_id, check_model, require_eval, tokenize_prompts
+from qloc_tl.core.model import check_model, require_eval
+from qloc_tl.core.tokens import answer_token_id, tokenize_prompts
 from qloc_tl.zoo.tiny import tiny_model
 
 

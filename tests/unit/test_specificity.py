@@ -64,7 +64,7 @@ def test_suppression_control_by_hand():
     kn = {facts[0].key: [{Neuron(0, 1), Neuron(1, 3)}], facts[1].key: [{Neuron(1, 3)}, {Neuron(2, 5)}],
           facts[2].key: [{Neuron(0, 7)}]}  # fmt: skip
     rows = suppression_control(model, facts, kn, seed=0)
-    from qloc_tl.core.model import answer_token_id
+    from qloc_tl.core.tokens import answer_token_id
 
     for _, r in rows.iterrows():
         f = next(x for x in facts if x.key == r.fact_key)

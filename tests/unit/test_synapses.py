@@ -22,8 +22,8 @@ import qloc_tl.methods.attribution.engines.synapses as fast_syn
 import qloc_tl.methods.synapses as syn_mod
 from qloc_tl import Fact, Head, Neuron, Synapse
 from qloc_tl.core.errors import CapabilityError, InvalidInputError
-from qloc_tl.core.model import answer_token_id
 from qloc_tl.core.stats import derive_seed
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.experiments.dynamic import (
     dynamic_kn_selection,
     enh_vs_sup,

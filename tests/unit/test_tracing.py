@@ -13,7 +13,7 @@ from conftest import assert_params_identical, param_snapshot, registered_hooks
 
 import qloc_tl.methods.tracing as tr
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import answer_token_id
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.methods.tracing import causal_trace, restore_states, subject_token_positions, trace_window
 from qloc_tl.zoo.tiny import tiny_model
 

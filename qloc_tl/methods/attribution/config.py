@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
-from qloc_tl.core.model import SITES, TLModel, answer_token_id
+from qloc_tl.core.model import SITES, TLModel
+from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.core.validation import check_choice
 from qloc_tl.methods.attribution.quadrature import RULES
 

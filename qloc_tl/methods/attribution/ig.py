@@ -58,8 +58,8 @@ from qloc_tl.core.model import (
     logits_mismatch,
     model_dtype,
     require_eval,
-    tokenize_prompts,
 )
+from qloc_tl.core.tokens import tokenize_prompts
 from qloc_tl.methods.attribution.baselines import fixed_baseline, masked_token_baselines_many
 from qloc_tl.methods.attribution.config import AttributionConfig, normalise_inputs
 from qloc_tl.methods.attribution.engines import (

@@ -20,8 +20,8 @@ from qloc_tl.core.model import (
     model_dtype,
     n_layers,
     neuron_hook_name,
-    tokenize_prompts,
 )
+from qloc_tl.core.tokens import tokenize_prompts
 from qloc_tl.methods.attribution.config import AttributionConfig
 from qloc_tl.methods.attribution.engines.base import acc_dtype, check_finite, objective_of_logits
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE

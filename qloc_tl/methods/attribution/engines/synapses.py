@@ -26,7 +26,6 @@ from qloc_tl.core.hooks import AttentionHook, intervene, scale_attention
 from qloc_tl.core.identities import Head
 from qloc_tl.core.model import (
     TLModel,
-    answer_probability,
     capabilities,
     frozen_parameters,
     hooked_kv_cache,
@@ -38,6 +37,7 @@ from qloc_tl.core.model import (
     n_layers,
     pattern_hook_name,
 )
+from qloc_tl.core.tokens import answer_probability
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines.layout import matmul_ready_weights
 from qloc_tl.methods.attribution.engines.unembed import hooked_ln_final, hooked_logits
