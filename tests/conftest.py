@@ -3,6 +3,7 @@ built natively from configs and loaded from local HF directories (raw and compat
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 
@@ -14,7 +15,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 warnings.filterwarnings("ignore", category=DeprecationWarning)
 torch.set_num_threads(1)  # tiny models: one thread is fastest and immune to oversubscription
 
+from qloc_tl.core.identities import Neuron  # noqa: E402
 from qloc_tl.core.model import tl_major  # noqa: E402
+from qloc_tl.data.facts import Fact  # noqa: E402
 from qloc_tl.zoo.tiny import tiny_model  # noqa: E402
 
 TL_MAJOR = tl_major()
@@ -118,3 +121,32 @@ def manual_prob(model, prompt, answer_id, neurons, factor):
     with torch.no_grad():
         logits = model.run_with_hooks(toks, fwd_hooks=hooks)
     return float(logits[0, -1].float().softmax(-1)[answer_id])
+
+
+# Shared by the attribution tests (unit and engines): prompts, answers, the tiny model grid, a cached model per
+# (arch, source, dtype) and the relative difference used against the reference.
+PROMPTS = ["alice was born in", "the capital of france is the city of", "bob speaks"]
+ANSWERS = ["paris", "paris", "french"]
+MODELS = [("gpt2", "native"), ("gpt2", "hf"), ("llama", "native"), ("llama", "hf")]
+
+
+@functools.cache
+def cached_model(arch: str, source: str, dtype: torch.dtype = torch.float64):
+    return tiny_model(arch, source=source, dtype=dtype)
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a − b| / max |b|, NaNs as 0."""
+    a, b = torch.nan_to_num(a.double(), nan=0.0), torch.nan_to_num(b.double(), nan=0.0)
+    return float((a - b).abs().max() / b.abs().max())
+
+
+# Shared by the Query-KN mapping tests (unit and runner): two facts with hand-made per-query KN sets.
+MAPPING_FACTS = [
+    Fact("alice", "P19", "paris", ["alice was born in", "alice was born in the city of", "the city alice was born in is"]),
+    Fact("bob", "P37", "french", ["bob speaks", "the language of bob is", "bob speaks the language"]),
+]
+MAPPING_KNS = {
+    MAPPING_FACTS[0].key: [{Neuron(0, 1), Neuron(2, 5), Neuron(1, 7)}, {Neuron(2, 5), Neuron(1, 7)}, {Neuron(2, 5), Neuron(0, 9)}],
+    MAPPING_FACTS[1].key: [{Neuron(1, 3)}, {Neuron(2, 8), Neuron(0, 4)}, {Neuron(1, 3), Neuron(2, 8)}],  # empty intersection
+}

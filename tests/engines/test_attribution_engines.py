@@ -7,13 +7,13 @@ and its probes; fallbacks and their warnings; hooks, parameters and modules rest
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ANSWERS, MODELS, PROMPTS, cached_model, rel_diff
 
 from qloc_tl.core.errors import CapabilityError, NumericalError
 from qloc_tl.core.model import capabilities, tl_major
@@ -27,21 +27,6 @@ from qloc_tl.methods.attribution.engines import dispatch as dispatch_mod
 from qloc_tl.methods.attribution.engines import grouped as grouped_mod
 from qloc_tl.methods.attribution.engines import hooked_blockwise as hooked_rows_mod
 from qloc_tl.zoo.tiny import tiny_model
-
-PROMPTS = ["alice was born in", "the capital of france is the city of", "bob speaks"]
-ANSWERS = ["paris", "paris", "french"]
-MODELS = [("gpt2", "native"), ("gpt2", "hf"), ("llama", "native"), ("llama", "hf")]
-
-
-@functools.cache
-def _model(arch: str, source: str, dtype: torch.dtype = torch.float64):
-    return tiny_model(arch, source=source, dtype=dtype)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = torch.nan_to_num(a.double(), nan=0.0), torch.nan_to_num(b.double(), nan=0.0)
-    return float((a - b).abs().max() / b.abs().max())
-
 
 # ------------------------------------------------------------------------------------------------
 # fast == reference on tiny transformers
@@ -69,14 +54,14 @@ _ROWS3 = [("gpt2", "native", "blockwise"), ("gpt2", "hf", "blockwise")] if tl_ma
 @pytest.mark.parametrize("arch, source, path", [(a, s, None) for a, s in MODELS] + _PACKED + _ROWS3)
 @pytest.mark.parametrize("method", ["ig", "sig", "amig"])
 def test_fast_equals_reference_float64(arch, source, path, method):
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     steps = 20 if method != "sig" else 6
     kw = dict(method=method, steps=steps)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference", **kw)
     fast = attribute_neurons(model, PROMPTS, ANSWERS, **kw, **({"fast_path": path} if path else _fast_kw(source)))
     assert ref.path == "reference" and fast.path == (path or _expected_path(source))
     assert fast.scores.shape == (3, model.cfg.n_layers, model.cfg.d_mlp)
-    assert _rel(fast.scores, ref.scores) <= 1e-5
+    assert rel_diff(fast.scores, ref.scores) <= 1e-5
     for f in ("clean_prob", "baseline_prob", "completeness_delta", "activations"):
         assert torch.allclose(getattr(fast, f), getattr(ref, f), rtol=1e-6, atol=1e-9), f
     assert torch.equal(fast.answer_ids, ref.answer_ids)
@@ -89,7 +74,7 @@ def test_compat_processing_fast_equals_reference(arch):
     model = tiny_model(arch, source="hf", processing="compat", dtype=torch.float64)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=6, implementation="reference")
     fast = attribute_neurons(model, PROMPTS, ANSWERS, steps=6, **_fast_kw("hf"))
-    assert fast.path == _expected_path("hf") and _rel(fast.scores, ref.scores) <= 1e-5
+    assert fast.path == _expected_path("hf") and rel_diff(fast.scores, ref.scores) <= 1e-5
 
 
 @pytest.mark.parametrize(
@@ -98,7 +83,7 @@ def test_compat_processing_fast_equals_reference(arch):
 )
 def test_many_prompts_clean_pass_is_chunked(monkeypatch, limit, value, passes):
     # the clean pass is split by the prompt cap and by the element budget; the split changes nothing
-    model = _model("gpt2", "native")
+    model = cached_model("gpt2", "native")
     whole = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)  # also runs the model's one-time probes
     calls = []
     real = type(model).run_with_cache
@@ -111,18 +96,18 @@ def test_many_prompts_clean_pass_is_chunked(monkeypatch, limit, value, passes):
     monkeypatch.setattr(clean_mod, limit, value)
     chunked = attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
     assert len(calls) == passes
-    assert _rel(chunked.scores, whole.scores) <= 1e-12
+    assert rel_diff(chunked.scores, whole.scores) <= 1e-12
     assert torch.allclose(chunked.activations, whole.activations, rtol=0, atol=1e-14)
 
 
 @pytest.mark.parametrize("arch, source", MODELS)
 def test_padded_batch_rows_equal_single_runs(arch, source):
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     batch = attribute_neurons(model, PROMPTS, ANSWERS, steps=8, rule="midpoint", **_fast_kw(source))
     for i, (p, a) in enumerate(zip(PROMPTS, ANSWERS)):
         alone = attribute_neurons(model, p, a, steps=8, rule="midpoint", **_fast_kw(source))
         assert alone.scores.shape == (model.cfg.n_layers, model.cfg.d_mlp)
-        assert _rel(batch.scores[i], alone.scores) <= 1e-6
+        assert rel_diff(batch.scores[i], alone.scores) <= 1e-6
         assert torch.allclose(batch.clean_prob[i], alone.clean_prob[0], rtol=1e-9)
 
 
@@ -136,24 +121,24 @@ def test_padded_batch_rows_equal_single_runs(arch, source):
     ],
 )
 def test_sites_and_objectives_fast_equals_reference(arch, source, site, objective):
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     kw = dict(site=site, objective=objective, steps=10, rule="trapezoid")
     ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], implementation="reference", **kw)
     fast = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw, **_fast_kw(source))
-    assert _rel(fast.scores, ref.scores) <= 1e-5
+    assert rel_diff(fast.scores, ref.scores) <= 1e-5
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_float32_fast_equals_reference(arch):
-    model = _model(arch, "hf", torch.float32)
+    model = cached_model(arch, "hf", torch.float32)
     ref = attribute_neurons(model, PROMPTS, ANSWERS, implementation="reference")
     auto = attribute_neurons(model, PROMPTS, ANSWERS)
     assert auto.path == ("kv-hooked" if tl_major() < 4 else "blockwise")  # TL 3: 3 x 21 samples do not fit n_ctx
     assert auto.scores.dtype == torch.float32
-    assert _rel(auto.scores, ref.scores) <= 1e-3
+    assert rel_diff(auto.scores, ref.scores) <= 1e-3
     if tl_major() >= 4:
         packed = attribute_neurons(model, PROMPTS, ANSWERS, fast_path="packed")
-        assert packed.path == "packed" and _rel(packed.scores, ref.scores) <= 1e-3
+        assert packed.path == "packed" and rel_diff(packed.scores, ref.scores) <= 1e-3
 
 
 @pytest.mark.skipif(tl_major() < 4, reason="blockwise and packing are TL 4 bridge paths")
@@ -162,7 +147,7 @@ def test_rows_longer_than_n_ctx_and_packing_without_room_equal_reference():
     which the explicit position ids allow; packing has room for 2 copies per row ("auto" would not pack
     then: the fallback after blockwise is the full path) and gives one row per two samples. All equal the
     reference."""
-    model = _model("gpt2", "hf")
+    model = cached_model("gpt2", "hf")
     n_ctx = model.cfg.n_ctx
     long_prompt = torch.arange(3, 3 + n_ctx - 1) % model.cfg.d_vocab  # n_ctx - 1 tokens: t = n_ctx - 2
     kw = dict(steps=4, prepend_bos=False)
@@ -170,7 +155,7 @@ def test_rows_longer_than_n_ctx_and_packing_without_room_equal_reference():
     auto = attribute_neurons(model, long_prompt, 5, **kw)
     packed = attribute_neurons(model, long_prompt, 5, fast_path="packed", **kw)
     assert auto.path == "blockwise" and packed.path == "packed"
-    assert _rel(auto.scores, ref.scores) <= 1e-5 and _rel(packed.scores, ref.scores) <= 1e-5
+    assert rel_diff(auto.scores, ref.scores) <= 1e-5 and rel_diff(packed.scores, ref.scores) <= 1e-5
     assert dispatch_mod.fast_kind(model, AttributionConfig(), n_ctx - 1) == "blockwise"
     ENGINE_CACHE.mark_failed(model, "blockwise")
     try:  # after blockwise failed on this model: no room to pack -> full; room -> packed
@@ -185,12 +170,12 @@ def test_rows_longer_than_n_ctx_and_packing_without_room_equal_reference():
 def test_layer_subsets_and_odd_chunks_equal_reference(arch, source, batch_size):
     """Chunks that start above layer 0, mix layers, split a layer, or hold every sample (the blockwise paths
     add each layer's samples at that layer's block), on a non-contiguous layer subset."""
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     kw = dict(steps=5, rule="midpoint", layers=[2, 0])
     ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], implementation="reference", **kw)
     fast = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], batch_size=batch_size, **kw, **_fast_kw(source))
     assert fast.path == _expected_path(source)
-    assert bool(fast.scores[:, 1].isnan().all()) and _rel(fast.scores[:, [0, 2]], ref.scores[:, [0, 2]]) <= 1e-6
+    assert bool(fast.scores[:, 1].isnan().all()) and rel_diff(fast.scores[:, [0, 2]], ref.scores[:, [0, 2]]) <= 1e-6
 
 
 @pytest.mark.skipif(tl_major() < 4, reason="blockwise is a TL 4 bridge path")
@@ -221,7 +206,7 @@ def test_blockwise_validation_sees_the_farthest_copy(monkeypatch, caplog):
         with pytest.raises(CapabilityError, match="blockwise path does not reproduce"):
             attribute_neurons(model, PROMPTS[0], ANSWERS[0], fast_path="blockwise", **kw)
         auto = attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)  # the shortcut's refusal is remembered
-    assert auto.path == "packed" and _rel(auto.scores[[0, 2]], ref.scores[[0, 2]]) <= 1e-6
+    assert auto.path == "packed" and rel_diff(auto.scores[[0, 2]], ref.scores[[0, 2]]) <= 1e-6
     assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
 
@@ -232,7 +217,7 @@ def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method):
     """Several prompts of different lengths in one call share blockwise passes (TL 4: rows left-padded to
     the longest prefix; TL 3: one KV cache of left-padded prefixes): the call runs block 0 fewer times than
     one call per prompt, and its scores equal the reference and the one-prompt calls."""
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # 1-token prompt: an empty prefix
     kw = dict(method=method, steps=4, rule="trapezoid", fast_path="kv")
     ref = attribute_neurons(model, prompts, answers, implementation="reference", method=method, steps=4, rule="trapezoid")
@@ -251,7 +236,7 @@ def test_prompts_sharing_a_blockwise_pass_equal_reference(arch, source, method):
     alone_scores = torch.stack([r.scores for r in alone])
     # HF LLaMA's RMSNorm computes in float32 even in a float64 model: rows of another length round differently
     tol = 1e-9 if (arch, source) != ("llama", "hf") else 1e-6
-    assert _rel(shared.scores, ref.scores) <= 1e-6 and _rel(shared.scores, alone_scores) <= tol
+    assert rel_diff(shared.scores, ref.scores) <= 1e-6 and rel_diff(shared.scores, alone_scores) <= tol
     for f in ("baseline_prob", "completeness_delta"):
         assert torch.allclose(getattr(shared, f), getattr(ref, f), rtol=1e-6, atol=1e-9), f
 
@@ -354,20 +339,20 @@ def test_prompts_per_pass_policy_with_the_unembedding_sweep():
 
 
 def test_full_fast_path_and_token_inputs_equal_reference():
-    model = _model("gpt2", "hf")
+    model = cached_model("gpt2", "hf")
     toks = [model.to_tokens(p)[0] for p in PROMPTS]
     ids = [int(model.to_single_token(a)) for a in ANSWERS]
     ref = attribute_neurons(model, toks, ids, steps=5, implementation="reference", batch_size=2)
     full = attribute_neurons(model, toks, ids, steps=5, fast_path="full", batch_size=7)
     by_str = attribute_neurons(model, PROMPTS, ANSWERS, steps=5)
     assert full.path == "full"
-    assert _rel(full.scores, ref.scores) <= 1e-8 and _rel(by_str.scores, ref.scores) <= 1e-8
+    assert rel_diff(full.scores, ref.scores) <= 1e-8 and rel_diff(by_str.scores, ref.scores) <= 1e-8
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_finite_check_agrees_with_isfinite(dtype):
     # the check sums first; a sum that overflows from finite values must not raise, one inf/NaN must
-    model = _model("gpt2", "native", torch.float32)
+    model = cached_model("gpt2", "native", torch.float32)
     big = torch.finfo(dtype).max
     cases = [
         torch.randn(7, 5, dtype=dtype),
@@ -398,7 +383,7 @@ def _live_hooks(model) -> int:
 
 @pytest.mark.parametrize("arch, source, path", [(a, s, None) for a, s in MODELS] + _ROWS3)
 def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path, monkeypatch):
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     kw = {"fast_path": path} if path else _fast_kw(source)
     params = list(model.parameters())
     params[0].requires_grad_(False)
@@ -444,7 +429,7 @@ def test_native_bridge_takes_the_blockwise_path_without_a_warning(caplog):
     assert r1.path == r2.path == "blockwise"
     assert not [m for m in caplog.messages if "falls back" in m or "full-sequence" in m]
     ref = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, implementation="reference")
-    assert _rel(r1.scores, ref.scores) <= 1e-9 and torch.equal(r1.scores, r2.scores)
+    assert rel_diff(r1.scores, ref.scores) <= 1e-9 and torch.equal(r1.scores, r2.scores)
 
 
 def _spy_run_with_cache(model, monkeypatch) -> list:
@@ -473,8 +458,8 @@ def test_kv_hooked_clean_pass_skips_the_own_unembedding_only_after_checking_it(m
     kv = attribute_neurons(model, PROMPTS, ANSWERS, steps=3, fast_path="kv")
     assert seen == [None] and kv.path == "kv-hooked"  # TL 3's other prefix-reusing path too
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=3, implementation="reference")
-    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-10 and _rel(kv.scores_batched, ref.scores_batched) <= 1e-10
-    assert _rel(res.scores_batched, first.scores_batched) <= 1e-12
+    assert rel_diff(res.scores_batched, ref.scores_batched) <= 1e-10 and rel_diff(kv.scores_batched, ref.scores_batched) <= 1e-10
+    assert rel_diff(res.scores_batched, first.scores_batched) <= 1e-12
     # the clean probability against the model's own forward
     for i, p in enumerate(PROMPTS):
         with torch.no_grad():
@@ -501,7 +486,7 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3)
     assert None not in seen  # never skipped for this module
     ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, implementation="reference")
-    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-10
+    assert rel_diff(res.scores_batched, ref.scores_batched) <= 1e-10
     # and an unembedding with a PyTorch hook is never checked nor skipped
     model2 = tiny_model("gpt2", dtype=torch.float64)
     model2.unembed.register_forward_hook(lambda m, i, o: None)
@@ -522,7 +507,7 @@ def test_kv_hooked_clean_pass_keeps_an_unembedding_that_is_not_the_affine_map(mo
     finally:
         model3.reset_hooks()
     assert None not in seen3 and res3.path == "full"
-    assert _rel(res3.scores_batched, ref3.scores_batched) <= 1e-10
+    assert rel_diff(res3.scores_batched, ref3.scores_batched) <= 1e-10
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,7 +538,7 @@ def _count_shortcut_passes(monkeypatch) -> dict:
 def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, path, monkeypatch):
     """With the shortcut the samples of layer l never run block l; the scores equal both the reference and
     the same path with the shortcut off (which runs block l with the hook_post replacement)."""
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     kw = dict(steps=7, rule="trapezoid", **({"fast_path": path} if path else _fast_kw(source)))
     calls = _count_shortcut_passes(monkeypatch)
     short = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
@@ -565,10 +550,10 @@ def test_mlp_out_shortcut_is_taken_and_equals_running_block_l(arch, source, path
     assert calls["n"] == 0
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=7, rule="trapezoid", implementation="reference")
     # 1e-6: HF LLaMA's RMSNorm computes in float32 even in a float64 model (else ~1e-15)
-    assert _rel(short.scores_batched, full.scores_batched) <= 1e-6
-    assert _rel(short.scores_batched, ref.scores_batched) <= 1e-5
+    assert rel_diff(short.scores_batched, full.scores_batched) <= 1e-6
+    assert rel_diff(short.scores_batched, ref.scores_batched) <= 1e-5
     last = model.cfg.n_layers - 1
-    assert _rel(sub.scores_batched[:, last], ref.scores_batched[:, last]) <= 1e-5
+    assert rel_diff(sub.scores_batched[:, last], ref.scores_batched[:, last]) <= 1e-5
     assert torch.allclose(short.completeness_delta, ref.completeness_delta, rtol=1e-6, atol=1e-9)
 
 
@@ -577,7 +562,7 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, pa
     """A shortcut that does not reproduce block l (here: W_out scaled by 1.5) fails the probes on the first
     pass; the call runs again without it and equals the reference. With the probes' check disabled, the same
     wrong shortcut does change the scores — so the probes are what protects them."""
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     real_init = grouped_mod.GroupedEngine.__init__
 
     def wrong(self, *args, **kwargs):
@@ -595,11 +580,11 @@ def test_mlp_out_shortcut_that_is_wrong_is_caught_by_its_probes(arch, source, pa
         with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
             res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
         assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
-        assert res.path == (path or _expected_path(source)) and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+        assert res.path == (path or _expected_path(source)) and rel_diff(res.scores_batched, ref.scores_batched) <= 1e-5
         monkeypatch.setattr(grouped_mod.GroupedEngine, "check_shortcut", lambda self, got, want: None)
         ENGINE_CACHE.clear(model)  # it remembers the refusal
         unchecked = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, **kw)
-        assert _rel(unchecked.scores_batched, ref.scores_batched) > 1e-3
+        assert rel_diff(unchecked.scores_batched, ref.scores_batched) > 1e-3
     finally:
         ENGINE_CACHE.clear(model)
 
@@ -609,7 +594,7 @@ def test_mlp_out_shortcut_is_not_used_under_user_hooks(arch, source, path, monke
     """A user's hook on hook_mlp_out of layer 1 (active around the call) must act on the samples of layer
     1 too: the shortcut would skip it, so it is not used, and the scores equal the reference's under the
     same hook (and differ from the unhooked scores)."""
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     calls = _count_shortcut_passes(monkeypatch)
     kw = {"fast_path": path} if path else _fast_kw(source)
     hook = [("blocks.1.hook_mlp_out", lambda t, hook: 0.5 * t)]
@@ -618,8 +603,8 @@ def test_mlp_out_shortcut_is_not_used_under_user_hooks(arch, source, path, monke
         ref = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
     assert calls["n"] == 0 and _live_hooks(model) == 0
     plain = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=5, implementation="reference")
-    assert _rel(res.scores_batched, ref.scores_batched) <= 1e-5
-    assert _rel(res.scores_batched[:, 1], plain.scores_batched[:, 1]) > 1e-2
+    assert rel_diff(res.scores_batched, ref.scores_batched) <= 1e-5
+    assert rel_diff(res.scores_batched[:, 1], plain.scores_batched[:, 1]) > 1e-2
 
 
 @pytest.mark.skipif(tl_major() >= 4, reason="a TL 3 HookedTransformerConfig option")
@@ -640,14 +625,14 @@ def test_mlp_out_shortcut_declines_a_post_mlp_norm(caplog, monkeypatch):
         res = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, implementation="reference")
     assert any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
-    assert res.path == "kv-hooked" and _rel(res.scores_batched, ref.scores_batched) <= 1e-5
+    assert res.path == "kv-hooked" and rel_diff(res.scores_batched, ref.scores_batched) <= 1e-5
     # the refusal is remembered for these blocks: the next call does not try the shortcut at all
     caplog.clear()
     calls = _count_shortcut_passes(monkeypatch)
     with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         again = attribute_neurons(model, PROMPTS, ANSWERS, steps=5, fast_path="kv")
     assert calls["n"] == 0 and not any("MLP-out shortcut" in m for m in caplog.messages)
-    assert _rel(again.scores_batched, ref.scores_batched) <= 1e-5
+    assert rel_diff(again.scores_batched, ref.scores_batched) <= 1e-5
 
 
 def test_samples_put_in_layer_order_get_the_index_gradient():
@@ -670,7 +655,7 @@ def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, so
     test) halves that MLP's output, which the shortcut would skip for the samples of layer 1: the blocks
     changed, the probes run again, refuse it, and the scores equal the reference's under the same hook. With
     the hook gone the probes run once more and pass."""
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     kw = dict(steps=5, **({"fast_path": path} if path else _fast_kw(source)))
     attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)  # a TL 4 bridge adds hooks of its own on a first call
     ENGINE_CACHE.clear(model)  # the probes run again on the next call
@@ -684,7 +669,7 @@ def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, so
     monkeypatch.setattr(grouped_mod.GroupedEngine, "check_shortcut", spy)
     first = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
     second = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
-    assert checks["n"] == 1 and _rel(second.scores_batched, first.scores_batched) <= 1e-12
+    assert checks["n"] == 1 and rel_diff(second.scores_batched, first.scores_batched) <= 1e-12
     handle = model.blocks[1].mlp.register_forward_hook(lambda mod, args, out: 0.5 * out)
     try:
         with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
@@ -693,10 +678,10 @@ def test_mlp_out_shortcut_probes_once_per_model_until_its_blocks_change(arch, so
     finally:
         handle.remove()
     assert checks["n"] == 2 and any("MLP-out shortcut does not reproduce" in m for m in caplog.messages)
-    assert _rel(hooked.scores_batched, ref.scores_batched) <= 1e-5
-    assert _rel(hooked.scores_batched[:, 1], first.scores_batched[:, 1]) > 1e-2
+    assert rel_diff(hooked.scores_batched, ref.scores_batched) <= 1e-5
+    assert rel_diff(hooked.scores_batched[:, 1], first.scores_batched[:, 1]) > 1e-2
     third = attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], **kw)
-    assert checks["n"] == 3 and _rel(third.scores_batched, first.scores_batched) <= 1e-12
+    assert checks["n"] == 3 and rel_diff(third.scores_batched, first.scores_batched) <= 1e-12
 
 
 # ------------------------------------------------------------------------------------------------
@@ -712,7 +697,7 @@ def test_hooked_rows_fit_n_ctx_and_equal_reference(source, shortcut, monkeypatch
     capped so that no pass (cached prefix + samples + validation copies + probe) is longer than n_ctx (32
     here, so several passes per prompt); every attention block got the layout mask. The scores equal the reference and
     the kv-hooked path's."""
-    model = _model("gpt2", source)
+    model = cached_model("gpt2", source)
     # without the shortcut: a user's hook keeps it off (the public route)
     stack = contextlib.ExitStack()
     if not shortcut:
@@ -745,8 +730,8 @@ def test_hooked_rows_fit_n_ctx_and_equal_reference(source, shortcut, monkeypatch
     room = model.cfg.n_ctx - longest - 2
     assert 20 * model.cfg.n_layers > room and len(passes) >= math.ceil(20 * model.cfg.n_layers / room)
     assert max(widths) <= model.cfg.n_ctx
-    assert _rel(rows.scores_batched, ref.scores_batched) <= 1e-5
-    assert _rel(rows.scores_batched, kv.scores_batched) <= 1e-9
+    assert rel_diff(rows.scores_batched, ref.scores_batched) <= 1e-5
+    assert rel_diff(rows.scores_batched, kv.scores_batched) <= 1e-9
     assert torch.allclose(rows.completeness_delta, ref.completeness_delta, rtol=1e-6, atol=1e-9)
 
 
@@ -758,7 +743,7 @@ def test_hooked_prefix_caches_from_the_clean_pass_equal_their_own_forward(path, 
     none kept, and with a budget that keeps the first three only (two prompts per pass: the second pass then
     runs a forward of its own); all equal the reference. Forward passes from tokens are counted
     on the embedding: one clean pass, plus one per pass whose prefixes were not kept."""
-    model = _model("gpt2", "native")
+    model = cached_model("gpt2", "native")
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # different lengths, one a single token
     kw = dict(steps=6, rule="trapezoid", fast_path=path)
     monkeypatch.setattr(grouped_mod, "GROUP_MAX_SWEEP", 2)
@@ -795,9 +780,9 @@ def test_hooked_prefix_caches_from_the_clean_pass_equal_their_own_forward(path, 
     assert kept.path == none.path == ("kv-hooked" if path == "kv" else "blockwise")
     assert len(prompts) == 4  # passes: prompts 0-1, kept by the budget of three, and 2-3, not kept
     assert n_all == (1, 4) and n_some == (1 + 1, 3) and n_none == (1 + 2, None)
-    assert _rel(kept.scores_batched, none.scores_batched) <= 1e-12
-    assert _rel(some.scores_batched, none.scores_batched) <= 1e-12
-    assert _rel(kept.scores_batched, ref.scores_batched) <= 1e-5
+    assert rel_diff(kept.scores_batched, none.scores_batched) <= 1e-12
+    assert rel_diff(some.scores_batched, none.scores_batched) <= 1e-12
+    assert rel_diff(kept.scores_batched, ref.scores_batched) <= 1e-5
 
 
 @pytest.mark.skipif(tl_major() >= 4, reason="the rows of TL 3 HookedTransformers")
@@ -818,7 +803,7 @@ def test_hooked_rows_without_the_layout_mask_are_refused(monkeypatch, caplog):
         attribute_neurons(model, PROMPTS, ANSWERS, fast_path="blockwise", **kw)
     with caplog.at_level(logging.INFO, logger="qloc_tl.methods.attribution"):
         auto = attribute_neurons(model, PROMPTS, ANSWERS, **kw)
-    assert auto.path == "kv-hooked" and _rel(auto.scores_batched, ref.scores_batched) <= 1e-5
+    assert auto.path == "kv-hooked" and rel_diff(auto.scores_batched, ref.scores_batched) <= 1e-5
     assert any("blockwise fast path does not reproduce" in m for m in caplog.messages)
     assert _live_hooks(model) == 0
 
@@ -828,7 +813,7 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions():
     """ "auto" takes the rows for learned absolute positions with room in n_ctx; rotary models (positions
     inside attention) stay on kv-hooked and refuse fast_path='blockwise', as do local attention windows and
     bidirectional attention (checked on the config, before any probe of the model)."""
-    gpt2, llama = _model("gpt2", "native"), _model("llama", "native")
+    gpt2, llama = cached_model("gpt2", "native"), cached_model("llama", "native")
     assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3).path == "blockwise"
     assert attribute_neurons(gpt2, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv").path == "kv-hooked"
     # "auto" wants room for all 3 layers x (3 + 1) nodes of a prompt in one pass, as kv-hooked takes them
@@ -847,7 +832,7 @@ def test_hooked_rows_are_taken_only_where_a_block_cannot_see_positions():
         attribute_neurons(gpt2, long, 5, steps=3, fast_path="blockwise")
     edge = attribute_neurons(gpt2, long[1:], 5, steps=3, fast_path="blockwise")  # room for 1: rows of n_ctx
     assert edge.path == "blockwise"
-    assert _rel(edge.scores, attribute_neurons(gpt2, long[1:], 5, steps=3, fast_path="kv").scores) <= 1e-9
+    assert rel_diff(edge.scores, attribute_neurons(gpt2, long[1:], 5, steps=3, fast_path="kv").scores) <= 1e-9
     assert hooked_rows_mod.rows_layout_ok(gpt2)
 
     def fake(**over):
@@ -904,7 +889,7 @@ def test_failed_kv_probe_falls_back_with_one_warning_per_model(monkeypatch, capl
     (msg,) = _slow_warnings(caplog)
     assert "'full'" in msg and "kv_cache:" in msg and "HookedTransformer" in msg
     ref = attribute_neurons(model, PROMPTS, ANSWERS, steps=4, implementation="reference")
-    assert _rel(r1.scores_batched, ref.scores_batched) <= 1e-9
+    assert rel_diff(r1.scores_batched, ref.scores_batched) <= 1e-9
     with pytest.raises(CapabilityError, match="kv_cache:"):
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=3, fast_path="kv")
     caplog.clear()

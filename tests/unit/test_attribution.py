@@ -14,13 +14,13 @@ The fast execution engines against the reference are in ``tests/engines/test_att
 
 from __future__ import annotations
 
-import functools
 import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from conftest import ANSWERS, MODELS, PROMPTS, cached_model, rel_diff
 from torch import nn
 
 from qloc_tl.core.errors import InvalidInputError, NumericalError, UnsupportedModelError
@@ -29,22 +29,6 @@ from qloc_tl.core.identities import Neuron
 from qloc_tl.methods.attribution import NeuronAttribution, attribute_neurons, select_neurons
 from qloc_tl.methods.attribution.config import AttributionConfig
 from qloc_tl.methods.attribution.quadrature import quadrature
-from qloc_tl.zoo.tiny import tiny_model
-
-PROMPTS = ["alice was born in", "the capital of france is the city of", "bob speaks"]
-ANSWERS = ["paris", "paris", "french"]
-MODELS = [("gpt2", "native"), ("gpt2", "hf"), ("llama", "native"), ("llama", "hf")]
-
-
-@functools.cache
-def _model(arch: str, source: str, dtype: torch.dtype = torch.float64):
-    return tiny_model(arch, source=source, dtype=dtype)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = torch.nan_to_num(a.double(), nan=0.0), torch.nan_to_num(b.double(), nan=0.0)
-    return float((a - b).abs().max() / b.abs().max())
-
 
 # ------------------------------------------------------------------------------------------------
 # analytic toy
@@ -204,7 +188,7 @@ def test_masked_baselines_of_several_prompts_equal_one_at_a_time(arch, source):
     baselines equal a hand loop over its variants (one forward each, no padding)."""
     from qloc_tl.methods.attribution.baselines import masked_token_baselines_many
 
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     rows = [model.to_tokens(p)[0] for p in PROMPTS]
     cfg = AttributionConfig(method="amig")
     names = {l: f"blocks.{l}.mlp.hook_post" for l in (0, 2)}
@@ -221,7 +205,7 @@ def test_masked_baselines_of_several_prompts_equal_one_at_a_time(arch, source):
             v[j] = eos
             _, cache = model.run_with_cache(v.unsqueeze(0), names_filter=list(names.values()))
             for l, name in names.items():
-                assert _rel(got[k, l], cache[name][0, -1]) <= tol
+                assert rel_diff(got[k, l], cache[name][0, -1]) <= tol
         assert bool((got[:, 1] == 0).all())  # layers not asked for stay 0
 
 
@@ -243,7 +227,7 @@ def _prob_with_layer_set(model, tokens, layer, values, answer, site="post"):
     [("gpt2", "native", "post", 1e-6), ("gpt2", "hf", "pre", 1e-6), ("llama", "hf", "post", 1e-3)],
 )
 def test_ig_matches_finite_differences_along_the_path(arch, source, site, tol):
-    model = _model(arch, source)
+    model = cached_model(arch, source)
     prompt, answer = "alice was born in", "paris"
     tokens = model.to_tokens(prompt)
     y = int(model.to_single_token(answer))
@@ -275,7 +259,7 @@ def test_ig_matches_finite_differences_along_the_path(arch, source, site, tol):
     "rule, ms, min_ratio", [("trapezoid", (4, 8, 16), 3.0), ("gauss_legendre", (1, 2, 4), 5.0)]
 )
 def test_completeness_delta_shrinks_with_steps(rule, ms, min_ratio):
-    model = _model("gpt2", "hf")
+    model = cached_model("gpt2", "hf")
     deltas = []
     for m in ms:
         res = attribute_neurons(model, PROMPTS[0], ANSWERS[0], steps=m, rule=rule)
@@ -304,13 +288,13 @@ def test_completeness_delta_shrinks_with_steps(rule, ms, min_ratio):
 
 
 def test_result_object_views_and_frames():
-    model = _model("gpt2", "native")
+    model = cached_model("gpt2", "native")
     res = attribute_neurons(model, PROMPTS, ANSWERS, steps=4, layers=[0, 2])
     assert isinstance(res, NeuronAttribution) and len(res) == 3
     assert torch.isnan(res.scores[:, 1]).all() and torch.isfinite(res.scores[:, [0, 2]]).all()
     assert torch.isnan(res.completeness_delta[:, 1]).all() and torch.isfinite(res.activations).all()
     full = attribute_neurons(model, PROMPTS, ANSWERS, steps=4)
-    assert _rel(res.scores[:, [0, 2]], full.scores[:, [0, 2]]) <= 1e-12
+    assert rel_diff(res.scores[:, [0, 2]], full.scores[:, [0, 2]]) <= 1e-12
     one = res[1]
     assert one.single and one.scores.shape == (3, model.cfg.d_mlp) and one.clean_prob.shape == (1,)
     assert torch.allclose(one.scores, res.scores[1], equal_nan=True)
@@ -354,13 +338,13 @@ def test_result_object_views_and_frames():
     ],
 )
 def test_invalid_arguments(kw, match):
-    model = _model("gpt2", "native")
+    model = cached_model("gpt2", "native")
     with pytest.raises(InvalidInputError, match=match):
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], **kw)
 
 
 def test_model_checks():
-    model = _model("gpt2", "native")
+    model = cached_model("gpt2", "native")
     with pytest.raises(UnsupportedModelError):
         attribute_neurons(nn.Linear(3, 3), "a", "b")
     with pytest.raises(InvalidInputError, match="one answer per prompt"):
@@ -374,7 +358,7 @@ def test_model_checks():
 
 
 def test_overflow_raises_numerical_error():
-    model = _model("gpt2", "native", torch.float32)
+    model = cached_model("gpt2", "native", torch.float32)
     huge = torch.full((model.cfg.d_mlp,), 3e38)
     with pytest.raises(NumericalError):
         attribute_neurons(model, PROMPTS[0], ANSWERS[0], baseline=huge, steps=2)

@@ -13,10 +13,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import MAPPING_FACTS as FACTS
+from conftest import MAPPING_KNS as KNS
 from conftest import assert_params_identical, manual_prob, param_snapshot, registered_hooks
 
 import qloc_tl.experiments.mapping as mapping_mod
-from qloc_tl import Fact, Neuron
+from qloc_tl import Neuron
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.tokens import answer_token_id
 from qloc_tl.experiments.mapping import (
@@ -32,15 +34,6 @@ from qloc_tl.methods.consistency_score import classify_facts, consistency_score
 from qloc_tl.zoo.tiny import tiny_model
 
 N = Neuron
-
-FACTS = [
-    Fact("alice", "P19", "paris", ["alice was born in", "alice was born in the city of", "the city alice was born in is"]),
-    Fact("bob", "P37", "french", ["bob speaks", "the language of bob is", "bob speaks the language"]),
-]
-KNS = {
-    FACTS[0].key: [{N(0, 1), N(2, 5), N(1, 7)}, {N(2, 5), N(1, 7)}, {N(2, 5), N(0, 9)}],
-    FACTS[1].key: [{N(1, 3)}, {N(2, 8), N(0, 4)}, {N(1, 3), N(2, 8)}],  # empty intersection
-}
 
 
 @pytest.fixture(scope="module", params=[("gpt2", "native"), ("llama", "hf")], ids=["gpt2-native", "llama-hf"])
