@@ -26,6 +26,7 @@ from qloc_tl.core.hooks import AttentionHook, intervene, scale_attention
 from qloc_tl.core.identities import Head
 from qloc_tl.core.model import (
     TLModel,
+    bridge_mask_convention,
     capabilities,
     frozen_parameters,
     hooked_kv_cache,
@@ -40,6 +41,7 @@ from qloc_tl.core.model import (
 from qloc_tl.core.tokens import answer_probability
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines.layout import matmul_ready_weights
+from qloc_tl.methods.attribution.engines.packed import bridge_mask
 from qloc_tl.methods.attribution.engines.unembed import hooked_ln_final, hooked_logits
 
 __all__ = [
@@ -167,7 +169,12 @@ class KVRows(FastRows):
         if self.q > 0:
             with torch.no_grad():
                 head = tokens[:, : self.q]
-                model(head, past_kv_cache=self.prefix, attention_mask=hooked_kv_mask(model, head), return_type=None)
+                model(
+                    head,
+                    past_kv_cache=self.prefix,
+                    attention_mask=hooked_kv_mask(model, head),
+                    return_type=None,
+                )
         self.prefix.freeze()
 
     def _cache(self, j: int, R: int) -> Any:
@@ -217,8 +224,9 @@ class KVRows(FastRows):
 
 
 class PackedRows(FastRows):
-    """HF-backed TL 4 bridges (which keep no KV cache): a row is the prefix followed by one copy of the answer
-    token per sample; a 4-D mask lets each copy see the prefix and itself only, and every copy has position id
+    """TL 4 bridges (which keep no KV cache), HF-backed and ``boot_native``: a row is the prefix followed by
+    one copy of the answer token per sample; a 4-D mask (in the bridge's convention,
+    :func:`~.packed.bridge_mask`) lets each copy see the prefix and itself only, and every copy has position id
     q, so each copy computes the clean answer position. In the pattern a copy's row holds the prefix keys
     0..q−1 and its own column, which stands for key q. When the context (``n_ctx``) cannot hold all copies
     after the prefix they are spread over rows of one batch, each repeating the prefix."""
@@ -227,6 +235,7 @@ class PackedRows(FastRows):
 
     def __init__(self, model: TLModel, tokens: Tensor, answer: int) -> None:
         super().__init__(model, tokens, answer)
+        bridge_mask_convention(model)  # the once-per-model probe runs here, not under a pass's hooks
         n_ctx = int(getattr(model.cfg, "n_ctx", 0) or 0)
         self.room = n_ctx - self.q if n_ctx else None  # copies one row can hold
         if self.room is not None and self.room < 1:
@@ -245,7 +254,7 @@ class PackedRows(FastRows):
         allowed[diag, diag] = True
         pos = torch.cat([torch.arange(q, device=dev), torch.full((r,), q, device=dev)])
         pos = pos.unsqueeze(0).expand(B, N)
-        return seq, allowed[None, None].expand(B, 1, N, N), pos
+        return seq, bridge_mask(self.model, allowed[None, None].expand(B, 1, N, N)), pos
 
     def run(self, layer_of: list[int], factors: Tensor, check: bool) -> FastPass:
         q, H = self.q, self.H
@@ -378,7 +387,14 @@ def attattr_fast_run(
 
 
 def _validate(
-    model: TLModel, tokens: Tensor, q: int, layer: int, got: Tensor, clean_logits: Tensor, tol: float, path: str
+    model: TLModel,
+    tokens: Tensor,
+    q: int,
+    layer: int,
+    got: Tensor,
+    clean_logits: Tensor,
+    tol: float,
+    path: str,
 ) -> None:
     """Raise :class:`FastMismatch` unless the fast pass's unedited row reproduces the clean logits and its
     first sample (layer ``layer``'s answer row zeroed) a full forward with the same edit."""
