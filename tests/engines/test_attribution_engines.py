@@ -299,8 +299,7 @@ def _fake(d_model, mlp, V, device="cpu", W_U_dtype=None):
 
 
 def test_prompts_per_pass_policy():
-    """Without the unembedding sweep (no plain float32/64 W_U) prompts join a pass while their
-    ``[prompts, samples, d_vocab]`` logits fit the device's budget (:data:`GROUP_LOGITS`, larger off the CPU),
+    """Prompts join a pass while their ``[prompts, samples, d_vocab]`` logits fit the device's budget (:data:`GROUP_LOGITS`, larger off the CPU),
     up to :data:`GROUP_MAX`; SIG and the packed and full paths: one prompt per pass."""
     for kind in ("blockwise", "kv-hooked"):  # TL 3's blockwise path groups too
         ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
@@ -311,7 +310,7 @@ def test_prompts_per_pass_policy():
                 size = _group_size(fake, ig_cfg, kind, samples, left)
                 _assert_largest_that_fits(size, left, grouped_mod.GROUP_MAX, S * V, budget)
                 assert _group_size(fake, sig_cfg, kind, samples, left) == 1
-            # a low-precision W_U: no sweep, the same logits budget
+            # a low-precision W_U: the same logits budget
             low = _fake(d_model, mlp, V, W_U_dtype=torch.bfloat16)
             assert _group_size(low, ig_cfg, kind, samples, left) == _group_size(_fake(d_model, mlp, V), ig_cfg, kind, samples, left)
         fake = _fake(64, 128, 96)
@@ -319,23 +318,6 @@ def test_prompts_per_pass_policy():
         # more samples per prompt or a larger vocabulary never put more prompts in a pass
         sizes = [_group_size(_fake(64, 128, V), ig_cfg, kind, s, 1000) for V, s in ((96, 20), (96, 200), (50257, 200))]
         assert sizes == sorted(sizes, reverse=True) and sizes[0] > sizes[-1]
-
-
-def test_prompts_per_pass_policy_with_the_unembedding_sweep():
-    """On CPU with a plain float32 unembedding (no ``[samples, d_vocab]`` logits): prompts join a pass while
-    ``prompts x samples x d_model x d_mlp`` stays within :data:`GROUP_WORK`, up to :data:`GROUP_MAX_SWEEP` and
-    :data:`GROUP_MAX`; SIG: one prompt per pass; off the CPU the logits budget applies instead."""
-    for kind in ("blockwise", "kv-hooked"):  # TL 3's blockwise path groups too
-        ig_cfg, sig_cfg = AttributionConfig(), AttributionConfig(method="sig")
-        cap = min(grouped_mod.GROUP_MAX_SWEEP, grouped_mod.GROUP_MAX)
-        for d_model, mlp, V, samples, left in _SHAPES:
-            S = min(samples, grouped_mod.BLOCKWISE_BATCH)
-            fake = _fake(d_model, mlp, V, W_U_dtype=torch.float32)
-            size = _group_size(fake, ig_cfg, kind, samples, left)
-            _assert_largest_that_fits(size, left, cap, S * d_model * mlp, grouped_mod.GROUP_WORK)
-            assert _group_size(fake, sig_cfg, kind, samples, left) == 1
-            meta = _fake(d_model, mlp, V, device="meta", W_U_dtype=torch.float32)
-            assert _group_size(meta, ig_cfg, kind, samples, left) == _group_size(_fake(d_model, mlp, V, "meta"), ig_cfg, kind, samples, left)
 
 
 def test_full_fast_path_and_token_inputs_equal_reference():
@@ -406,10 +388,9 @@ def test_no_hooks_leak_and_param_flags_restored_even_on_error(arch, source, path
 
         return f
 
-    # the objective of the samples: from logits, or (CPU blockwise paths) by the unembedding sweep
+    # the objective of the samples, from their logits
     for mod in (clean_mod, base_mod, grouped_mod):
         monkeypatch.setattr(mod, "objective_of_logits", boom(mod.objective_of_logits))
-    monkeypatch.setattr(grouped_mod, "answer_objective_and_logits", boom(grouped_mod.answer_objective_and_logits))
     with pytest.raises(RuntimeError, match="injected"):
         attribute_neurons(model, PROMPTS[:2], ANSWERS[:2], steps=3, **kw)
     assert _live_hooks(model) == 0 and [p.requires_grad for p in params] == flags
@@ -746,7 +727,6 @@ def test_hooked_prefix_caches_from_the_clean_pass_equal_their_own_forward(path, 
     model = cached_model("gpt2", "native")
     prompts, answers = PROMPTS + ["paris"], ANSWERS + ["france"]  # different lengths, one a single token
     kw = dict(steps=6, rule="trapezoid", fast_path=path)
-    monkeypatch.setattr(grouped_mod, "GROUP_MAX_SWEEP", 2)
     monkeypatch.setattr(grouped_mod, "GROUP_MAX", 2)
     preps, embeds = [], {"n": 0}
     real_prepare = dispatch_mod.clean_pass

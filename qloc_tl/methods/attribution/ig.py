@@ -74,7 +74,6 @@ from qloc_tl.methods.attribution.engines import (
 )
 from qloc_tl.methods.attribution.engines.base import acc_dtype, check_finite
 from qloc_tl.methods.attribution.engines.fused import fused_activations, fused_layer_norms
-from qloc_tl.methods.attribution.engines.layout import matmul_ready_weights
 from qloc_tl.methods.attribution.engines.shortcut import call_signature
 from qloc_tl.methods.attribution.quadrature import quadrature
 from qloc_tl.methods.attribution.results import NeuronAttribution
@@ -300,8 +299,7 @@ def attribute_neurons(
     signature = call_signature(model, config)  # the blocks as the user has them, before the swaps below
     fused = fused_activations(model) if fast else contextlib.nullcontext()
     normed = fused_layer_norms(model) if fast else contextlib.nullcontext()
-    laid_out = matmul_ready_weights(model) if fast else contextlib.nullcontext()
-    with frozen_parameters(model), fused, normed, laid_out:
+    with frozen_parameters(model), fused, normed:
         return _attribute(model, plist, ids, single, config, signature)
 
 

@@ -100,7 +100,7 @@ def clean_pass(
     ``want_resid`` / ``want_rows`` / ``want_post``: keep the residuals the blockwise paths start from
     (:class:`CleanPass`).
 
-    ``unembed`` (``(W_U, b_U)``, TL 3 prefix-reusing paths with the CPU sweep only): the clean logits at the
+    ``unembed`` (``(W_U, b_U)``, TL 3 prefix-reusing paths on the CPU only): the clean logits at the
     answer position are then ``ln_final(resid_post) @ W_U + b_U`` of that position alone, and the model's own
     unembedding — all positions, and in HookedTransformer a ``W_U.T.contiguous()`` copy per call — is
     skipped. That this map *is* the model's unembedding is checked against the model's own logits on the

@@ -8,7 +8,7 @@ import logging
 from typing import Any
 
 from qloc_tl.core.errors import CapabilityError, InvalidInputError
-from qloc_tl.core.model import TLModel, capabilities, mode_key
+from qloc_tl.core.model import TLModel, capabilities, mode_key, model_device
 from qloc_tl.methods.attribution.config import AttributionConfig
 from qloc_tl.methods.attribution.engines.base import Engine, PathMismatch
 from qloc_tl.methods.attribution.engines.blockwise import BlockwiseEngine
@@ -25,7 +25,7 @@ from qloc_tl.methods.attribution.engines.kv_hooked import HookedKVEngine
 from qloc_tl.methods.attribution.engines.packed import PackedEngine
 from qloc_tl.methods.attribution.engines.prefix_attention import prefix_attention_applies
 from qloc_tl.methods.attribution.engines.shortcut import shortcut_applies, shortcut_blocker
-from qloc_tl.methods.attribution.engines.unembed import sweep_unembedding
+from qloc_tl.methods.attribution.engines.unembed import linear_unembedding
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class PathPlan:
             self.config,
             want_resid=kind in ("kv-hooked", "blockwise"),
             want_rows=kind == "blockwise" and not hooked_path,
-            unembed=sweep_unembedding(model) if hooked_path else None,
+            unembed=linear_unembedding(model) if hooked_path and model_device(model).type == "cpu" else None,
             want_post=self.shortcut,
             want_kv=hooked_path and rows_layout_ok(model),
         )

@@ -14,12 +14,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qloc_tl.core.model import TLModel, d_mlp, logit_tolerance, model_device, model_dtype
+from qloc_tl.core.model import TLModel, logit_tolerance, model_device, model_dtype
 from qloc_tl.methods.attribution.config import AttributionConfig
 from qloc_tl.methods.attribution.engines.base import Engine, Evaluation, ShortcutMismatch, objective_of_logits
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines.clean import CleanPass
-from qloc_tl.methods.attribution.engines.unembed import answer_objective_and_logits, sweep_unembedding
 
 __all__ = [
     "GroupedEngine",
@@ -30,21 +29,14 @@ __all__ = [
     "in_order",
     "inverse",
     "BLOCKWISE_BATCH",
-    "GROUP_WORK",
-    "GROUP_MAX_SWEEP",
     "GROUP_LOGITS",
     "GROUP_MAX",
 ]
 
 BLOCKWISE_BATCH = 512
-"""Samples per blockwise chunk (bounds the activations and, without the unembedding sweep, the logits)."""
-# Prompts per pass. With the unembedding sweep (CPU, float32/64: no [samples, d_vocab] logits) the per-pass
-# overhead is what grouping saves, so prompts join a pass while its samples · d_model · d_mlp stays below
-# GROUP_WORK, at most GROUP_MAX_SWEEP; larger models gain nothing from sharing a pass. Otherwise (GPU, low
-# precision) while the [prompts, samples, d_vocab] logits stay below GROUP_LOGITS elements, at most GROUP_MAX:
-# element-wise work on larger logits falls out of cache.
-GROUP_WORK = 4e8
-GROUP_MAX_SWEEP = 32
+"""Samples per blockwise chunk (bounds the activations and the logits)."""
+# Prompts per pass: while the [prompts, samples, d_vocab] logits stay below GROUP_LOGITS elements (per device
+# type), at most GROUP_MAX: element-wise work on larger logits falls out of cache.
 GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 GROUP_MAX = 64
 
@@ -140,17 +132,12 @@ class GroupedEngine(Engine):
         return max(1, min(samples, BLOCKWISE_BATCH))  # no sample computes a layer below its own
 
     def group_size(self, samples: int, left: int) -> int:
-        """With the unembedding sweep, while ``G · S · d_model · d_mlp ≤`` :data:`GROUP_WORK`, at most
-        :data:`GROUP_MAX_SWEEP` (and :data:`GROUP_MAX`); otherwise bounded by :data:`GROUP_LOGITS` elements
-        (per device type) of the ``[G, S, d_vocab]`` logits and :data:`GROUP_MAX`. SIG prompts (one path per
-        token: different sample counts) go alone."""
+        """Bounded by :data:`GROUP_LOGITS` elements (per device type) of the ``[G, S, d_vocab]`` logits and
+        :data:`GROUP_MAX`. SIG prompts (one path per token: different sample counts) go alone."""
         if self.config.method == "sig":
             return 1
         model = self.model
         S = min(samples, self.config.batch_size or BLOCKWISE_BATCH)
-        if sweep_unembedding(model) is not None:
-            work = S * int(model.cfg.d_model) * d_mlp(model)
-            return max(1, min(left, int(GROUP_WORK // work), GROUP_MAX_SWEEP, GROUP_MAX))
         budget = GROUP_LOGITS["cpu" if model_device(model).type == "cpu" else "other"]
         return max(1, min(left, budget // max(1, S * int(model.cfg.d_vocab)), GROUP_MAX))
 
@@ -256,24 +243,10 @@ class GroupedEngine(Engine):
         ids, ``rows [G, S]`` the row of each sample of ``x [G, S, D]``; only the per-sample results are
         permuted.
 
-        On the CPU with a plain float32/float64 unembedding (:func:`~.unembed.sweep_unembedding`) the
-        objective is computed without materialising the ``[R, d_vocab]`` logits
-        (:func:`~.unembed.answer_objective_and_logits`); the validation's tail logits are then ``final @ W_U
-        + b_U`` of those rows, taken from the same sweep, so the validation also checks that the model's
-        logits are that map, as the sweep computes it. Otherwise the logits come from :meth:`logits_of`."""
-        lin = sweep_unembedding(self.model)
-        tail_logits = None
-        if lin is None:
-            logits = self.logits_of(final)
-            if check:
-                tail_logits = logits[rows[:, -2:]].detach()  # [G, 2, d_vocab]
-            obj, prob = objective_of_logits(logits, answers, self.config.objective, self.acc)
-        else:
-            W_U, b_U = lin
-            tail = rows[:, -2:] if check else None  # the tail logits are read only by the validation
-            obj, prob, kept = answer_objective_and_logits(final, W_U, b_U, answers, self.config.objective, tail)
-            if tail is not None:  # from the sweep itself: no second pass over W_U
-                tail_logits = kept.view(*tail.shape, -1)
+        The logits come from :meth:`logits_of`; the validation reads those of each prompt's last two samples."""
+        logits = self.logits_of(final)
+        tail_logits = logits[rows[:, -2:]].detach() if check else None  # [G, 2, d_vocab]
+        obj, prob = objective_of_logits(logits, answers, self.config.objective, self.acc)
         obj, prob = obj[rows], prob[rows]
         (g,) = torch.autograd.grad(obj.sum(), x)
         return Evaluation(obj.detach(), prob.detach(), g, tail_logits)

@@ -45,7 +45,7 @@ class HookedBlockwiseEngine(BlockwiseEngine):
     Against ``"kv-hooked"`` (one batch row per sample, each with its own copy of the cached keys and values,
     and ``[R·heads]`` one-query attention products: tiny batched matmuls, slow on the CPU in both
     directions) this runs one ``[G·heads, N, T + N]`` attention per block. The objective comes from the
-    unembedding sweep on the CPU or ``final @ W_U + b_U``, as for ``"kv-hooked"``."""
+    logits ``final @ W_U + b_U``, as for ``"kv-hooked"``."""
 
     prefix: Any = None
     mask: Tensor

@@ -67,8 +67,7 @@ class HookedKVEngine(GroupedEngine):
     ``attention_mask``). The samples of layer l join the batch at block l (the clean residual entering block
     l at the answer position, ``resid_last``) — with the MLP-out shortcut at block l + 1 — so no sample
     computes a layer below its own, and the batch grows as the chunk climbs. The objective comes from
-    ``ln_final`` of the answer token by the unembedding sweep on the CPU, else from the logits ``final @ W_U
-    + b_U`` (HT's own ``unembed`` copies ``W_U.T`` on every call); the validation samples guard all of it.
+    the logits ``final @ W_U + b_U`` of ``ln_final`` of the answer token (HT's own ``unembed`` copies ``W_U.T`` on every call); the validation samples guard all of it.
 
     Where :func:`~.prefix_attention.prefix_attention_applies` (and it has not failed validation on this model:
     ``ENGINE_CACHE`` path ``"prefix-attention"``), each block's attention is replaced for the group by

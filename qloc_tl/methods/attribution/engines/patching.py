@@ -1,7 +1,7 @@
 """The one place the package replaces parts of a model: :func:`swapped`, for the duration of a fast call.
 
 qloc_tl reads and edits activations through TL hook points. The fast engines additionally swap a few
-modules, attributes and parameters of the model for faster equivalents while a call runs, and every such
+modules and attributes of the model for faster equivalents while a call runs, and every such
 swap goes through :func:`swapped`, which puts the original objects back in a ``finally`` block (in reverse
 order, also when the call raises). What is swapped, and by whom:
 
@@ -11,12 +11,11 @@ order, also when the call raises). What is swapped, and by whom:
 * a child TL 3 ``LayerNorm`` / ``LayerNormPre`` → :class:`~.fused.FusedLayerNorm`, and on a TL 4
   ``NormalizationBridge`` an instance-level ``forward`` computing ``F.layer_norm``, deleted again on exit
   (planned by :func:`~.fused.fused_layer_norms`);
-* TL 3 attention / gated-MLP weight parameters → parameters with the same values, stored in the order the
-  component multiplies by (planned by :func:`~.layout.matmul_ready_weights`).
+* each TL 3 attention's ``forward`` → :class:`~.prefix_attention.PrefixAttention`, per group of prompts of
+  the kv-hooked engine (:class:`~.kv_hooked.HookedKVEngine`).
 
-All of them compute the same function (rounding differences only for the fused kernels; bitwise the same
-for the weight layouts). ``attribute_neurons`` applies all three for ``implementation="fast"``, the
-knowledge-synapse fast engine the weight layouts; the reference implementations swap nothing.
+All of them compute the same function (rounding differences only). ``attribute_neurons`` applies the first
+two for ``implementation="fast"``; the reference implementations swap nothing.
 """
 
 from __future__ import annotations
@@ -35,15 +34,14 @@ __all__ = ["Swap", "swapped", "has_hooks"]
 class Swap:
     """One replacement: ``owner.<name>`` becomes ``new`` for the duration of :func:`swapped`.
 
-    ``kind``: ``"attribute"`` (``setattr``: a child module or a plain attribute such as ``act_fn``),
-    ``"parameter"`` (an entry of ``owner._parameters``, so that the parameter object itself is replaced) or
+    ``kind``: ``"attribute"`` (``setattr``: a child module or a plain attribute such as ``act_fn``) or
     ``"forward"`` (an instance-level ``forward`` set on ``owner`` and deleted on exit, so that the class's
     own ``forward`` applies again)."""
 
     owner: Any
     name: str
     new: Any
-    kind: Literal["attribute", "parameter", "forward"] = "attribute"
+    kind: Literal["attribute", "forward"] = "attribute"
 
 
 @contextlib.contextmanager
@@ -62,10 +60,7 @@ def swapped(swaps: Sequence[Swap]) -> Iterator[int]:
     undo: list[tuple[Swap, Any]] = []
     try:
         for s in swaps:
-            if s.kind == "parameter":
-                old = s.owner._parameters[s.name]
-                s.owner._parameters[s.name] = s.new
-            elif s.kind == "forward":
+            if s.kind == "forward":
                 old = None
                 object.__setattr__(s.owner, "forward", s.new)
             else:
@@ -75,9 +70,7 @@ def swapped(swaps: Sequence[Swap]) -> Iterator[int]:
         yield len(undo)
     finally:
         for s, old in reversed(undo):
-            if s.kind == "parameter":
-                s.owner._parameters[s.name] = old
-            elif s.kind == "forward":
+            if s.kind == "forward":
                 vars(s.owner).pop("forward", None)
             else:
                 setattr(s.owner, s.name, old)

@@ -40,7 +40,6 @@ from qloc_tl.core.model import (
 )
 from qloc_tl.core.tokens import answer_probability
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
-from qloc_tl.methods.attribution.engines.layout import matmul_ready_weights
 from qloc_tl.methods.attribution.engines.packed import bridge_mask
 from qloc_tl.methods.attribution.engines.unembed import hooked_ln_final, hooked_logits
 
@@ -327,10 +326,7 @@ def attattr_fast(model: TLModel, *args: Any) -> tuple[dict[int, Tensor], dict[in
     to the logits' scale (:func:`~qloc_tl.core.model.logits_mismatch`). A mismatch, or a forward that raises on
     that pass, raises :class:`FastMismatch`.
     """
-    # TL 3 (CPU): weights stored in the order the components multiply by, so their per-call copies become
-    # views (the same values; a no-op on TL 4). Arguments: those of attattr_fast_run.
-    with matmul_ready_weights(model):
-        return attattr_fast_run(model, *args)
+    return attattr_fast_run(model, *args)
 
 
 def attattr_fast_run(
