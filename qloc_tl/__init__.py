@@ -14,6 +14,7 @@ from qloc_tl.core.errors import (
     HookNotFiredError,
     InvalidInputError,
     NumericalError,
+    OutputError,
     QlocError,
     ResumeMismatchError,
     UnsupportedModelError,
@@ -117,5 +118,6 @@ __all__ = [
     "NumericalError",
     "DataError",
     "ResumeMismatchError",
+    "OutputError",
     *_LAZY,
 ]

@@ -6,9 +6,11 @@
                 [--facts auto|builtin|pararel|<ParaRel dir>] [--all-queries]
                 [--relations P19,P36] [--max-facts N] [--methods ig,sig,amig] [--device cpu|cuda]
                 [--out DIR] [--quick] [--resume] [--shard i/n]
+                [--ray [--ray-address ADDR] [--ray-shards N]]   (a Ray cluster; see docs/scale_out.md)
     qloc-tl consistency|ql|edit ...     one experiment (same options)
     qloc-tl known [--model M] [--facts F] screen facts for the ones the model knows (per-relation tables)
     qloc-tl report DIR                   rebuild report.html from a finished output directory
+    qloc-tl report RUN_A RUN_B [--html P]  one page with both runs' claims and headline tables side by side
     qloc-tl merge OUT SHARD_DIR...       combine the results of sharded runs (see docs/scale_out.md)
 
 Every stage persists its results incrementally: rerunning with ``--resume`` continues an interrupted run
@@ -19,6 +21,7 @@ the new methods' attributions are computed. Bad arguments print a one-line error
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 from collections.abc import Sequence
@@ -36,6 +39,8 @@ from qloc_tl.cli.facts import (
 from qloc_tl.cli.parser import DEFAULTS, STAGES, build_parser, run_settings
 from qloc_tl.cli.stages import execute, merge, summary_lines
 
+_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``qloc-tl`` console script."""
@@ -46,9 +51,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "report":
-            from qloc_tl.reporting.report import write_report
+            if len(args.out) == 1 and args.html is None:
+                from qloc_tl.reporting.report import write_report
 
-            path = write_report(Path(args.out), min_facts=args.min_facts)
+                path = write_report(Path(args.out[0]), min_facts=args.min_facts)
+            else:
+                from qloc_tl.reporting.compare import write_comparison
+
+                path = write_comparison([Path(o) for o in args.out], args.html, min_facts=args.min_facts)
             print(f"qloc-tl: wrote {path}")
             return 0
         if args.command == "known":
@@ -60,12 +70,24 @@ def main(argv: Sequence[str] | None = None) -> int:
             out = Path(args.out)
         else:
             stages = STAGES if args.command == "run" else (args.command,)
-            execute(args, stages)
+            if getattr(args, "ray", False):
+                from qloc_tl.cli.ray_run import run_on_ray  # imports ray only here
+
+                run_on_ray(args, stages)
+            else:
+                execute(args, stages)
             out = Path(args.out)
         print("\n".join(summary_lines(out, getattr(args, "min_facts", None))))
         return 0
     except QlocError as exc:
         sys.stderr.write(f"qloc-tl: error: {exc}\n")
+        return 2
+    except OSError as exc:
+        # a figure or page written by a plotting library into a read-only or full output directory
+        if exc.errno not in _WRITE_ERRNOS:
+            raise
+        sys.stderr.write(f"qloc-tl: error: cannot write {exc.filename or 'to the output directory'}: {exc.strerror}; "
+                         "free space or pick a writable --out, then rerun with --resume\n")  # fmt: skip
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("qloc-tl: interrupted; rerun the same command with --resume to continue\n")

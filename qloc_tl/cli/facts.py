@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from qloc_tl.core.model import TLModel
+from qloc_tl.core.store import ensure_directory
 
 logger = logging.getLogger("qloc_tl.cli")
 
@@ -180,11 +181,11 @@ def screen_known(model: TLModel, facts: Sequence[Any], want: int | None, out: Pa
         )
     logger.info("known facts: %d of %d screened", len(kept), sum(len(t.queries["fact_key"].unique()) for t in tables))
     if out is not None:
-        (out / "known").mkdir(parents=True, exist_ok=True)
+        ensure_directory(out / "known")
         queries = pd.concat([t.queries for t in tables], ignore_index=True)
         dropped = pd.concat([t.dropped for t in tables], ignore_index=True)
-        queries.to_csv(out / "known" / "queries.csv", index=False)
-        dropped.to_csv(out / "known" / "dropped_facts.csv", index=False)
+        atomic_write_text(out / "known" / "queries.csv", queries.to_csv(index=False))
+        atomic_write_text(out / "known" / "dropped_facts.csv", dropped.to_csv(index=False))
         rows = [{"subject": f.subject, "relation": f.relation, "object": f.object, "uuid": f.uuid,
                  "queries": [[q.text, q.template] for q in f.queries]} for f in kept]  # fmt: skip
         atomic_write_text(cache, json.dumps(rows, indent=1))  # type: ignore[arg-type]
@@ -236,7 +237,7 @@ def screen_all(args: argparse.Namespace) -> Path:
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
-    (out / "relations").mkdir(parents=True, exist_ok=True)
+    ensure_directory(out / "relations")
     settings = {"model": args.model, "facts": args.facts, "per_relation": args.per_relation, "criterion": "top1",
                 "min_queries": 2, "multi_token": "whole"}  # fmt: skip
     if (out / "settings.json").is_file():

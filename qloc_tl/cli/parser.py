@@ -105,6 +105,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    "count) on other models; give 1 per process when running shards side by side)")
     p.add_argument("--min-facts", type=_positive, default=None, metavar="N",
                    help="fewest facts per compared class for a claim verdict (default 20; fewer: 'too few facts')")
+    p.add_argument("--no-figures", action="store_true",
+                   help="write the tables only, no figures or views (faster; the tables are the same)")
     p.add_argument("--no-progress", action="store_true", help="disable progress bars")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
 
@@ -119,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p = sub.add_parser("run", help="run every experiment and write report.html")
     _add_common(p)
+    p.add_argument("--ray", action="store_true",
+                   help="spread the run over a Ray cluster: one task per shard of the facts (a GPU each with --device "
+                   "cuda), retried on failure, then merged into --out (needs pip install 'qloc-tl[ray]'; docs/scale_out.md)")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="with --ray: the cluster to join (host:port or 'auto'; default: a local Ray instance)")
+    p.add_argument("--ray-shards", type=_positive, default=None, metavar="N",
+                   help="with --ray: number of shards (default: one per task the cluster runs at once)")
     for name, text in [
         ("consistency", "experiment 1: KN consistency across neighbor queries (CS, K_C/K_I)"),
         ("ql", "query localization: Query-KN mapping and dynamic KN selection (knowledge synapses)"),
@@ -137,8 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--threads", type=_positive, default=1)
     k.add_argument("--no-progress", action="store_true")
     k.add_argument("-v", "--verbose", action="store_true")
-    r = sub.add_parser("report", help="rebuild report.html from an output directory")
-    r.add_argument("out", help="an output directory written by 'qloc-tl run'")
+    r = sub.add_parser("report", help="rebuild report.html from an output directory; with two or more, compare them side by side")
+    r.add_argument("out", nargs="+", metavar="RUN",
+                   help="an output directory written by 'qloc-tl run' (its report.html is rebuilt); two or more: one "
+                   "page with their claims and headline tables side by side")
+    r.add_argument("--html", default=None, metavar="PATH",
+                   help="where the side-by-side page of several runs is written (default: RUN_A/compare_<RUN_B>.html)")
     r.add_argument("--min-facts", type=_positive, default=None, metavar="N",
                    help="fewest facts per compared class for a claim verdict (default 20)")
     m = sub.add_parser("merge", help="combine shard output directories into one, then finish the run there")
@@ -189,4 +202,5 @@ def run_settings(args: argparse.Namespace) -> dict[str, Any]:
         "split": getattr(args, "split", "otsu"),
         "lambda2": float(getattr(args, "lambda2", None) or d["lambda2"]),
         "shard": list(args.shard) if args.shard else None,
+        "figures": not getattr(args, "no_figures", False),
     }

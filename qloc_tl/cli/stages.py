@@ -16,6 +16,7 @@ from typing import Any
 from qloc_tl.cli.facts import load_facts, model_from_spec, pararel_dir, versions
 from qloc_tl.cli.parser import DEFAULTS, STAGES, run_settings
 from qloc_tl.core.model import TLModel
+from qloc_tl.core.store import atomic_write_bytes, ensure_directory, remove_stale_temporaries
 
 logger = logging.getLogger("qloc_tl.cli")
 
@@ -42,17 +43,19 @@ def _stage_consistency(model: TLModel, facts: list[Any], settings: dict[str, Any
         model, facts, cfg, model_name=settings["model"], out_dir=out / "consistency", show_progress=progress,
         known_only=False,  # the facts were filtered when loaded (settings["known"])
     )  # fmt: skip
+    from qloc_tl.core.store import atomic_write_table
+
+    n_boot = 200 if settings["quick"] else 1000
+    atomic_write_table(out / "consistency" / "consistency_tau_sweep", res.tau_sweep(n_boot=n_boot, seed=settings["seed"]))
+    if not settings.get("figures", True):
+        return res
     figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
+    ensure_directory(figs)
     for m in cfg.methods:
         plot_cs_histogram(res, m, path=figs / f"cs_hist_{m}.png")
     for kind in ("static", "otsu"):  # both splits: on a model where the static τ finds no K_I, Otsu's shows the tail
         plot_relation_ki(res, kind, path=figs / f"ki_per_relation_{kind}.png")
         plot_threshold_sweep(res, kind, path=figs / f"threshold_sweep_{kind}.png")
-    from qloc_tl.core.store import atomic_write_table
-
-    n_boot = 200 if settings["quick"] else 1000
-    atomic_write_table(out / "consistency" / "consistency_tau_sweep", res.tau_sweep(n_boot=n_boot, seed=settings["seed"]))
     plot_tau_sweep(res, path=figs / "tau_sweep.png", n_boot=n_boot, seed=settings["seed"])
     _heatmaps(model, facts, res, settings, figs)
     return res
@@ -102,13 +105,24 @@ def _stage_ql(model: TLModel, facts: list[Any], settings: dict[str, Any], out: P
         model, facts, config=cfg, classes=_classes(cons, settings), kn_sets=_kn_sets(cons, settings),
         out_dir=out / "ql", show_progress=progress, known_only=False,
     )  # fmt: skip
+    if not settings.get("figures", True):
+        return res
     figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
+    ensure_directory(figs)
     try:
         _ql_figures(model, facts, res, settings, figs)
     except Exception as exc:  # figures are secondary; never lose the tables for them
         logger.warning("query-localization figures failed: %r", exc)
     return res
+
+
+def _save_png(fig: Any, path: Path) -> None:
+    """``fig`` as a PNG at ``path``, written atomically (a full disk leaves no truncated image)."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def _figure(obj: Any) -> Any:
@@ -136,7 +150,7 @@ def _ql_figures(model: TLModel, facts: list[Any], res: Any, settings: dict[str, 
         if name == "ql_dynamic" and res.dynamic.empty:
             continue
         fig = _figure(plot())
-        fig.savefig(figs / f"{name}.png", dpi=120, bbox_inches="tight")
+        _save_png(fig, figs / f"{name}.png")
         plt.close(fig)
     # one knowledge-synapse view and one causal trace, for the first fact of each class
     shown = 0
@@ -150,7 +164,7 @@ def _ql_figures(model: TLModel, facts: list[Any], res: Any, settings: dict[str, 
             shown += 1
         tr = causal_trace(model, fact.prompts[0], fact.answer, subject=fact.subject, kinds=("resid",), samples=5)
         fig = _figure(plot_causal_trace(tr, "resid"))
-        fig.savefig(figs / f"causal_trace_{cls}.png", dpi=120, bbox_inches="tight")
+        _save_png(fig, figs / f"causal_trace_{cls}.png")
         plt.close(fig)
     logger.info("wrote %d knowledge-synapse views", shown)
 
@@ -198,8 +212,10 @@ def _stage_edit(model: TLModel, facts: list[Any], settings: dict[str, Any], out:
         model, facts, config=cfg, classes=_classes(cons, settings), ppl_texts=texts, out_dir=out / "editing",
         show_progress=progress, known_only=False, unrelated_facts=pool, attributions=attributions,
     )  # fmt: skip
+    if not settings.get("figures", True):
+        return res
     figs = out / "figures"
-    figs.mkdir(parents=True, exist_ok=True)
+    ensure_directory(figs)
     try:
         plot_editing(res, path=figs / "editing.png")
     except Exception as exc:
@@ -216,7 +232,8 @@ def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
             raise InvalidInputError(f"--out {str(out)!r} is not empty; pass --resume to continue a run there, or pick another directory")
         return
     old = json.loads(run_json.read_text()).get("settings", {})
-    keys = [k for k in settings if k not in ("shard", "methods") and old.get(k) != settings[k]]
+    # the shard, the method list (below) and whether figures are drawn do not change the tables
+    keys = [k for k in settings if k not in ("shard", "methods", "figures") and old.get(k) != settings[k]]
     # another method list is an extension of the run when its first method (the one the QL and editing
     # stages use) is the same: the consistency stage adds the new methods' parts and reuses the others
     if old.get("methods") and old["methods"][0] != settings["methods"][0]:
@@ -240,7 +257,8 @@ def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     torch.set_num_threads(getattr(args, "threads", None) or DEFAULTS[kind]["threads"])
     out = Path(args.out)
     _check_resume(out, settings, args.resume)
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_directory(out)
+    remove_stale_temporaries(out)  # left by a killed run's interrupted writes
     progress = not args.no_progress
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -323,13 +341,14 @@ def merge(out: Path, shards: Sequence[str]) -> dict[str, Any]:
             logger.info("stage %s: shard configurations differ; recomputing it in the merged run", name)
             continue
         dest = out / name
-        dest.mkdir(parents=True, exist_ok=True)
+        ensure_directory(dest)
         if (dest / "config.json").is_file() and (dest / "config.json").read_text() != texts[0]:
             raise InvalidInputError(f"{dest} was written with another configuration than the shards' {name} stage")
         shutil.copy2(cfgs[0], dest / "config.json")
         for s in shards:
             shutil.copytree(Path(s) / name / "parts", dest / "parts", dirs_exist_ok=True)
-    args = argparse.Namespace(**{**base, "shard": None, "out": str(out), "resume": True, "no_progress": True, "verbose": False})
+    args = argparse.Namespace(**{**base, "shard": None, "out": str(out), "resume": True, "no_progress": True, "verbose": False,
+                                 "no_figures": not base.get("figures", True)})
     args.relations = base["relations"]
     args.max_facts = base["max_facts"]
     return execute(args, infos[0].get("stages", list(STAGES)))

@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Literal
 
@@ -50,6 +49,7 @@ from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
 from qloc_tl.core.model import TLModel, check_model
 from qloc_tl.core.tokens import answer_token_id
+from qloc_tl.core.validation import check_float, check_tensor
 from qloc_tl.core.value_slots import WeightEdit, prepare_neurons, value_rows, write_value_rows
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,7 @@ def _erase_maker(value: Any, d_model: int) -> Any:
         return lambda old: torch.zeros_like(old)
     if not isinstance(value, Tensor):
         raise InvalidInputError(f"erase value must be 'zero' or a tensor, got {type(value).__name__}")
+    check_tensor("erase value", value, kind="float")
     if value.ndim == 1 and value.shape[0] == d_model:
         return lambda old: value.to(device=old.device, dtype=old.dtype).expand_as(old).clone()
     if value.ndim == 2 and value.shape[1] == d_model:
@@ -248,11 +249,15 @@ def update_rows(
     if rule not in RULE_DEFAULTS:
         raise InvalidInputError(f"rule must be 'dai' or 'eleuther', got {rule!r}")
     d1, d2 = RULE_DEFAULTS[rule]
-    l1 = d1 if lambda1 is None else float(lambda1)
-    l2 = d2 if lambda2 is None else float(lambda2)
-    for name, lam in (("lambda1", l1), ("lambda2", l2)):
-        if not math.isfinite(lam):
-            raise InvalidInputError(f"{name} must be finite, got {lam}")
+    l1 = d1 if lambda1 is None else check_float("lambda1", lambda1)
+    l2 = d2 if lambda2 is None else check_float("lambda2", lambda2)
+    check_tensor("rows", rows, kind="float", ndim=2, nonempty=False)
+    for name, e in (("e_old", e_old), ("e_new", e_new)):
+        check_tensor(name, e, kind="float", ndim=1)
+        if e.shape[0] != rows.shape[1]:
+            raise InvalidInputError(
+                f"{name} has {e.shape[0]} entries for value rows of width {rows.shape[1]}"
+            )
     v = rows.double()
     eo, en = e_old.double().to(v.device), e_new.double().to(v.device)
     if rule == "eleuther":

@@ -17,6 +17,7 @@ __all__ = [
     "NumericalError",
     "DataError",
     "ResumeMismatchError",
+    "OutputError",
 ]
 
 
@@ -51,3 +52,8 @@ class DataError(QlocError, ValueError):
 
 class ResumeMismatchError(QlocError, ValueError):
     """A results directory was written by another configuration and cannot be resumed."""
+
+
+class OutputError(QlocError, OSError):
+    """An output file could not be written (read-only directory, missing permission, full disk). Writes are
+    atomic, so no half-written file is left behind; what was stored before stays valid for ``--resume``."""

@@ -44,7 +44,7 @@ from torch import Tensor
 from qloc_tl.core.errors import CapabilityError, HookNotFiredError, InvalidInputError
 from qloc_tl.core.identities import Head, Neuron
 from qloc_tl.core.model import TLModel, capabilities, check_layer, check_model, check_site, d_mlp, n_heads
-from qloc_tl.core.validation import as_neurons, validate_neurons
+from qloc_tl.core.validation import as_neurons, check_float, check_int, check_tensor, validate_neurons
 
 logger = logging.getLogger(__name__)
 
@@ -185,12 +185,17 @@ class NeuronHook(CountingHook):
         idx = self._idx.to(act.device)
         sel = act.index_select(-1, idx)  # [B, P, k]
         value = self.value
+        big = torch.finfo(act.dtype).max
         if isinstance(value, Tensor):
             value = value.to(device=act.device, dtype=act.dtype)
             if value.ndim == 1 and value.shape[0] not in (1, len(self.indices)):
                 raise InvalidInputError(
                     f"value has {value.shape[0]} entries but layer {self.layer} has {len(self.indices)} neurons"
                 )
+            if not bool(torch.isfinite(value.detach()).all()):
+                raise InvalidInputError(f"a value of layer {self.layer}'s hook overflows {act.dtype} activations")
+        elif abs(value) > big:
+            raise InvalidInputError(f"value {value!r} of layer {self.layer}'s hook overflows {act.dtype} activations")
         new = sel * value if self.mode == "scale" else torch.zeros_like(sel) + value
         mask = _position_mask(B, P, self.positions, self.row_positions, act.device).unsqueeze(-1)
         new = torch.where(mask, new, sel)
@@ -216,10 +221,30 @@ def _group(neurons: list[Neuron], value: FactorLike) -> dict[int, tuple[list[int
 
 
 def _check_value(value: Any, what: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
+    """A factor or value: a finite real number, or a finite floating-point tensor (scalar or 1-D)."""
+    if isinstance(value, Tensor):
+        # the finiteness test of a tensor that requires grad reads its values only; gradients still flow
+        check_tensor(what, value.detach(), kind="float", ndim=(0, 1))
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise InvalidInputError(f"{what} must be a number or a tensor, got {type(value).__name__}")
-    if isinstance(value, Tensor) and value.ndim > 1:
-        raise InvalidInputError(f"{what} tensor must be a scalar or 1-D (one per neuron), got {tuple(value.shape)}")
+    check_float(what, value)
+
+
+def _check_row_positions(row_positions: Tensor | None) -> Tensor | None:
+    if row_positions is not None:
+        check_tensor("row_positions", row_positions, kind="int", ndim=1)
+    return row_positions
+
+
+def _check_positions_fit(model: TLModel, positions: tuple[int, ...] | None, what: str = "positions") -> None:
+    """Positions no prompt of the model's context ``n_ctx`` can have are refused when the model is known."""
+    n_ctx = getattr(model.cfg, "n_ctx", None)
+    if positions is None or not n_ctx:
+        return
+    for p in positions:
+        if not -int(n_ctx) <= p < int(n_ctx):
+            raise InvalidInputError(f"{what} entry {p} is out of range for the model's context n_ctx={n_ctx}")
 
 
 def _neuron_hooks(
@@ -235,8 +260,10 @@ def _neuron_hooks(
     _check_value(value, "factor" if mode == "scale" else "values")
     ns = as_neurons(neurons)
     pos = _check_positions(positions)
+    row_positions = _check_row_positions(row_positions)
     if model is not None:
         validate_neurons(model, ns, site)
+        _check_positions_fit(model, pos)
     hooks = HookList()
     for layer, (idx, v) in sorted(_group(ns, value).items()):
         hooks.append((f"blocks.{layer}.{suffix}", NeuronHook(layer, idx, v, mode, pos, row_positions)))
@@ -417,6 +444,10 @@ def scale_attention(
                 )
     qpos = _check_positions(query_positions)
     kpos = _check_positions(key_positions)
+    row_positions = _check_row_positions(row_positions)
+    if model is not None:
+        _check_positions_fit(model, qpos, "query_positions")
+        _check_positions_fit(model, kpos, "key_positions")
     suffix = "attn.hook_pattern" if target == "pattern" else "attn.hook_attn_scores"
     by_layer: dict[int, list[int]] = defaultdict(list)
     for h in hs:
@@ -451,7 +482,12 @@ def record_neurons(
     under an intervention, e.g. the ΔValue of knowledge neurons when attention is edited.
     """
     suffix = check_site(site)
-    return HookList((f"blocks.{int(l)}.{suffix}", _Recorder(store, int(l), detach)) for l in layers)
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+        raise InvalidInputError(f"layers must be an iterable of layer indices, got {layers!r}")
+    idx = [check_int("layer", l) for l in layers]
+    if not idx:
+        raise InvalidInputError("layers is empty: give at least one layer to record")
+    return HookList((f"blocks.{l}.{suffix}", _Recorder(store, l, detach)) for l in idx)
 
 
 def _validate_hooks(model: TLModel, hooks: Sequence[tuple[str, Any]]) -> None:
@@ -530,6 +566,20 @@ def intervene(
 def run_with_interventions(
     model: TLModel, inputs: Any, hooks: Sequence[tuple[str, Any]], **forward_kwargs: Any
 ) -> Float[Tensor, "batch pos d_vocab"]:
-    """Run ``model(inputs, **forward_kwargs)`` inside :func:`intervene` and return its output."""
+    """Run ``model(inputs, **forward_kwargs)`` inside :func:`intervene` and return its output.
+
+    A tensor ``inputs`` is token ids (integer, ``[pos]`` or ``[batch, pos]``) or residual-stream input (float,
+    ``[batch, pos, d_model]``); anything else (strings, lists of strings) goes to the model as it is.
+    """
+    if isinstance(inputs, Tensor):
+        if inputs.dtype.is_floating_point:
+            check_tensor("inputs", inputs, kind="float", ndim=3)
+            if inputs.shape[-1] != int(model.cfg.d_model):
+                raise InvalidInputError(
+                    f"float inputs are residual-stream input [batch, pos, d_model={model.cfg.d_model}], got shape "
+                    f"{tuple(inputs.shape)}; token ids must be an integer tensor"
+                )
+        else:
+            check_tensor("inputs", inputs, kind="int", ndim=(1, 2))
     with intervene(model, hooks):
         return model(inputs, **forward_kwargs)

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 
 from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.validation import check_float, check_int
 
 __all__ = ["derive_seed", "seeded_random", "bootstrap_proportion_ci", "permutation_p", "bootstrap_summary"]
 
@@ -28,7 +29,7 @@ def derive_seed(seed: int, *parts: Hashable) -> int:
         >>> derive_seed(0, "fact", 1) == derive_seed(0, "fact", 1) != derive_seed(1, "fact", 1)
         True
     """
-    text = repr((int(seed),) + tuple(str(p) for p in parts))
+    text = repr((check_int("seed", seed, None),) + tuple(str(p) for p in parts))
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little") & (2**63 - 1)
 
 
@@ -41,13 +42,19 @@ def seeded_random(seed: int, *parts: Hashable) -> random.Random:
         >>> seeded_random(0, "unrelated", "P36:France").random() == seeded_random(0, "unrelated", "P36:France").random()
         True
     """
-    return random.Random("|".join([str(int(seed)), *(str(p) for p in parts)]))
+    return random.Random("|".join([str(check_int("seed", seed, None)), *(str(p) for p in parts)]))
 
 def bootstrap_proportion_ci(
     flags: Sequence[bool] | np.ndarray, *, n_boot: int = 1000, level: float = 0.95, seed: int = 0
 ) -> tuple[float, float]:
-    """Percentile bootstrap CI of the proportion of True in ``flags`` (resampling items)."""
+    """Percentile bootstrap CI of the proportion of True in ``flags`` (resampling items); ``(nan, nan)`` when
+    ``flags`` is empty (a class with no member has no proportion to bound)."""
+    check_int("n_boot", n_boot, 1)
+    check_float("level", level, 0.0, 1.0, open_lo=True, open_hi=True)
+    check_int("seed", seed, 0)
     x = np.asarray(flags, dtype=float)
+    if x.ndim != 1:
+        raise InvalidInputError(f"flags must be a 1-D sequence of booleans, got shape {x.shape}")
     if x.size == 0:
         return (math.nan, math.nan)
     rng = np.random.default_rng(seed)
@@ -58,6 +65,14 @@ def bootstrap_proportion_ci(
 
 def permutation_p(a: np.ndarray, b: np.ndarray, n_perm: int, seed: int) -> float:
     """Two-sided permutation p-value of the difference of means of ``a`` and ``b`` (add-one smoothed)."""
+    check_int("n_perm", n_perm, 1)
+    check_int("seed", seed, 0)
+    a, b = np.asarray(a, dtype=np.float64).ravel(), np.asarray(b, dtype=np.float64).ravel()
+    for name, x in (("a", a), ("b", b)):
+        if x.size == 0:
+            raise InvalidInputError(f"permutation test: sample {name} is empty")
+        if not np.isfinite(x).all():
+            raise InvalidInputError(f"permutation test: sample {name} contains inf/NaN")
     rng = np.random.default_rng(seed)
     obs = abs(a.mean() - b.mean())
     pooled = np.concatenate([a, b])
@@ -96,8 +111,11 @@ def bootstrap_summary(
         >>> bootstrap_summary(df, ratios={"mean_x": ("x", None)}, n_bootstrap=50)["mean_x"]
         3.0
     """
-    if not 0 < ci < 1:
-        raise InvalidInputError(f"ci must lie in (0, 1), got {ci!r}")
+    check_float("ci", ci, 0.0, 1.0, open_lo=True, open_hi=True)
+    check_int("n_bootstrap", n_bootstrap, 0)
+    check_int("seed", seed, 0)
+    if not ratios:
+        raise InvalidInputError("ratios is empty: give at least one name -> (numerator, denominator) statistic")
     keys, inverse = np.unique(df[cluster].astype(str).to_numpy(), return_inverse=True)
     nc = len(keys)
     rng = np.random.default_rng(seed)

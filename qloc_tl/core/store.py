@@ -11,6 +11,10 @@ A run directory holds:
   replaces its part, so no fact is ever stored twice;
 * final tables ``<name>.parquet`` and ``<name>.csv``, also written atomically.
 
+A directory that cannot be written (read-only, no permission, disk full) raises
+:class:`~qloc_tl.core.errors.OutputError` naming the path and the cause; the temporary file of the failed write
+is removed, so no half-written file is left and the parts stored before it stay valid for a resumed run.
+
 Examples:
     >>> import pandas as pd, tempfile
     >>> d = tempfile.mkdtemp()
@@ -26,6 +30,7 @@ Examples:
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -38,11 +43,45 @@ from typing import Any
 
 import pandas as pd
 
-from qloc_tl.core.errors import InvalidInputError, ResumeMismatchError
+from qloc_tl.core.errors import InvalidInputError, OutputError, ResumeMismatchError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunStore", "atomic_write_bytes", "atomic_write_text", "atomic_write_table", "config_fingerprint"]
+__all__ = [
+    "RunStore",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_table",
+    "config_fingerprint",
+    "ensure_directory",
+    "remove_stale_temporaries",
+]
+
+_CAUSES = {
+    errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.EROFS: "read-only file system",
+    errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
+}  # fmt: skip
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    cause = _CAUSES.get(exc.errno or 0, exc.strerror or type(exc).__name__)
+    return OutputError(
+        f"cannot write {str(path)!r}: {cause}; free space or pick a writable --out / out_dir (no half-written "
+        f"file was left; rerun with --resume to continue from what was stored)"
+    )
+
+
+def ensure_directory(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a directory (created with its parents), or :class:`~qloc_tl.core.errors.OutputError` when it
+    cannot be created."""
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise OutputError(f"cannot use {str(p)!r} as an output directory: a file of that name exists") from None
+    except OSError as exc:
+        raise _output_error(p, exc) from None
+    return p
 
 
 def _canonical(config: Mapping[str, Any]) -> str:
@@ -54,20 +93,42 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(config).encode()).hexdigest()
 
 
+def remove_stale_temporaries(directory: str | os.PathLike[str]) -> int:
+    """Delete the temporary files (``.<name>.<random>.tmp``) that writes of a killed process left under
+    ``directory``; returns how many. A SIGKILL cannot be caught, so a write cut short leaves its temporary
+    file, never the target: removing it on the next open tidies up without losing a result. A directory is
+    written by one process at a time, so no temporary file of a live write is touched."""
+    root = Path(directory)
+    n = 0
+    if root.is_dir():
+        for p in root.rglob(".*.tmp"):
+            with _suppress():
+                p.unlink()
+                n += 1
+    return n
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory and an atomic rename."""
+    """Write ``data`` to ``path`` via a temporary file in the same directory and an atomic rename: ``path`` holds
+    either its old content or all of ``data``, never a part. A failed write (read-only directory, full disk)
+    removes the temporary file and raises :class:`~qloc_tl.core.errors.OutputError`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    ensure_directory(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _output_error(path, exc) from None
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with _suppress():
             os.unlink(tmp)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise _output_error(path, exc) from None
         raise
 
 
@@ -114,8 +175,8 @@ class RunStore:
         Raises:
             ResumeMismatchError: the directory was written by a different configuration.
         """
-        root = Path(directory)
-        root.mkdir(parents=True, exist_ok=True)
+        root = ensure_directory(directory)
+        remove_stale_temporaries(root)
         cfg_path = root / "config.json"
         config = json.loads(_canonical(config))
         fp = config_fingerprint(config)

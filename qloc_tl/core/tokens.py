@@ -21,6 +21,15 @@ __all__ = ["tokenize_prompts", "answer_probability", "to_tokens", "answer_token_
 def answer_probability(logits: Tensor, position: int, answer: int) -> Tensor:
     """``softmax(logits[:, position])[:, answer]`` per batch row, computed in float32 (float64 for float64
     logits) so that half-precision models do not lose the small probabilities."""
+    if not isinstance(logits, Tensor) or logits.ndim != 3 or not logits.dtype.is_floating_point:
+        raise InvalidInputError(
+            f"logits must be a floating-point [batch, pos, d_vocab] tensor, got {getattr(logits, 'dtype', type(logits))} "
+            f"of shape {tuple(getattr(logits, 'shape', ()))}"
+        )
+    if not -logits.shape[1] <= position < logits.shape[1] or not 0 <= answer < logits.shape[2]:
+        raise InvalidInputError(
+            f"position {position} / answer {answer} out of range for logits of shape {tuple(logits.shape)}"
+        )
     x = logits[:, position]
     x = x.double() if x.dtype == torch.float64 else x.float()
     return x.softmax(-1)[:, answer]
@@ -49,6 +58,12 @@ def _pad_id(model: TLModel) -> int:
     return 0
 
 
+def _check_token_dtype(t: Tensor) -> None:
+    dt = t.dtype
+    if dt.is_floating_point or dt.is_complex or dt == torch.bool:
+        raise InvalidInputError(f"token tensors must hold integer token ids, got dtype {dt}")
+
+
 def tokenize_prompts(
     model: TLModel,
     prompts: str | Tensor | Sequence[str | Tensor],
@@ -72,8 +87,7 @@ def tokenize_prompts(
     device = model_device(model)
     if isinstance(prompts, Tensor):
         t = prompts
-        if t.dtype.is_floating_point:
-            raise InvalidInputError("token tensors must be integer, got a floating-point tensor")
+        _check_token_dtype(t)
         if t.ndim == 1:
             t = t.unsqueeze(0)
         if t.ndim != 2:
@@ -90,6 +104,7 @@ def tokenize_prompts(
         rows = []
         for p in prompts:
             if isinstance(p, Tensor):
+                _check_token_dtype(p)
                 if p.ndim != 1 or p.numel() == 0:
                     raise InvalidInputError(f"each token tensor must be 1-D and non-empty, got {tuple(p.shape)}")
                 rows.append(p)
@@ -141,6 +156,7 @@ def answer_token_id(
     if isinstance(answer, Tensor):
         if answer.numel() != 1:
             raise InvalidInputError(f"answer tensor must hold one token id, got shape {tuple(answer.shape)}")
+        _check_token_dtype(answer)
         answer = int(answer.item())
     if isinstance(answer, int) and not isinstance(answer, bool):
         vocab = int(model.cfg.d_vocab)

@@ -117,6 +117,10 @@ def builtin_facts(
         wanted = set(known)
     else:
         wanted = {relations} if isinstance(relations, str) else set(relations)
+        if not wanted:
+            raise InvalidInputError(
+                "relations is empty: pass None for every relation, or at least one relation id"
+            )
         unknown = sorted(wanted - set(known))
         if unknown:
             raise InvalidInputError(f"the built-in model has no relation(s) {unknown}; it has {known}")

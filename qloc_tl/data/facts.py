@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from qloc_tl.core.errors import DataError, InvalidInputError
+from qloc_tl.core.validation import check_int
 
 logger = logging.getLogger(__name__)
 
@@ -231,10 +232,8 @@ def load_pararel(
         raise DataError(
             f"{str(root)!r} is not a ParaRel directory: expected pattern_data/graphs_json/ and trex_lms_vocab/ inside"
         )
-    if max_facts_per_relation is not None and max_facts_per_relation < 1:
-        raise InvalidInputError(f"max_facts_per_relation must be >= 1, got {max_facts_per_relation}")
-    if min_queries < 1:
-        raise InvalidInputError(f"min_queries must be >= 1, got {min_queries}")
+    check_int("max_facts_per_relation", max_facts_per_relation, 1, allow_none=True)
+    check_int("min_queries", min_queries, 1)
     available = sorted(p.stem for p in pat_dir.glob("P*.jsonl") if (fact_dir / p.name).is_file())
     if relations is None:
         wanted = available
@@ -242,6 +241,10 @@ def load_pararel(
         if isinstance(relations, str):
             relations = [relations]
         wanted = list(dict.fromkeys(relations))
+        if not wanted:
+            raise InvalidInputError(
+                "relations is empty: pass None for every relation, or at least one relation id"
+            )
         unknown = [r for r in wanted if r not in available]
         if unknown:
             raise InvalidInputError(f"unknown relation(s) {unknown}; available: {', '.join(available)}")

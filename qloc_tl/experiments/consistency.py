@@ -18,8 +18,10 @@ import pandas as pd
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
-from qloc_tl.core.model import TLModel
+from qloc_tl.core.model import SITES, TLModel
 from qloc_tl.core.stats import bootstrap_proportion_ci
+from qloc_tl.core.validation import check_choice, check_float, check_int
+from qloc_tl.methods.attribution.quadrature import RULES
 from qloc_tl.methods.consistency_score import (
     CLASS_KC,
     CLASS_KI,
@@ -79,7 +81,17 @@ class ConsistencyConfig:
     def __post_init__(self) -> None:
         methods = tuple(self.methods) if not isinstance(self.methods, str) else (self.methods,)
         object.__setattr__(self, "methods", methods)
-        object.__setattr__(self, "sweep", tuple(float(x) for x in self.sweep))
+        if isinstance(self.sweep, (str, bytes)):
+            raise InvalidInputError(f"sweep must be a sequence of KN thresholds, got {self.sweep!r}")
+        object.__setattr__(self, "sweep", tuple(check_float("sweep entry", x) for x in self.sweep))
+        check_float("keep_fraction", self.keep_fraction)
+        check_float("kn_fraction", self.kn_fraction)
+        check_float("cs_static", self.cs_static)
+        check_choice("rule", self.rule, RULES)
+        check_choice("site", self.site, tuple(SITES))
+        check_choice("multi_token", self.multi_token, ("error", "first"))
+        check_int("batch_size", self.batch_size, 1, allow_none=True)
+        check_int("seed", self.seed)
         if not methods:
             raise InvalidInputError("methods is empty; give at least one of 'ig', 'sig', 'amig'")
         for m in methods:

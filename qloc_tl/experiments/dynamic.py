@@ -67,7 +67,7 @@ from qloc_tl.core.identities import Head, Neuron, Synapse
 from qloc_tl.core.model import TLModel, check_model, d_mlp, n_heads, n_layers, require_eval
 from qloc_tl.core.stats import bootstrap_summary, derive_seed
 from qloc_tl.core.tokens import answer_token_id
-from qloc_tl.core.validation import as_neuron_set, as_neuron_sets
+from qloc_tl.core.validation import as_neuron_set, as_neuron_sets, check_int, check_nonempty
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.mapping import RowBatch, check_ops, fact_answers, random_matched_neurons
 from qloc_tl.methods.synapses import SynapseResult, synapse_columns
@@ -107,10 +107,11 @@ def irrelevant_synapses(
         >>> len(ctrl), ctrl[0].head, ctrl[0].key_position != 2, short
         (1, 1, True, False)
     """
-    rng = np.random.default_rng(seed)
+    check_int("query_position", query_position)
+    rng = np.random.default_rng(check_int("seed", seed))
     out: list[Synapse] = []
     short = False
-    excl = {int(j) for j in exclude_keys}
+    excl = {check_int("exclude_keys entry", j, None) for j in exclude_keys}
     for head, keys in synapse_columns(synapses).items():
         free = [j for j in range(query_position + 1) if j not in keys and j not in excl]
         k = len(keys)
@@ -366,6 +367,7 @@ def measure_dynamic_selection(
     check_model(model)
     require_eval(model)
     ops = check_ops(ops)
+    facts = list(check_nonempty("facts", facts))
     width = d_mlp(model)
     records: list[dict[str, Any]] = []
     it: Iterable[Fact] = facts
@@ -471,6 +473,10 @@ def enh_vs_sup(
     """
     by = list(by)
     keys = ["fact_key", "query_index", *by]
+    metrics = list(check_nonempty("metrics", metrics))
+    missing = [c for c in [*keys, "op", *metrics] if c not in rows.columns]
+    if missing:
+        raise InvalidInputError(f"rows lack the columns {missing}: they have {list(rows.columns)}")
     sup = rows[rows["op"] == suppress].set_index(keys)
     enh = rows[rows["op"] == enhance].set_index(keys)
     joined = sup[list(metrics)].abs().join(enh[list(metrics)].abs(), lsuffix="_sup", rsuffix="_enh", how="inner")

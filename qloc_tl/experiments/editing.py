@@ -44,6 +44,7 @@ from qloc_tl.core.model import TLModel, check_model, d_mlp, n_layers, require_ev
 from qloc_tl.core.stats import seeded_random
 from qloc_tl.core.store import RunStore
 from qloc_tl.core.tokens import answer_token_id
+from qloc_tl.core.validation import check_nonempty
 from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.editing_config import ALL_METHODS, CLASSES, EDITS, METHODS, EditingConfig
 from qloc_tl.methods.attribution import NeuronSet, attribute_neurons
@@ -505,6 +506,7 @@ def fact_attributions(
     cfg = config or EditingConfig()
     check_model(model)
     require_eval(model)
+    facts = list(check_nonempty("facts", facts))
     out: dict[str, Tensor] = {}
     it: Iterable[Fact] = facts
     if show_progress:

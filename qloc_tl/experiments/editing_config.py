@@ -121,13 +121,14 @@ class EditingConfig:
             check_float(name, getattr(self, name), lo=0.0)
         if self.cas_method == "fraction_of_max":
             check_float("cas_value", self.cas_value, 0.0, 1.0)
-        elif int(self.cas_value) != self.cas_value or self.cas_value < 1:
+        elif int(check_float("cas_value", self.cas_value)) != self.cas_value or self.cas_value < 1:
             raise InvalidInputError(f"cas_value must be a positive integer for topk, got {self.cas_value!r}")
         for name in ("steps", "chunk_size", "batch_size"):
             check_int(name, getattr(self, name), lo=1)
         for name in ("n_unrelated", "n_same_relation"):
             check_int(name, getattr(self, name), lo=0)
         check_int("max_facts_per_class", self.max_facts_per_class, lo=1, allow_none=True)
+        check_int("seed", self.seed)
         for name in ("lambda1", "lambda2"):
             check_float(name, getattr(self, name), allow_none=True)
 

@@ -68,7 +68,7 @@ from qloc_tl.core.identities import Neuron
 from qloc_tl.core.model import TLModel, check_model, d_mlp, n_layers, require_eval
 from qloc_tl.core.stats import bootstrap_summary, derive_seed
 from qloc_tl.core.tokens import answer_token_id, tokenize_prompts
-from qloc_tl.core.validation import as_neuron_set, as_neuron_sets
+from qloc_tl.core.validation import as_neuron_set, as_neuron_sets, check_int, check_nonempty
 from qloc_tl.data.facts import Fact
 from qloc_tl.methods.consistency_score import neuron_counts
 
@@ -114,6 +114,8 @@ def random_matched_neurons(
         >>> [n.layer for n in s]
         [0, 2, 2]
     """
+    check_int("d_mlp", d_mlp, 1)
+    check_int("seed", seed)
     per_layer = Counter(n.layer for n in as_neuron_set(like, "like"))
     excl: dict[int, set[int]] = defaultdict(set)
     for n in as_neuron_set(exclude, "exclude"):
@@ -163,6 +165,7 @@ def query_neuron_sets(
     """
     if isinstance(refine_min_count, bool) or not isinstance(refine_min_count, int) or refine_min_count < 1:
         raise InvalidInputError(f"refine_min_count must be an int >= 1, got {refine_min_count!r}")
+    check_int("d_mlp", d_mlp, 1)
     sets = as_neuron_sets(kn_sets)
     if not sets:
         raise InvalidInputError("kn_sets is empty: give one neuron set per query")
@@ -335,6 +338,8 @@ def measure_query_kn_mapping(
     check_model(model)
     require_eval(model)
     ops = check_ops(ops)
+    facts = list(check_nonempty("facts", facts))
+    check_int("max_batch", max_batch, 1)
     width = d_mlp(model)
     L = n_layers(model)
     records: list[dict[str, Any]] = []

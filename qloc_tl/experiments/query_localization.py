@@ -58,7 +58,7 @@ from qloc_tl.data.facts import Fact
 from qloc_tl.experiments.dynamic import enh_vs_sup, measure_dynamic_selection, summarize_dynamic
 from qloc_tl.experiments.mapping import measure_query_kn_mapping, set_order, summarize_mapping
 from qloc_tl.methods.attribution.quadrature import RULES
-from qloc_tl.methods.attribution.selection import SELECTION_METHODS
+from qloc_tl.methods.attribution.selection import SELECTION_METHODS, check_selection
 from qloc_tl.methods.consistency_score import consistency_score, split_facts
 from qloc_tl.methods.known import restrict_to_known
 from qloc_tl.methods.synapses import find_synapses
@@ -132,6 +132,7 @@ class QLConfig:
         check_choice("kn_rule", self.kn_rule, RULES)
         check_choice("kn_threshold_method", self.kn_threshold_method, SELECTION_METHODS)
         check_float("kn_threshold", self.kn_threshold, allow_none=True)
+        check_selection(self.kn_threshold_method, self.kn_threshold)
         check_choice("site", self.site, ("post", "pre", "pre_linear"))
         if self.cs_threshold != "otsu":
             check_float("cs_threshold", self.cs_threshold, 0.0, 1.0)
@@ -144,10 +145,11 @@ class QLConfig:
         check_choice("ks_rule", self.ks_rule, RULES)
         check_choice("ks_threshold_method", self.ks_threshold_method, SELECTION_METHODS)
         check_float("ks_threshold", self.ks_threshold, allow_none=True)
+        check_selection(self.ks_threshold_method, self.ks_threshold)
         check_float("ks_head_threshold", self.ks_head_threshold, 0.0, 1.0, allow_none=True)
         if isinstance(self.ks_exclude_keys, (int, str)):
             raise InvalidInputError(f"ks_exclude_keys must be a tuple of key positions, got {self.ks_exclude_keys!r}")
-        object.__setattr__(self, "ks_exclude_keys", tuple(int(k) for k in self.ks_exclude_keys))
+        object.__setattr__(self, "ks_exclude_keys", tuple(check_int("ks_exclude_keys entry", k, None) for k in self.ks_exclude_keys))
         for name in ("include_self", "dynamic", "ks_per_head", "renormalize"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
+from qloc_tl.core.validation import check_float, check_int, check_tensor
 from qloc_tl.methods.attribution import NeuronSet, select_neurons
 
 __all__ = ["cas_scores", "select_by_cas", "select_cas", "query_kn_sets", "fact_neuron_sets"]
@@ -43,9 +44,7 @@ def _check_scores(scores: Tensor, what: str = "scores") -> Tensor:
         )
     if scores.shape[0] < 1:
         raise InvalidInputError(f"{what} has no queries")
-    if not torch.isfinite(scores).all():
-        raise InvalidInputError(f"{what} contains inf/NaN")
-    return scores
+    return check_tensor(what, scores, kind="real")
 
 
 def cas_scores(
@@ -119,15 +118,17 @@ def select_by_cas(
         raise InvalidInputError(
             f"cas must be a [n_layers, d_mlp] tensor, got {getattr(cas, 'shape', type(cas))}"
         )
+    check_tensor("cas", cas, kind="real")
+    value = check_float("value", value)
     pos = cas > 0
     if method == "fraction_of_max":
-        if isinstance(value, bool) or not 0 <= float(value) <= 1:
+        if not 0 <= value <= 1:
             raise InvalidInputError(f"fraction_of_max value must lie in [0, 1], got {value!r}")
         if not bool(pos.any()):
             return _neuron_set([])
-        keep = pos & (cas >= float(value) * cas.max())
+        keep = pos & (cas >= value * cas.max())
     elif method == "topk":
-        if isinstance(value, bool) or int(value) != value or int(value) < 0:
+        if int(value) != value or int(value) < 0:
             raise InvalidInputError(f"topk value must be a non-negative integer, got {value!r}")
         k = min(int(value), int(pos.sum()))
         keep = torch.zeros_like(pos)
@@ -196,6 +197,7 @@ def fact_neuron_sets(
     CAS — a size-matched control that separates "which neurons" from "how many".
     """
     s = _check_scores(scores)
+    check_int("edited", edited)
     if not 0 <= edited < s.shape[0]:
         raise InvalidInputError(f"edited query index {edited} out of range for {s.shape[0]} queries")
     per_query = query_kn_sets(s, kn_threshold)

@@ -39,6 +39,13 @@ from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import intervene
 from qloc_tl.core.model import TLModel, check_layer, check_model, neuron_hook_name, require_eval
 from qloc_tl.core.tokens import answer_token_id, tokenize_prompts
+from qloc_tl.core.validation import (
+    check_finite_values,
+    check_float,
+    check_int,
+    check_nonempty,
+    require_finite_logits,
+)
 from qloc_tl.methods.attribution import NeuronAttribution, attribute_neurons
 
 logger = logging.getLogger(__name__)
@@ -69,9 +76,8 @@ def path_probabilities(
     check_model(model)
     require_eval(model)
     layer = check_layer(model, layer)
-    a = torch.linspace(0.0, 1.0, 201) if alphas is None else torch.tensor([float(x) for x in alphas])
-    if a.numel() == 0 or bool(((a < 0) | (a > 1) | ~torch.isfinite(a)).any()):
-        raise InvalidInputError("alphas must be a non-empty sequence of numbers in [0, 1]")
+    check_int("batch_size", batch_size, 1)
+    a = torch.linspace(0.0, 1.0, 201) if alphas is None else torch.tensor(check_finite_values("alphas", alphas, 0.0, 1.0))
     ans = answer if isinstance(answer, int) else answer_token_id(model, prompt, answer, multi_token="first")
     toks, last = tokenize_prompts(model, [prompt])
     pos = int(last[0])
@@ -86,6 +92,7 @@ def path_probabilities(
 
         with torch.no_grad(), intervene(model, [(neuron_hook_name(model, layer, site), scale)]) as mdl:
             logits = mdl(toks.expand(chunk.numel(), -1))
+            require_finite_logits(model, logits, toks.expand(chunk.numel(), -1), "path logits")
         probs.append(logits[:, pos].double().softmax(-1)[:, ans].cpu())
     return pd.DataFrame({"layer": layer, "alpha": a.double().numpy(), "prob": torch.cat(probs).numpy()})
 
@@ -109,6 +116,8 @@ def completeness_by_layer(
     """
     if len(prompts) != len(answers) or not prompts:
         raise InvalidInputError("prompts and answers must be non-empty and of equal length")
+    steps = [check_int("steps", m, 1) for m in check_nonempty("steps", steps)]
+    rules = list(check_nonempty("rules", rules))
     rows = []
     for m in steps:
         for rule in rules:
@@ -164,8 +173,12 @@ def adaptive_steps(
     Args:
         kwargs: passed to :func:`~qloc_tl.methods.attribution.attribute_neurons` (``method``, ``rule``, ``site``, ...).
     """
-    if not 0 < tol < 1 or max_steps < steps or steps < 1:
-        raise InvalidInputError("need 0 < tol < 1 and 1 <= steps <= max_steps")
+    check_float("tol", tol, 0.0, 1.0, open_lo=True, open_hi=True)
+    check_float("atol", atol, lo=0.0)
+    check_int("steps", steps, 1)
+    check_int("max_steps", max_steps, 1)
+    if max_steps < steps:
+        raise InvalidInputError(f"need steps <= max_steps, got steps={steps}, max_steps={max_steps}")
     res = attribute_neurons(model, prompt, answer, steps=steps, **kwargs)
     scores = res.scores_batched.clone()
     delta = res.completeness_delta.clone()

@@ -21,14 +21,14 @@ from __future__ import annotations
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
 from qloc_tl.core.stats import bootstrap_proportion_ci, permutation_p
-from qloc_tl.core.validation import as_neuron_sets
+from qloc_tl.core.validation import as_neuron_sets, check_float, check_int
 
 __all__ = [
     "CLASS_KC",
@@ -126,19 +126,33 @@ def cs_threshold(cs: Sequence[float] | np.ndarray, kind: ThresholdKind | float =
         if not 0 <= float(kind) <= 1:
             raise InvalidInputError(f"a numeric CS threshold must lie in [0, 1], got {kind}")
         return float(kind)
+    if not isinstance(kind, str):
+        raise InvalidInputError(f"threshold kind must be 'static', 'otsu' or a number in [0, 1], got {kind!r}")
     if kind == "static":
-        if not 0 <= static <= 1:
-            raise InvalidInputError(f"static CS threshold must lie in [0, 1], got {static}")
-        return float(static)
+        return check_float("static CS threshold", static, 0.0, 1.0)
     if kind == "otsu":
         from qloc_tl.methods.attribution.selection import otsu_threshold
 
-        v = np.asarray(cs, dtype=float)
+        v = _cs_values(cs)
         v = v[np.isfinite(v)]
         if v.size == 0:
             raise InvalidInputError("cannot compute an Otsu threshold: no fact has a finite CS")
         return otsu_threshold(v)
     raise InvalidInputError(f"threshold kind must be 'static', 'otsu' or a number in [0, 1], got {kind!r}")
+
+
+def _cs_values(cs: Any) -> np.ndarray:
+    """CS values as a 1-D float array: each in [0, 1], or NaN for a fact without a score."""
+    try:
+        v = np.asarray(cs, dtype=float)
+    except (TypeError, ValueError):
+        raise InvalidInputError(f"CS values must be numbers in [0, 1] (or NaN), got {cs!r}") from None
+    if v.ndim != 1:
+        raise InvalidInputError(f"CS values must be a 1-D sequence, got shape {v.shape}")
+    bad = np.isinf(v) | (np.isfinite(v) & ((v < 0) | (v > 1)))
+    if bad.any():
+        raise InvalidInputError(f"CS values must lie in [0, 1] (NaN: no score), got {v[bad][0]!r}")
+    return v
 
 
 def split_facts(
@@ -154,7 +168,7 @@ def split_facts(
         >>> labels.tolist(), tau
         (['K_C', 'K_I', 'excluded'], 0.3)
     """
-    v = np.asarray(cs, dtype=float)
+    v = _cs_values(cs)
     tau = cs_threshold(v, kind, static=static)
     labels = np.where(~np.isfinite(v), CLASS_NONE, np.where(v >= tau, CLASS_KC, CLASS_KI))
     return labels.astype(object), tau
@@ -177,8 +191,16 @@ def class_statistics(
     """
     from scipy import stats
 
-    v = np.asarray(cs, dtype=float)
-    lab = np.asarray(labels, dtype=object)
+    check_int("n_boot", n_boot, 1)
+    check_int("n_perm", n_perm, 1)
+    check_int("seed", seed, 0)
+    v = _cs_values(cs)
+    lab = np.asarray(labels, dtype=object).ravel()
+    if lab.shape != v.shape:
+        raise InvalidInputError(f"got {v.size} CS values but {lab.size} labels; give one label per fact")
+    unknown = sorted({str(x) for x in lab} - {CLASS_KC, CLASS_KI, CLASS_NONE})
+    if unknown:
+        raise InvalidInputError(f"labels must be {CLASS_KC!r}, {CLASS_KI!r} or {CLASS_NONE!r}, got {unknown}")
     keep = lab != CLASS_NONE
     v, lab = v[keep], lab[keep]
     kc, ki = v[lab == CLASS_KC], v[lab == CLASS_KI]
@@ -233,7 +255,7 @@ def classify_facts(
     keys = list(kn_sets)
     scores = {k: consistency_score(as_neuron_sets(kn_sets[k], f"kn_sets[{k!r}]"), mode=mode) for k in keys}
     if not keys:
-        tau = static if threshold == "static" else math.nan if isinstance(threshold, str) else float(threshold)
+        tau = math.nan if threshold == "otsu" else cs_threshold([], threshold, static=static)
         return FactClasses({}, {}, float(tau))
     labels, tau = split_facts([scores[k] for k in keys], threshold, static=static)
     return FactClasses({k: str(lab) for k, lab in zip(keys, labels)}, scores, float(tau))

@@ -20,6 +20,7 @@ o is the old object, o' the new one, q_i the edited query, q_j (j ≠ i) its nei
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.model import TLModel
 from qloc_tl.core.tokens import tokenize_prompts
+from qloc_tl.core.validation import check_int, check_tensor, require_finite_logits
 
 __all__ = [
     "last_token_logprobs",
@@ -48,13 +50,16 @@ TokenBatch = tuple[Tensor, Tensor]
 def last_token_logprobs(
     model: TLModel, prompts: Sequence[str] | Sequence[Tensor], *, batch_size: int = 32
 ) -> Float[Tensor, "n d_vocab"]:
-    """Next-token log-probabilities at each prompt's last token (right-padded batches; float32, CPU)."""
+    """Next-token log-probabilities at each prompt's last token (right-padded batches; float32, CPU); ``[0,
+    d_vocab]`` for no prompts (a fact without neighbors or unrelated queries has none to score)."""
+    check_int("batch_size", batch_size, 1)
     out = []
     items: list[Any] = list(prompts)
     for s in range(0, len(items), batch_size):
         toks, last = tokenize_prompts(model, items[s : s + batch_size])
         with torch.no_grad():
             logits = model(toks)
+        require_finite_logits(model, logits, toks)
         rows = logits[torch.arange(len(last), device=logits.device), last]
         out.append(rows.float().log_softmax(-1).cpu())
     if not out:
@@ -72,6 +77,7 @@ def text_batches(model: TLModel, texts: Sequence[str], *, batch_size: int = 32) 
         >>> [toks.shape[0] for toks, _ in batches]
         [2, 1]
     """
+    check_int("batch_size", batch_size, 1)
     texts = sorted(texts, key=lambda t: len(t.split()))
     return [tokenize_prompts(model, texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
 
@@ -81,7 +87,9 @@ def _nll_sum(model: TLModel, batches: Sequence[TokenBatch]) -> tuple[float, int]
     total, count = 0.0, 0
     for toks, last in batches:
         with torch.no_grad():
-            logits = model(toks)[:, :-1]
+            full = model(toks)
+        require_finite_logits(model, full, toks)
+        logits = full[:, :-1]
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         tgt = toks[:, 1:]  # position p predicts token p + 1
         nll = logits.logsumexp(-1) - logits.gather(-1, tgt.unsqueeze(-1)).squeeze(-1)  # [B, P-1]
@@ -92,13 +100,17 @@ def _nll_sum(model: TLModel, batches: Sequence[TokenBatch]) -> tuple[float, int]
 
 
 def batch_perplexity(model: TLModel, batches: Sequence[TokenBatch]) -> float:
-    """PPL = exp(Σ NLL / #tokens) over pre-tokenised ``batches`` (:func:`text_batches`); see :func:`perplexity`."""
+    """PPL = exp(Σ NLL / #tokens) over pre-tokenised ``batches`` (:func:`text_batches`); see :func:`perplexity`.
+    A mean NLL beyond ``exp``'s range (a wrecked model) gives ``inf``."""
     total, count = _nll_sum(model, batches)
     if count == 0:
         raise InvalidInputError(
             "the texts have no token to predict (each needs at least two tokens incl. BOS)"
         )
-    return math.exp(total / count)
+    try:
+        return math.exp(total / count)
+    except OverflowError:
+        return math.inf
 
 
 def perplexity(model: TLModel, texts: Sequence[str], *, batch_size: int = 32) -> float:
@@ -169,6 +181,7 @@ def _as_2d(x: Tensor | None, what: str) -> Tensor:
         return torch.zeros(0, 0)
     if not isinstance(x, Tensor):
         x = torch.as_tensor(x)
+    check_tensor(what, x, kind="float", nonempty=False)
     if x.ndim == 1:
         return x.unsqueeze(0)
     if x.ndim != 2:
@@ -222,7 +235,20 @@ def edit_metrics(
         raise InvalidInputError(
             "before/after logits of the neighbors (and of the unrelated queries) must match in shape"
         )
-    o = int(old_token)
+    V = eb.shape[1]
+    for name, x in (("neighbors", nb), ("unrelated", ub)):
+        if x.numel() and x.shape[1] != V:
+            raise InvalidInputError(
+                f"{name} logits have {x.shape[1]} entries per row, the edited query's {V}"
+            )
+    o = check_int("old_token", old_token, 0, V - 1)
+    if new_token is not None:
+        check_int("new_token", new_token, 0, V - 1)
+    for name, ppl in (("ppl_before", ppl_before), ("ppl_after", ppl_after)):
+        if isinstance(ppl, bool) or not isinstance(ppl, numbers.Real) or not (math.isnan(ppl) or ppl >= 1.0):
+            raise InvalidInputError(
+                f"{name} must be a perplexity >= 1 (inf allowed) or nan (not measured), got {ppl!r}"
+            )
     pe_b, pe_a = eb.double().softmax(-1)[0], ea.double().softmax(-1)[0]
     top_e = int(ea[0].argmax())
     nbp, nap = (nb.double().softmax(-1), na.double().softmax(-1)) if nb.numel() else (nb, na)

@@ -28,7 +28,7 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.model import TLModel, check_model, require_eval
 from qloc_tl.core.tokens import to_tokens, tokenize_prompts
-from qloc_tl.core.validation import check_choice
+from qloc_tl.core.validation import check_choice, require_finite_logits
 from qloc_tl.data.facts import Fact
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def next_token_probs(
         for start in range(0, len(rows), batch_size):
             toks, last = tokenize_prompts(model, rows[start : start + batch_size], prepend_bos=prepend_bos)
             logits = model(toks)
+            require_finite_logits(model, logits, toks)
             out.append(logits[torch.arange(len(last)), last].float().softmax(-1).cpu())
     return torch.cat(out)
 

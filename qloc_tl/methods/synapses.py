@@ -95,7 +95,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from qloc_tl.core.errors import InvalidInputError, NumericalError
+from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import CountingHook, HookList, intervene, scale_attention
 from qloc_tl.core.identities import Head, Synapse
 from qloc_tl.core.model import (
@@ -109,6 +109,7 @@ from qloc_tl.core.model import (
     require_eval,
 )
 from qloc_tl.core.tokens import answer_probability, answer_token_id, tokenize_prompts
+from qloc_tl.core.validation import check_int, check_tensor, require_finite, require_finite_logits
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines.synapses import (
     FastMismatch,
@@ -117,7 +118,7 @@ from qloc_tl.methods.attribution.engines.synapses import (
     synapse_fast_path,
 )
 from qloc_tl.methods.attribution.quadrature import quadrature
-from qloc_tl.methods.attribution.selection import select_neurons
+from qloc_tl.methods.attribution.selection import check_selection, select_neurons
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +242,7 @@ def synapse_columns(synapses: Iterable[Synapse]) -> dict[Head, tuple[int, ...]]:
 
 
 def select_synapses(
-    scores: Float[Tensor, "..."],  # [n_layers, n_heads, n_keys]; checked below (InvalidInputError)
+    scores: Float[Tensor, "..."] | Any,  # [n_layers, n_heads, n_keys]; checked below (InvalidInputError)
     *,
     threshold_method: str = "fraction_of_max",
     threshold: float | int | None = 0.2,
@@ -271,6 +272,8 @@ def select_synapses(
         raise InvalidInputError(
             f"scores must be a [n_layers, n_heads, n_keys] tensor, got {getattr(scores, 'shape', type(scores))}"
         )
+    check_tensor("scores", scores, kind="real", finite=False)  # NaN marks a layer that was not scored
+    threshold = check_selection(threshold_method, threshold)
     if not isinstance(per_head, bool):
         raise InvalidInputError(f"per_head must be True or False, got {per_head!r}")
     s = scores.detach().to("cpu", torch.float64).clone()
@@ -497,7 +500,9 @@ def find_synapses(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive int, got {batch_size!r}")
     L, H = n_layers(model), n_heads(model)
-    layer_list = tuple(range(L)) if layers is None else tuple(sorted({check_layer(model, int(x)) for x in layers}))
+    layer_list = (
+        tuple(range(L)) if layers is None else tuple(sorted({check_layer(model, check_int("layer", x)) for x in layers}))
+    )
     if not layer_list:
         raise InvalidInputError("layers is empty: pass None for all layers")
     if isinstance(query, Tensor) and query.ndim == 2:
@@ -517,6 +522,7 @@ def find_synapses(
     resid_names = {l: f"blocks.{l}.hook_resid_pre" for l in layer_list} if fast == "kv-hooked" else {}
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=[*names, *resid_names.values()])
+    require_finite_logits(model, logits, tokens, "clean logits")
     prob = float(answer_probability(logits, q, answer_id)[0])
     A = {layer: cache[name][0, :, q, :].detach().clone() for layer, name in zip(layer_list, names)}
     resid_q = {layer: cache[name][0, q].detach().clone() for layer, name in resid_names.items()}
@@ -558,8 +564,7 @@ def find_synapses(
             scores[layer] = (A[layer].to("cpu", torch.float64) * acc[layer]).to(dtype)
             prob_zero[layer] = pzero[layer]
         used_steps, used_rule = steps, rule
-    if not bool(torch.isfinite(scores[list(layer_list)]).all()):
-        raise NumericalError("synapse scores contain inf/NaN; run the model in float32 or float64")
+    require_finite("synapse scores", scores[list(layer_list)], layer_dim=0, layers=layer_list)
     syn = select_synapses(
         scores, threshold_method=threshold_method, threshold=threshold, per_head=per_head,
         head_threshold=head_threshold, exclude_keys=exclude_keys,
@@ -567,7 +572,7 @@ def find_synapses(
     str_tokens = tuple(_str_tokens(model, tokens[0]))
     return SynapseResult(
         scores=scores, synapses=syn, method=method, steps=used_steps, rule=used_rule,
-        threshold_method=threshold_method, threshold=threshold if threshold is not None else math.nan,
+        threshold_method=threshold_method, threshold=float(threshold) if threshold is not None else math.nan,
         per_head=per_head, head_threshold=head_threshold, exclude_keys=tuple(exclude_keys), query_position=q,
         answer_id=answer_id, prob=prob, prob_zero=prob_zero, tokens=tokens[0].detach().cpu(),
         str_tokens=str_tokens, layers=layer_list, implementation=implementation, fast_path=used_path,
@@ -596,6 +601,7 @@ def synapse_patterns(
     Returns:
         ``{Head: pattern}`` in display order (CPU tensors).
     """
+    check_int("max_heads", max_heads, 1)
     if heads is None:
         best = {h: float(result.scores[h.layer, h.head].nan_to_num(nan=-math.inf).max()) for h in result.heads}
         heads = sorted(best, key=lambda h: (-best[h], h))[:max_heads]

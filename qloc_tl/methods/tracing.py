@@ -54,6 +54,7 @@ from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import CountingHook, HookList, intervene
 from qloc_tl.core.model import TLModel, check_model, n_layers, require_eval
 from qloc_tl.core.tokens import answer_probability, answer_token_id, tokenize_prompts
+from qloc_tl.core.validation import check_int, check_nonempty, check_tensor, require_finite_logits
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +72,9 @@ def trace_window(layer: int, window: int, n_layers: int) -> range:
         >>> list(trace_window(0, 10, 12)), list(trace_window(6, 10, 12)), list(trace_window(3, 1, 12))
         ([0, 1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10], [3])
     """
+    check_int("n_layers", n_layers, 1)
+    check_int("layer", layer, 0, n_layers - 1)
+    check_int("window", window, 1)
     return range(max(0, layer - window // 2), min(n_layers, layer - (-window // 2)))
 
 
@@ -261,10 +265,11 @@ def causal_trace(
     """
     check_model(model)
     require_eval(model)
-    kinds = tuple(kinds)
+    kinds = tuple(check_nonempty("kinds", kinds))
     for k in kinds:
         if k not in KINDS:
             raise InvalidInputError(f"unknown kind {k!r}; choose from {list(KINDS)}")
+    check_int("seed", seed, 0)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InvalidInputError(f"samples must be a positive int, got {samples!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -302,6 +307,7 @@ def causal_trace(
     names = sorted({_hook_name(k, layer) for k in kinds for layer in range(L)})
     with torch.no_grad():
         logits, cache = model.run_with_cache(tokens, names_filter=names)
+    require_finite_logits(model, logits, tokens, "clean logits")
     q = P - 1
     p_clean = float(answer_probability(logits, q, answer_id)[0])
     clean = {name: cache[name][0].detach() for name in names}
@@ -369,15 +375,22 @@ def restore_states(
         >>> bool(torch.allclose(p[0], p[1]))
         True
     """
+    check_tensor("tokens", tokens, kind="int", ndim=(1, 2))
     if tokens.ndim == 1:
         tokens = tokens.unsqueeze(0)
+    if tokens.shape[0] != 1:
+        raise InvalidInputError(f"tokens must be one prompt [1, pos], got shape {tuple(tokens.shape)}")
     P = tokens.shape[1]
     q = P - 1
     L = n_layers(model)
+    check_nonempty("configs", configs)
+    subject_positions = [check_int("subject position", p, 0, P - 1) for p in check_nonempty("subject_positions", subject_positions)]
+    check_tensor("noise", noise, kind="float", ndim=3)
     s = int(noise.shape[0])
-    if noise.ndim != 3 or noise.shape[1] != len(subject_positions):
+    if noise.shape[1] != len(subject_positions) or noise.shape[2] != int(model.cfg.d_model):
         raise InvalidInputError(
-            f"noise must be [samples, n_subject={len(subject_positions)}, d_model], got {tuple(noise.shape)}"
+            f"noise must be [samples, n_subject={len(subject_positions)}, d_model={model.cfg.d_model}], got "
+            f"{tuple(noise.shape)}"
         )
     for cfg in configs:
         for kind, layer, pos in cfg:
@@ -402,5 +415,7 @@ def restore_states(
         hooks.append((name, RestoreHook(clean[name], masks[name])))
     with torch.no_grad(), intervene(model, hooks) as m:
         logits = m(tokens.expand(B, -1))
+        # inside the intervention, so that the search for the first non-finite layer sees the corrupted run
+        require_finite_logits(model, logits, tokens.expand(B, -1), "corrupted-run logits")
         p = answer_probability(logits, q, answer_id)
     return p.reshape(n, s).double().mean(1).cpu()

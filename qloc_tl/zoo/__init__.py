@@ -21,6 +21,7 @@ import torch
 
 from qloc_tl.core.errors import DataError
 from qloc_tl.core.model import TLModel
+from qloc_tl.core.validation import check_model_dtype
 from qloc_tl.zoo.smollm2 import SMOLLM2_NAME, convert_smollm2
 
 logger = logging.getLogger(__name__)
@@ -125,6 +126,7 @@ def load_model(
 
     if prepend_bos is not None and not isinstance(prepend_bos, bool):
         raise InvalidInputError(f"prepend_bos must be True, False or None, got {prepend_bos!r}")
+    check_model_dtype(dtype)  # before a conversion of SmolLM2's weights
     spec = os.fspath(name_or_path) if isinstance(name_or_path, os.PathLike) else name_or_path
     if not isinstance(spec, str) or not spec.strip():
         raise InvalidInputError(f"name_or_path must be a model name or a directory, got {name_or_path!r}")

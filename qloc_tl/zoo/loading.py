@@ -26,6 +26,7 @@ import torch
 
 from qloc_tl.core.errors import InvalidInputError, UnsupportedModelError
 from qloc_tl.core.model import tl_major
+from qloc_tl.core.validation import check_model_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def load_hf_directory(
         raise InvalidInputError(f"{str(path)!r} is not a Hugging Face model directory (no config.json)")
     if processing not in ("none", "compat"):
         raise InvalidInputError(f"processing must be 'none' or 'compat', got {processing!r}")
+    check_model_dtype(dtype)
     if tl_major() >= 4:
         model = _load_tl4(path, processing, device, dtype)
     else:

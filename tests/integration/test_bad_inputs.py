@@ -167,6 +167,95 @@ CASES = [
 ]
 
 
+def _nan_model():
+    m = tiny_model("gpt2")
+    with torch.no_grad():
+        m.blocks[1].mlp.W_in.fill_(float("inf"))  # layer 1's neurons become inf/NaN, layer 0 stays finite
+    return m
+
+
+def _nonfinite_logits(tmp):
+    from qloc_tl.methods.known import next_token_probs
+
+    return next_token_probs(_nan_model(), ["alice was born in"])
+
+
+def _disk_full(tmp):
+    import errno
+    from unittest import mock
+
+    from qloc_tl.core.store import RunStore
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with mock.patch("qloc_tl.core.store.os.fsync", full):
+        RunStore.open(tmp / "run", {"steps": 2})
+
+
+def _out_is_a_file(tmp):
+    (tmp / "taken").write_text("x")
+    return ["consistency", "--model", "builtin", "--out", str(tmp / "taken"), "--no-progress"]
+
+
+def _mapping_no_facts(tmp):
+    from qloc_tl.experiments.mapping import measure_query_kn_mapping
+
+    return measure_query_kn_mapping(model(), [], {})
+
+
+def _edit_metrics(**kw):
+    from qloc_tl.methods.edit_metrics import edit_metrics
+
+    args = dict(edited_before=torch.zeros(96), edited_after=torch.zeros(96), neighbors_before=None, neighbors_after=None,
+                unrelated_before=None, unrelated_after=None, old_token=3)  # fmt: skip
+    return lambda tmp: edit_metrics("erase", **{**args, **kw})
+
+
+NEW_CASES = [
+    # non-finite numbers
+    Case("factor-nan", "NaN factor of a neuron intervention", lambda t: q.scale_neurons([q.Neuron(0, 1)], float("nan")), E.InvalidInputError, "factor must be a finite number"),
+    Case("factor-tensor-inf", "factor tensor holding inf", lambda t: q.set_neurons([q.Neuron(0, 1)], torch.tensor([float("inf")])), E.InvalidInputError, "values contains inf/NaN"),
+    Case("attention-factor-nan", "NaN attention factor", lambda t: q.scale_attention([q.Head(0, 1)], float("nan")), E.InvalidInputError, "factor must be a finite number"),
+    Case("topk-cas-value-nan", "NaN top-k CAS value in the editing config", lambda t: __import__("qloc_tl.experiments.editing", fromlist=["x"]).EditingConfig(cas_method="topk", cas_value=float("nan")), E.InvalidInputError, "cas_value must be a finite number"),
+    Case("trace-noise-nan", "NaN noise tensor of a causal-trace restoration", lambda t: __import__("qloc_tl.methods.tracing", fromlist=["x"]).restore_states(model(), torch.tensor([[0, 3, 4]]), 5, [[]], noise=torch.full((1, 1, 64), float("nan")), subject_positions=[1]), E.InvalidInputError, "noise contains inf/NaN"),
+    Case("logits-nan", "logits holding NaN given to edit_metrics", _edit_metrics(edited_after=torch.full((96,), float("nan"))), E.InvalidInputError, "edited_after contains inf/NaN"),
+    Case("nonfinite-activations", "a model whose activations overflow to inf/NaN", _nonfinite_logits, E.NumericalError, r"first non-finite activations are at 'blocks\.1\.mlp\.hook_post'"),
+    # numbers outside their range
+    Case("fraction-above-1", "fraction_of_max threshold above 1", lambda t: __import__("qloc_tl.methods.attribution", fromlist=["x"]).select_neurons(torch.rand(2, 3), value=1.5), E.InvalidInputError, r"fraction_of_max value must lie in \[0, 1\]"),
+    Case("cs-value-out-of-range", "a Consistency Score outside [0, 1]", lambda t: __import__("qloc_tl.methods.consistency_score", fromlist=["x"]).split_facts([0.2, 5.0]), E.InvalidInputError, r"CS values must lie in \[0, 1\]"),
+    Case("ci-level-out-of-range", "confidence level outside (0, 1)", lambda t: __import__("qloc_tl.core.stats", fromlist=["x"]).bootstrap_proportion_ci([True, False], level=1.5), E.InvalidInputError, r"level must be a number in \(0.0, 1.0\)"),
+    Case("permutations-negative", "a negative number of permutations", lambda t: __import__("qloc_tl.core.stats", fromlist=["x"]).permutation_p(torch.ones(2).numpy(), torch.zeros(2).numpy(), -1, 0), E.InvalidInputError, "n_perm must be an int >= 1"),
+    Case("seed-negative", "a negative seed in a config", lambda t: __import__("qloc_tl.experiments.consistency", fromlist=["x"]).ConsistencyConfig(seed=-1), E.InvalidInputError, "seed must be an int >= 0"),
+    Case("token-id-out-of-range", "an answer token id outside the vocabulary of the logits", _edit_metrics(old_token=500), E.InvalidInputError, r"old_token must be an int in \[0, 95\]"),
+    Case("batch-size-zero-logprobs", "batch_size 0 for last-token log-probs", lambda t: __import__("qloc_tl.methods.edit_metrics", fromlist=["x"]).last_token_logprobs(model(), ["alice was born in"], batch_size=0), E.InvalidInputError, "batch_size must be an int >= 1"),
+    Case("position-beyond-context", "an intervention position beyond the model's context", lambda t: q.scale_neurons([q.Neuron(0, 1)], 0.0, positions=99, model=model()), E.InvalidInputError, "out of range for the model's context n_ctx=32"),
+    Case("trace-window-zero", "a causal-trace window of 0 layers", lambda t: __import__("qloc_tl.methods.tracing", fromlist=["x"]).trace_window(1, 0, 3), E.InvalidInputError, "window must be an int >= 1"),
+    # tensors of the wrong dtype or rank
+    Case("tokens-float", "a float token tensor", _attr(prompt=torch.tensor([1.0, 2.0, 3.0]), answer=5), E.InvalidInputError, "token tensors must hold integer token ids, got dtype torch.float32"),
+    Case("tokens-bool", "a bool token tensor in a list of prompts", lambda t: __import__("qloc_tl.core.tokens", fromlist=["x"]).tokenize_prompts(model(), [torch.ones(3, dtype=torch.bool)]), E.InvalidInputError, "token tensors must hold integer token ids, got dtype torch.bool"),
+    Case("factor-tensor-int", "an integer factor tensor", lambda t: q.scale_neurons([q.Neuron(0, 1)], torch.tensor([2])), E.InvalidInputError, "factor must be a floating-point tensor"),
+    Case("row-positions-float", "float row_positions", lambda t: q.scale_neurons([q.Neuron(0, 1)], 0.0, row_positions=torch.tensor([0.5])), E.InvalidInputError, "row_positions must be an integer tensor"),
+    Case("scores-bool", "a bool score tensor for neuron selection", lambda t: __import__("qloc_tl.methods.attribution", fromlist=["x"]).select_neurons(torch.ones(2, 3, dtype=torch.bool)), E.InvalidInputError, r"scores must be a real \(integer or floating-point\) tensor"),
+    Case("erase-value-int", "an integer erase vector", lambda t: __import__("qloc_tl.core.edits", fromlist=["x"]).apply_erase(model(), [q.Neuron(0, 1)], value=torch.zeros(64, dtype=torch.long)), E.InvalidInputError, "erase value must be a floating-point tensor"),
+    Case("update-embedding-width", "update embeddings of another width than the value rows", lambda t: __import__("qloc_tl.core.edits", fromlist=["x"]).update_rows(torch.rand(1, 4), torch.rand(3), torch.rand(4)), E.InvalidInputError, "e_old has 3 entries for value rows of width 4"),
+    Case("run-inputs-float-2d", "float 2-D inputs to run_with_interventions", lambda t: q.run_with_interventions(model(), torch.ones(1, 3), q.scale_neurons([q.Neuron(0, 1)], 0.0)), E.InvalidInputError, "inputs must be a 3-D tensor"),
+    Case("model-dtype-int", "an integer model dtype", lambda t: q.zoo.load_model("builtin", dtype=torch.int64), E.InvalidInputError, "dtype must be one of torch.float32"),
+    # empty collections
+    Case("trace-kinds-empty", "no kinds to trace", lambda t: __import__("qloc_tl.methods.tracing", fromlist=["x"]).causal_trace(model(), "alice was born in", "paris", subject="alice", kinds=()), E.InvalidInputError, "kinds is empty"),
+    Case("record-layers-empty", "no layers to record", lambda t: q.record_neurons([], {}), E.InvalidInputError, "layers is empty"),
+    Case("head-list-empty", "empty head list", lambda t: q.scale_attention([], 0.0), E.InvalidInputError, "empty head list"),
+    Case("relations-empty", "an empty relation filter", lambda t: q.load_pararel(relations=[]), E.InvalidInputError, "relations is empty"),
+    Case("mapping-facts-empty", "no facts for the Query-KN mapping", _mapping_no_facts, E.InvalidInputError, "facts is empty"),
+    Case("completeness-steps-empty", "no step counts for the completeness check", lambda t: __import__("qloc_tl.methods.completeness", fromlist=["x"]).completeness_by_layer(model(), ["alice was born in"], ["paris"], steps=()), E.InvalidInputError, "steps is empty"),
+    Case("bootstrap-ratios-empty", "no statistic to bootstrap", lambda t: __import__("qloc_tl.core.stats", fromlist=["x"]).bootstrap_summary(__import__("pandas").DataFrame({"fact_key": ["a"]}), ratios={}), E.InvalidInputError, "ratios is empty"),
+    # output directory
+    Case("output-disk-full", "a full disk while writing a run directory", _disk_full, E.OutputError, "no space left on device.*no half-written"),
+    Case("cli-out-is-a-file", "CLI: --out names an existing file", _cli(_out_is_a_file), SystemExit, "2"),
+]
+CASES = CASES + NEW_CASES
+
+
 def _hook_not_fired(tmp):
     with q.intervene(model(), q.scale_neurons([q.Neuron(0, 1)], 0.0)):
         pass
@@ -176,7 +265,7 @@ CASES = [c if c.id != "hook-not-fired" else Case(c.id, c.what, _hook_not_fired, 
 
 
 def test_table_is_large_and_ids_unique():
-    assert len(CASES) >= 30
+    assert len(CASES) >= 70
     assert len({c.id for c in CASES}) == len(CASES)
 
 
@@ -204,6 +293,11 @@ def test_docs_list_every_case():
     assert not missing, f"docs/failure_modes.md lacks {missing}; regenerate with python tests/integration/test_bad_inputs.py"
 
 
+def test_docs_list_every_error_class():
+    page = (Path(__file__).resolve().parents[2] / "docs" / "failure_modes.md").read_text()
+    assert not [name for name in E.__all__ if f"| `{name}` |" not in page and name != "QlocError"]
+
+
 def _markdown() -> str:  # pragma: no cover - doc generator
     import tempfile
 
@@ -221,5 +315,18 @@ def _markdown() -> str:  # pragma: no cover - doc generator
     return "\n".join(rows)
 
 
+def _write_docs(path: Path) -> None:  # pragma: no cover - doc generator
+    """Replace the table of ``path`` (from its header row to the next blank line) by a fresh one."""
+    lines = path.read_text().splitlines()
+    start = lines.index("| case | bad input | exception | message |")
+    end = next(i for i in range(start, len(lines)) if not lines[i].strip())
+    path.write_text("\n".join([*lines[:start], _markdown(), *lines[end:]]) + "\n")
+
+
 if __name__ == "__main__":  # pragma: no cover
-    print(_markdown())
+    import sys
+
+    if "--write" in sys.argv:  # python tests/integration/test_bad_inputs.py --write
+        _write_docs(Path(__file__).resolve().parents[2] / "docs" / "failure_modes.md")
+    else:
+        print(_markdown())

@@ -118,6 +118,15 @@ def test_quick_run_end_to_end(tmp_path):
     for section in SECTIONS:
         assert section in page
     assert "report:" in proc.stdout and "[" in proc.stdout  # the one-screen summary with claim verdicts
+    # issue #26's acceptance on the --quick run, read from the page (tests/integration/test_report_page.py)
+    from test_report_page import page_census
+
+    census = page_census(page)
+    assert census["figures_outside"] >= 8, census["figures_outside"]
+    assert census["tables_outside"] <= 8, census["tables_outside"]
+    assert census["uuids_outside"] == [], census["uuids_outside"][:3]
+    assert census["max_ratio"] <= 1000, census["max_ratio"]
+    assert census["order"][:2] == ["headline", "claims"] and not census["dead_links"]
 
 
 def _tables(out: Path) -> dict[str, "object"]:
@@ -264,7 +273,7 @@ def test_report_opens_in_headless_chromium_without_errors(reference_run):
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
             page.on("console", lambda m: errors.append(f"console.error: {m.text}") if m.type == "error" else None)
             page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:120]}"))
@@ -273,6 +282,12 @@ def test_report_opens_in_headless_chromium_without_errors(reference_run):
             page.wait_for_function(
                 "() => Array.from(document.querySelectorAll('.cv')).every(d => d.querySelector('svg, canvas'))",
                 timeout=30_000,
+            )
+            # the first screen (1280 × 800) holds the headline and the whole claims table
+            first = page.evaluate(
+                "() => ({h: innerHeight, head: document.querySelector('dl.headline').getBoundingClientRect().bottom, "
+                "claims: document.querySelector('#claims table').getBoundingClientRect().bottom, "
+                "rows: document.querySelectorAll('#claims tbody tr').length})"
             )
             headings = page.evaluate("() => Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")
             images = page.evaluate("() => Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
@@ -285,6 +300,7 @@ def test_report_opens_in_headless_chromium_without_errors(reference_run):
     assert headings == list(SECTIONS)
     assert len(images) >= 5 and all(images), images
     assert n_views >= 1
+    assert first["rows"] >= 6 and first["head"] <= first["h"] and first["claims"] <= first["h"], first
 
 
 @needs_builtin

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
 import pandas as pd
 import pytest
 
-from qloc_tl import InvalidInputError, ResumeMismatchError
-from qloc_tl.core.store import RunStore, atomic_write_text, config_fingerprint
+from qloc_tl import InvalidInputError, OutputError, ResumeMismatchError
+from qloc_tl.core.store import RunStore, atomic_write_text, config_fingerprint, ensure_directory
 
 
 def test_fingerprint_ignores_key_order():
@@ -69,3 +70,77 @@ def test_final_tables(tmp_path):
     path = s.write_table("summary", pd.DataFrame({"a": [1, 2]}))
     assert pd.read_parquet(path)["a"].tolist() == [1, 2]
     assert (tmp_path / "summary.csv").read_text().splitlines()[0] == "a"
+
+
+def _raise(code: int):
+    """A stand-in for an OS call that fails with ``code``."""
+
+    def fail(*a, **k):
+        raise OSError(code, os.strerror(code))
+
+    return fail
+
+
+def test_full_disk_mid_run_gives_output_error_and_keeps_earlier_parts(tmp_path, monkeypatch):
+    """ENOSPC while a part is written: a typed error naming the cause, no temporary or partial file, and the
+    parts stored before stay readable (what --resume continues from)."""
+    s = RunStore.open(tmp_path / "run", {"x": 1})
+    s.write_part("t", ["a"], pd.DataFrame({"fact_key": ["a"], "v": [1.0]}))
+    before = sorted(p.name for p in (tmp_path / "run").rglob("*"))
+    fail = _raise(errno.ENOSPC)
+    monkeypatch.setattr(os, "fsync", fail)  # the data cannot be made durable: the disk is full
+    with pytest.raises(OutputError, match="no space left on device") as info:
+        s.write_part("t", ["b"], pd.DataFrame({"fact_key": ["b"], "v": [2.0]}))
+    assert isinstance(info.value, OSError)  # `except OSError` keeps working
+    monkeypatch.undo()
+    assert sorted(p.name for p in (tmp_path / "run").rglob("*")) == before  # nothing half-written
+    assert s.done("t") == {"a"} and s.read("t")["v"].tolist() == [1.0]
+
+
+@pytest.mark.parametrize("code, cause", [(errno.EACCES, "permission denied"), (errno.EROFS, "read-only file system")])
+def test_unwritable_directory_gives_output_error(tmp_path, monkeypatch, code, cause):
+    """A directory that refuses new files (simulated: root ignores permission bits, so chmod cannot show it)."""
+    import tempfile
+
+    fail = _raise(code)
+    monkeypatch.setattr(tempfile, "mkstemp", fail)
+    with pytest.raises(OutputError, match=cause):
+        RunStore.open(tmp_path / "run", {"x": 1})
+    monkeypatch.undo()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == []  # no config.json, no temporary file
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_directory_for_real(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        with pytest.raises(OutputError, match="permission denied"):
+            RunStore.open(ro / "run", {"x": 1})
+        with pytest.raises(OutputError, match="permission denied"):
+            atomic_write_text(ro / "f.txt", "x")
+        assert list(ro.iterdir()) == []
+    finally:
+        ro.chmod(0o700)
+
+
+def test_output_path_that_is_a_file(tmp_path):
+    (tmp_path / "taken").write_text("x")
+    with pytest.raises(OutputError, match="a file of that name exists"):
+        ensure_directory(tmp_path / "taken")
+    with pytest.raises(OutputError):
+        RunStore.open(tmp_path / "taken", {})
+    assert (tmp_path / "taken").read_text() == "x"
+
+
+def test_reopening_removes_the_temporaries_of_a_killed_write(tmp_path):
+    """A SIGKILL during a write leaves its temporary file (never the target); the next open deletes it."""
+    s = RunStore.open(tmp_path, {"x": 1})
+    s.write_part("t", ["a"], pd.DataFrame({"fact_key": ["a"], "v": [1.0]}))
+    stale = [tmp_path / "parts" / "t" / ".abc.parquet.k2j4.tmp", tmp_path / ".config.json.zz.tmp"]
+    for p in stale:
+        p.write_bytes(b"half")
+    again = RunStore.open(tmp_path, {"x": 1})
+    assert not any(p.exists() for p in stale)
+    assert again.done("t") == {"a"} and again.read("t")["v"].tolist() == [1.0]

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.identities import Neuron
+from qloc_tl.core.validation import check_float, check_int, check_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ __all__ = [
     "refine_adaptive",
     "AdaptiveRefinement",
     "otsu_threshold",
+    "check_selection",
 ]
 
 SelectionMethod = Literal["fraction_of_max", "absolute", "percentile", "topk", "otsu"]
@@ -228,7 +230,19 @@ def otsu_threshold(values: Tensor | np.ndarray | Sequence[float], bins: int = 25
     return float(edges[best + 1])
 
 
-def _check_method(method: str, value: Any, strict: Any) -> Any:
+def check_selection(method: str, value: Any = None, strict: Any = False) -> Any:
+    """The selection rule's ``value`` (its default when ``None``) if ``method`` is known and ``value`` lies in its
+    meaningful range: a fraction in [0, 1] for ``"fraction_of_max"`` (above 1 nothing could pass, below 0 every
+    negative score would), a finite τ, a percentile in [0, 100], an int k >= 0 or an int number of bins >= 2.
+
+    Examples:
+        >>> check_selection("fraction_of_max")
+        0.2
+        >>> check_selection("fraction_of_max", 1.5)
+        Traceback (most recent call last):
+        ...
+        qloc_tl.core.errors.InvalidInputError: fraction_of_max value must lie in [0, 1], got 1.5
+    """
     if method not in SELECTION_METHODS:
         raise InvalidInputError(
             f"unknown selection method {method!r}; choose one of {list(SELECTION_METHODS)}"
@@ -244,6 +258,8 @@ def _check_method(method: str, value: Any, strict: Any) -> Any:
             raise InvalidInputError(f"method={method!r} needs value= ({what})")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
         raise InvalidInputError(f"value must be a finite number, got {value!r}")
+    if method == "fraction_of_max" and not 0 <= value <= 1:
+        raise InvalidInputError(f"fraction_of_max value must lie in [0, 1], got {value!r}")
     if method == "percentile" and not 0 <= value <= 100:
         raise InvalidInputError(f"percentile value must lie in [0, 100], got {value}")
     if method in ("topk", "otsu") and (int(value) != value or value < (0 if method == "topk" else 2)):
@@ -314,8 +330,18 @@ def select_neurons(
     if hasattr(scores, "scores") and not isinstance(scores, Tensor):
         scores = scores.scores
     if not isinstance(scores, Tensor):
-        scores = torch.as_tensor(np.asarray(scores))
-    value = _check_method(method, value, strict)
+        try:
+            scores = torch.as_tensor(np.asarray(scores, dtype=np.float64))
+        except (TypeError, ValueError):
+            raise InvalidInputError(
+                f"scores must be a tensor or an array of numbers, got {type(scores).__name__}"
+            ) from None
+    value = check_selection(method, value, strict)
+    if scores.ndim not in (2, 3):
+        raise InvalidInputError(
+            f"scores must be [n_layers, d_mlp] or [n_prompts, n_layers, d_mlp], got shape {tuple(scores.shape)}"
+        )
+    check_tensor("scores", scores, kind="real", finite=False)  # NaN marks a layer that was not attributed
     if scores.ndim == 2:
         return _select_one(scores, method, value, strict)
     if scores.ndim == 3:
@@ -361,9 +387,11 @@ def refine_neurons(
         [Neuron(layer=0, index=1)]
     """
     _check_refine(p, rule, min_count)
+    if isinstance(neuron_sets, (str, bytes)):
+        raise InvalidInputError("neuron_sets must be a sequence of neuron sets, not a string")
     sets = [s if isinstance(s, NeuronSet) else NeuronSet(s) for s in neuron_sets]
     n = len(sets)
-    if n == 0:
+    if n == 0:  # no prompt shares any neuron: the refined set is empty
         return NeuronSet()
     counts: Counter[Neuron] = Counter()
     for s in sets:
@@ -434,12 +462,13 @@ def refine_adaptive(
         ([0.9, 0.8, 0.7], 2)
     """
     _check_refine(p0, rule, min_count)
-    if isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0:
-        raise InvalidInputError(f"step must be > 0, got {step!r}")
-    if len(target) != 2 or not target[0] <= target[1]:
+    check_float("step", step, 0.0, 1.0, open_lo=True)  # p moves inside [0, 1]
+    if isinstance(target, (str, bytes)) or len(target) != 2:
         raise InvalidInputError(f"target must be (low, high) with low <= high, got {target!r}")
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 0:
-        raise InvalidInputError(f"max_iter must be an int >= 0, got {max_iter!r}")
+    lo_t, hi_t = (check_float(f"target[{i}]", t, lo=0.0) for i, t in enumerate(target))
+    if not lo_t <= hi_t:
+        raise InvalidInputError(f"target must be (low, high) with low <= high, got {target!r}")
+    check_int("max_iter", max_iter, 0)
     bags = [list(b) for b in bags]
     if not bags:
         raise InvalidInputError("no bags given: pass one sequence of per-prompt neuron sets per fact")
