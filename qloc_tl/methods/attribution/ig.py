@@ -60,6 +60,7 @@ from qloc_tl.core.model import (
     require_eval,
 )
 from qloc_tl.core.tokens import tokenize_prompts
+from qloc_tl.core.validation import require_finite
 from qloc_tl.methods.attribution.baselines import fixed_baseline, masked_token_baselines_many
 from qloc_tl.methods.attribution.config import AttributionConfig, normalise_inputs
 from qloc_tl.methods.attribution.engines import (
@@ -382,7 +383,7 @@ def _attribute(
                 delta[i, layers_t] = sc.sum(-1) - (prep.clean_obj[i].to(acc) - base_obj[i, layers_t])
             done += G
             bar.update(G)
-    check_finite(scores[:, layers_t], "attribution scores", model)
+    require_finite("attribution scores", scores[:, layers_t], layer_dim=1, layers=prep.layers)  # names the layers
     return NeuronAttribution(
         scores_batched=scores,
         clean_prob=prep.clean_prob.to(acc),
