@@ -3,6 +3,7 @@ shipped) the --quick main job end to end, its report, and kill-and-resume."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -257,43 +258,51 @@ def _browser_or_skip():
         pytest.skip(f"headless browser test needs {', '.join(missing)}")
 
 
-@needs_builtin
-def test_report_opens_in_headless_chromium_without_errors(reference_run):
-    """Load report.html in headless Chromium: no script error, no console error, nothing fetched from the
-    network (the page is self-contained), every section present, every image decoded, and every circuitsvis
-    widget rendered by its script."""
-    _browser_or_skip()
+@contextlib.contextmanager
+def headless_page(errors: list[str], requests: list[str]):
+    """A 1280 × 800 page of headless Chromium that appends page errors and console errors to ``errors`` and every
+    requested URL to ``requests``; the browser is closed on exit, also on error."""
     from playwright.sync_api import sync_playwright
 
-    from qloc_tl.reporting.report import SECTIONS
-
-    page_path = (reference_run / "report.html").resolve()
-    errors: list[str] = []
-    requests: list[str] = []
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 800})
             page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
             page.on("console", lambda m: errors.append(f"console.error: {m.text}") if m.type == "error" else None)
-            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:120]}"))
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(page_path.as_uri(), wait_until="load")
-            page.wait_for_function(
-                "() => Array.from(document.querySelectorAll('.cv')).every(d => d.querySelector('svg, canvas'))",
-                timeout=30_000,
-            )
-            # the first screen (1280 × 800) holds the headline and the whole claims table
-            first = page.evaluate(
-                "() => ({h: innerHeight, head: document.querySelector('dl.headline').getBoundingClientRect().bottom, "
-                "claims: document.querySelector('#claims table').getBoundingClientRect().bottom, "
-                "rows: document.querySelectorAll('#claims tbody tr').length})"
-            )
-            headings = page.evaluate("() => Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")
-            images = page.evaluate("() => Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
-            n_views = page.evaluate("() => document.querySelectorAll('.cv').length")
+            yield page
         finally:
             browser.close()
+
+
+@needs_builtin
+def test_report_opens_in_headless_chromium_without_errors(reference_run):
+    """Load report.html in headless Chromium: no script error, no console error, nothing fetched from the
+    network (the page is self-contained), every section present, every image decoded, and every circuitsvis
+    widget rendered by its script."""
+    _browser_or_skip()
+    from qloc_tl.reporting.report import SECTIONS
+
+    page_path = (reference_run / "report.html").resolve()
+    errors: list[str] = []
+    requests: list[str] = []
+    with headless_page(errors, requests) as page:
+        page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url[:120]}"))
+        page.goto(page_path.as_uri(), wait_until="load")
+        page.wait_for_function(
+            "() => Array.from(document.querySelectorAll('.cv')).every(d => d.querySelector('svg, canvas'))",
+            timeout=30_000,
+        )
+        # the first screen (1280 × 800) holds the headline and the whole claims table
+        first = page.evaluate(
+            "() => ({h: innerHeight, head: document.querySelector('dl.headline').getBoundingClientRect().bottom, "
+            "claims: document.querySelector('#claims table').getBoundingClientRect().bottom, "
+            "rows: document.querySelectorAll('#claims tbody tr').length})"
+        )
+        headings = page.evaluate("() => Array.from(document.querySelectorAll('section > h2')).map(h => h.textContent)")
+        images = page.evaluate("() => Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        n_views = page.evaluate("() => document.querySelectorAll('.cv').length")
     assert not errors, errors[:5]
     external = [u for u in requests if not u.startswith(("file:", "data:", "blob:"))]
     assert not external, f"the report fetched from the network: {external[:3]}"

@@ -430,36 +430,24 @@ def test_guarded_ratio_oracle():
 def test_report_and_comparison_in_headless_chromium(runs, report_page, tmp_path):
     """Both pages load in headless Chromium without errors or network requests; on the first screen (1280 × 800)
     of a run's report are the headline and every claim; every figure decodes."""
-    from test_cli import CHROMIUM, CHROMIUM_ARGS, _browser_or_skip
+    from test_cli import _browser_or_skip, headless_page
 
     _browser_or_skip()
-    from playwright.sync_api import sync_playwright
-
     from qloc_tl.reporting.compare import write_comparison
 
     cmp_path = write_comparison(runs, tmp_path / "cmp.html", min_facts=5)
     errors: list[str] = []
     requests: list[str] = []
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.on("pageerror", lambda e: errors.append(f"pageerror: {e}"))
-            page.on(
-                "console", lambda m: errors.append(f"console.error: {m.text}") if m.type == "error" else None
-            )
-            page.on("request", lambda r: requests.append(r.url))
-            page.goto((runs[1] / "report.html").resolve().as_uri(), wait_until="load")
-            first = page.evaluate(
-                "() => ({h: innerHeight, head: document.querySelector('dl.headline').getBoundingClientRect().bottom, "
-                "claims: document.querySelector('#claims table').getBoundingClientRect().bottom, "
-                "rows: document.querySelectorAll('#claims tbody tr').length, "
-                "images: Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)})"
-            )
-            page.goto(cmp_path.resolve().as_uri(), wait_until="load")
-            cmp_claims = page.evaluate("() => document.querySelectorAll('#claims tbody tr').length")
-        finally:
-            browser.close()
+    with headless_page(errors, requests) as page:
+        page.goto((runs[1] / "report.html").resolve().as_uri(), wait_until="load")
+        first = page.evaluate(
+            "() => ({h: innerHeight, head: document.querySelector('dl.headline').getBoundingClientRect().bottom, "
+            "claims: document.querySelector('#claims table').getBoundingClientRect().bottom, "
+            "rows: document.querySelectorAll('#claims tbody tr').length, "
+            "images: Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)})"
+        )
+        page.goto(cmp_path.resolve().as_uri(), wait_until="load")
+        cmp_claims = page.evaluate("() => document.querySelectorAll('#claims tbody tr').length")
     assert not errors, errors[:5]
     assert all(u.startswith(("file:", "data:", "blob:")) for u in requests), requests[:3]
     assert first["rows"] >= 6 and first["head"] <= first["h"] and first["claims"] <= first["h"], first
