@@ -14,6 +14,7 @@ import torch
 from conftest import TL_MAJOR, assert_params_identical, param_snapshot, registered_hooks
 
 import qloc_tl.methods.attribution.engines.synapses as fast_syn
+import qloc_tl.methods.synapses as synapses_mod
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.methods.synapses import find_synapses
 from qloc_tl.zoo.tiny import tiny_model
@@ -161,8 +162,8 @@ def test_fast_attattr_validation_failure_falls_back_and_is_remembered(caplog, mo
 
         monkeypatch.setattr(fast_syn.PackedRows, "layout", shifted)
     runs = []
-    orig_run = fast_syn.attattr_fast_run
-    monkeypatch.setattr(fast_syn, "attattr_fast_run", lambda *a, **k: runs.append(1) or orig_run(*a, **k))
+    orig_run = synapses_mod.attattr_fast
+    monkeypatch.setattr(synapses_mod, "attattr_fast", lambda *a, **k: runs.append(1) or orig_run(*a, **k))
     _assert_fallback_equals_batched(model, caplog, "differ from the full forward")
     assert len(runs) == 1  # the second call went straight to the batched engine
 

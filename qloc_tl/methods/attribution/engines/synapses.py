@@ -53,7 +53,6 @@ __all__ = [
     "PackedRows",
     "synapse_fast_path",
     "attattr_fast",
-    "attattr_fast_run",
 ]
 
 FastPath = Literal["kv-hooked", "packed"]
@@ -316,20 +315,7 @@ def _jobs(layers: Sequence[int], m: int, per_pass: int) -> list[list[tuple[int, 
     return [jobs[i : i + n] for i in range(0, len(jobs), n)]
 
 
-def attattr_fast(model: TLModel, *args: Any) -> tuple[dict[int, Tensor], dict[int, float]]:
-    """The batched engine's sums and baselines (of :mod:`qloc_tl.methods.synapses`), from the answer token
-    alone on top of the clean prefix.
-
-    Validation (first pass): the unedited row's answer logits must equal the clean forward's
-    (``clean_logits``), and the first sample (the α = 0 baseline of the first layer) must equal a full
-    forward with that layer's answer row zeroed, both within :func:`~qloc_tl.core.model.logit_tolerance` relative
-    to the logits' scale (:func:`~qloc_tl.core.model.logits_mismatch`). A mismatch, or a forward that raises on
-    that pass, raises :class:`FastMismatch`.
-    """
-    return attattr_fast_run(model, *args)
-
-
-def attattr_fast_run(
+def attattr_fast(
     model: TLModel,
     path: FastPath,
     tokens: Tensor,
@@ -342,9 +328,16 @@ def attattr_fast_run(
     resid_q: dict[int, Tensor] | None,
     show_progress: bool,
 ) -> tuple[dict[int, Tensor], dict[int, float]]:
-    """:func:`attattr_fast` within the caller's weight layout: per layer ``Σ_k w_k ∂P/∂(answer row)``
-    ``[n_heads, n_keys]`` (float64, CPU) and P with that layer's answer row zeroed, over passes of up to
-    ``per_pass`` samples; the first pass is validated against ``clean_logits``."""
+    """The batched engine's sums and baselines (of :mod:`qloc_tl.methods.synapses`), from the answer token
+    alone on top of the clean prefix: per layer ``Σ_k w_k ∂P/∂(answer row)`` ``[n_heads, n_keys]`` (float64,
+    CPU) and P with that layer's answer row zeroed, over passes of up to ``per_pass`` samples.
+
+    Validation (first pass): the unedited row's answer logits must equal the clean forward's
+    (``clean_logits``), and the first sample (the α = 0 baseline of the first layer) must equal a full
+    forward with that layer's answer row zeroed, both within :func:`~qloc_tl.core.model.logit_tolerance` relative
+    to the logits' scale (:func:`~qloc_tl.core.model.logits_mismatch`). A mismatch, or a forward that raises on
+    that pass, raises :class:`FastMismatch`.
+    """
     P = tokens.shape[1]
     q = P - 1
     H = n_heads(model)
