@@ -16,6 +16,7 @@ from qloc_tl.core.errors import (
     NumericalError,
     OutputError,
     QlocError,
+    ResourceError,
     ResumeMismatchError,
     UnsupportedModelError,
 )
@@ -119,5 +120,6 @@ __all__ = [
     "DataError",
     "ResumeMismatchError",
     "OutputError",
+    "ResourceError",
     *_LAZY,
 ]

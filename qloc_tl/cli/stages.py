@@ -16,7 +16,7 @@ from typing import Any
 from qloc_tl.cli.facts import load_facts, model_from_spec, pararel_dir, versions
 from qloc_tl.cli.parser import DEFAULTS, STAGES, run_settings
 from qloc_tl.core.model import TLModel
-from qloc_tl.core.store import atomic_write_bytes, ensure_directory, remove_stale_temporaries
+from qloc_tl.core.store import atomic_save_figure, ensure_directory, remove_stale_temporaries
 
 logger = logging.getLogger("qloc_tl.cli")
 
@@ -118,11 +118,7 @@ def _stage_ql(model: TLModel, facts: list[Any], settings: dict[str, Any], out: P
 
 def _save_png(fig: Any, path: Path) -> None:
     """``fig`` as a PNG at ``path``, written atomically (a full disk leaves no truncated image)."""
-    import io
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_save_figure(fig, path, format="png", dpi=120, bbox_inches="tight")
 
 
 def _figure(obj: Any) -> Any:

@@ -18,6 +18,7 @@ __all__ = [
     "DataError",
     "ResumeMismatchError",
     "OutputError",
+    "ResourceError",
 ]
 
 
@@ -57,3 +58,8 @@ class ResumeMismatchError(QlocError, ValueError):
 class OutputError(QlocError, OSError):
     """An output file could not be written (read-only directory, missing permission, full disk). Writes are
     atomic, so no half-written file is left behind; what was stored before stays valid for ``--resume``."""
+
+
+class ResourceError(QlocError, MemoryError):
+    """A computation does not fit in the device's memory even in its smallest passes (one prompt, one sample per
+    pass); the message says what to lower. Larger passes that run out of memory are halved and retried first."""

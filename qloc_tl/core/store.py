@@ -52,6 +52,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_text",
     "atomic_write_table",
+    "atomic_save_figure",
     "config_fingerprint",
     "ensure_directory",
     "remove_stale_temporaries",
@@ -147,6 +148,20 @@ def atomic_write_table(path_stem: str | os.PathLike[str], df: pd.DataFrame, *, c
     atomic_write_bytes(stem.with_suffix(".parquet"), buf.getvalue())
     if csv:
         atomic_write_text(stem.with_suffix(".csv"), df.to_csv(index=False))
+
+
+def atomic_save_figure(fig: Any, path: str | os.PathLike[str], **savefig_kwargs: Any) -> None:
+    """``fig.savefig(path, **savefig_kwargs)`` written atomically: the figure is drawn into memory, in the format
+    ``savefig_kwargs["format"]`` or that of ``path``'s suffix (matplotlib's default without one), then written
+    by :func:`atomic_write_bytes`. A figure that fails to draw leaves nothing on disk; a failed write raises
+    :class:`~qloc_tl.core.errors.OutputError` and leaves ``path`` as it was, with no temporary file."""
+    import io
+
+    path = Path(path)
+    fmt = savefig_kwargs.pop("format", None) or (path.suffix[1:].lower() or None)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=fmt, **savefig_kwargs)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class _suppress:

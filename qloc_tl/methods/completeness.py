@@ -38,6 +38,7 @@ import torch
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import intervene
 from qloc_tl.core.model import TLModel, check_layer, check_model, neuron_hook_name, require_eval
+from qloc_tl.core.store import atomic_save_figure
 from qloc_tl.core.tokens import answer_token_id, tokenize_prompts
 from qloc_tl.core.validation import (
     check_finite_values,
@@ -239,5 +240,5 @@ def plot_path_probabilities(curves: pd.DataFrame, path: Any = None, steps: int |
     ax.legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(str(path), dpi=120)
+        atomic_save_figure(fig, path, dpi=120)
     return fig

@@ -98,6 +98,7 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.hooks import CountingHook, HookList, intervene, scale_attention
 from qloc_tl.core.identities import Head, Synapse
+from qloc_tl.core.memory import halve_after_oom
 from qloc_tl.core.model import (
     TLModel,
     check_layer,
@@ -473,7 +474,8 @@ def find_synapses(
         batch_size: rows (layer × step) per forward pass of the batched engine. The fast engine's samples are
             one token each: it takes ``batch_size × n_tokens`` samples per pass (the same number of token
             positions) on the KV path, ``2 × batch_size`` on the packed path (whole layers per pass, as far
-            as they fit).
+            as they fit). A query that runs out of memory runs again with half the ``batch_size`` (one
+            WARNING each time); at 1 it raises :class:`~qloc_tl.core.errors.ResourceError`.
         implementation: ``"fast"`` (default: only the answer token per sample, on top of the clean prefix;
             falls back to ``"batched"`` with one WARNING per model where the backend cannot run it or it
             fails its validation), ``"batched"`` (full-sequence rows, several layers and steps per pass) or
@@ -539,26 +541,31 @@ def find_synapses(
     else:
         alphas, weights = quadrature(rule, steps)
         got: tuple[dict[int, Tensor], dict[int, float]] | None = None
-        if fast is not None:
-            per_pass = batch_size * P if fast == "kv-hooked" else 2 * batch_size
+        while got is None:  # an out-of-memory error: the same query again with half the samples per pass
             try:
-                got = attattr_fast(
-                    model, fast, tokens, answer_id, layer_list, alphas, weights, per_pass, clean_logits,
-                    resid_q, show_progress,
-                )  # fmt: skip
-                used_path = fast
-            except FastMismatch as exc:
-                why = str(exc)
-                ENGINE_CACHE.mark_failed(model, "synapses", why)
-        if got is None and implementation in ("fast", "batched"):
-            if implementation == "fast":
-                _warn_fallback(model, why)
-                implementation = "batched"
-            got = _attattr_batched(
-                model, tokens, answer_id, layer_list, A, alphas, weights, batch_size, show_progress
-            )
-        elif got is None:
-            got = _attattr_reference(model, tokens, answer_id, layer_list, A, alphas, weights)
+                if fast is not None and used_path is None and implementation == "fast":
+                    per_pass = batch_size * P if fast == "kv-hooked" else 2 * batch_size
+                    try:
+                        got = attattr_fast(
+                            model, fast, tokens, answer_id, layer_list, alphas, weights, per_pass, clean_logits,
+                            resid_q, show_progress,
+                        )  # fmt: skip
+                        used_path = fast
+                    except FastMismatch as exc:
+                        why = str(exc)
+                        ENGINE_CACHE.mark_failed(model, "synapses", why)
+                if got is None and implementation in ("fast", "batched"):
+                    if implementation == "fast":
+                        _warn_fallback(model, why)
+                        implementation = "batched"
+                    got = _attattr_batched(
+                        model, tokens, answer_id, layer_list, A, alphas, weights, batch_size, show_progress
+                    )
+                elif got is None:
+                    got = _attattr_reference(model, tokens, answer_id, layer_list, A, alphas, weights)
+            except Exception as exc:
+                advice = f"a pass of one sample of a {P}-token prompt does not fit: shorten the prompt or free memory"
+                batch_size = halve_after_oom(exc, batch_size, "samples", advice)  # not out of memory: raised
         acc, pzero = got
         for layer in layer_list:
             scores[layer] = (A[layer].to("cpu", torch.float64) * acc[layer]).to(dtype)

@@ -10,6 +10,7 @@ from typing import Any, Literal
 import numpy as np
 
 from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.store import atomic_save_figure
 from qloc_tl.experiments.consistency import ConsistencyResult
 from qloc_tl.methods.consistency_score import ThresholdKind, consistency_score
 
@@ -19,7 +20,7 @@ __all__ = ["plot_cs_histogram", "plot_relation_ki", "plot_tau_sweep", "plot_thre
 
 def _save(fig: Any, path: str | Path | None) -> Any:
     if path is not None:
-        fig.savefig(path, dpi=120, bbox_inches="tight")
+        atomic_save_figure(fig, path, dpi=120, bbox_inches="tight")
     return fig
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 
 from qloc_tl.core.errors import InvalidInputError
+from qloc_tl.core.store import atomic_save_figure
 from qloc_tl.experiments.editing import EditingResult
 from qloc_tl.experiments.editing_config import CLASSES
 
@@ -78,7 +79,7 @@ def plot_editing(result: EditingResult | pd.DataFrame, path: str | Path | None =
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(str(path), dpi=120)
+        atomic_save_figure(fig, path, dpi=120)
     return fig
 
 
@@ -111,5 +112,5 @@ def plot_strength_sweep(df: pd.DataFrame, path: str | Path | None = None) -> Any
     axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     if path is not None:
-        fig.savefig(str(path), dpi=120)
+        atomic_save_figure(fig, path, dpi=120)
     return fig

@@ -331,6 +331,32 @@ def test_full_fast_path_and_token_inputs_equal_reference():
     assert rel_diff(full.scores, ref.scores) <= 1e-8 and rel_diff(by_str.scores, ref.scores) <= 1e-8
 
 
+@pytest.mark.parametrize("arch, source", MODELS)
+def test_nonfinite_clean_activations_name_their_first_layer(arch, source):
+    """inf in one neuron of layer 1's clean activations, the MLP's output made finite again by a second hook so
+    that the logits stay finite: the clean pass still refuses it, naming layer 1 and its hook."""
+    model = cached_model(arch, source)
+    post = "blocks.1.mlp.hook_post"
+
+    def put_inf(act, hook):
+        act = act.clone()
+        act[..., 3] = float("inf")
+        return act
+
+    def finite_again(act, hook):
+        return torch.nan_to_num(act, nan=0.0, posinf=0.0, neginf=0.0)
+
+    hooks = [(post, put_inf), ("blocks.1.hook_mlp_out", finite_again)]
+    with model.hooks(fwd_hooks=hooks), torch.no_grad():
+        logits = model(PROMPTS[0])
+    assert torch.isfinite(logits).all()  # what the logits check alone would let through
+    with model.hooks(fwd_hooks=hooks), pytest.raises(NumericalError) as info:
+        attribute_neurons(model, PROMPTS, ANSWERS, steps=3)
+    msg = str(info.value)
+    assert f"clean activations became inf/NaN at layer 1 ({post!r}" in msg and "non-finite layers: [1]" in msg
+    assert _live_hooks(model) == 0
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_finite_check_agrees_with_isfinite(dtype):
     # the check sums first; a sum that overflows from finite values must not raise, one inf/NaN must

@@ -197,3 +197,63 @@ def test_fast_attattr_leaves_model_unchanged_when_the_fast_forward_raises(monkey
 def test_fast_attattr_rejects_unknown_implementation(gpt2):
     with pytest.raises(InvalidInputError, match="implementation"):
         find_synapses(gpt2, PROMPT, ANSWER, implementation="packed")
+
+
+# ------------------------------------------------------------------------------------- out of memory
+
+OOM = "DefaultCPUAllocator: can't allocate memory: you tried to allocate 1073741824 bytes. Error code 12"
+
+
+@pytest.mark.parametrize("implementation", ["fast", "batched"])
+def test_out_of_memory_halves_batch_size_and_changes_no_score(fast_model64, implementation, monkeypatch, caplog):
+    """Passes above 3 rows (batched), 3 · n_tokens samples (fast, KV path) or 6 samples (fast, packed rows: 2 per
+    unit of batch_size) raise the CPU allocator's error: the query
+    runs again with half the batch_size until it fits, on the same path (an out-of-memory error is no reason to
+    fall back), with one WARNING per halving, and the scores equal an undisturbed run's."""
+    model, path = fast_model64
+    whole = find_synapses(model, PROMPT, ANSWER, steps=4, batch_size=16, implementation=implementation)
+    P = whole.tokens.shape[0]
+    sizes: list[int] = []
+    real_fast, real_batched = synapses_mod.attattr_fast, synapses_mod._attattr_batched
+
+    def fast(model, path, tokens, answer, layers, alphas, weights, per_pass, *rest):
+        sizes.append(per_pass)
+        if per_pass > (3 * P if path == "kv-hooked" else 6):
+            with fast_syn._forward_guard(path, True):  # as inside the engine's validation pass
+                raise RuntimeError(OOM)
+        return real_fast(model, path, tokens, answer, layers, alphas, weights, per_pass, *rest)
+
+    def batched(model, tokens, answer, layers, A, alphas, weights, batch_size, *rest):
+        sizes.append(batch_size)
+        if batch_size > 3:
+            raise RuntimeError(OOM)
+        return real_batched(model, tokens, answer, layers, A, alphas, weights, batch_size, *rest)
+
+    monkeypatch.setattr(synapses_mod, "attattr_fast", fast)
+    monkeypatch.setattr(synapses_mod, "_attattr_batched", batched)
+    with caplog.at_level("WARNING"):
+        got = find_synapses(model, PROMPT, ANSWER, steps=4, batch_size=16, implementation=implementation)
+    expected = [16 * P, 8 * P, 4 * P, 2 * P] if implementation == "fast" and path == "kv-hooked" else (
+        [32, 16, 8, 4] if implementation == "fast" else [16, 8, 4, 2]
+    )
+    assert sizes == expected
+    assert got.implementation == implementation and got.fast_path == whole.fast_path
+    assert len(_fallback_records(caplog)) == 0
+    assert caplog.text.count("retrying with") == 3
+    scored = ~torch.isnan(whole.scores)
+    assert _rel(got.scores[scored], whole.scores[scored]) <= 1e-6  # other pass shapes, other rounding (HF LLaMA)
+    assert registered_hooks(model) == 0
+
+
+def test_out_of_memory_at_one_sample_raises_resource_error(gpt2, monkeypatch):
+    """Every pass out of memory: halved down to batch_size 1, then ResourceError (a QlocError and a
+    MemoryError) naming what to lower; no hook left on the model."""
+    from qloc_tl.core.errors import ResourceError
+
+    def boom(*a, **k):
+        raise RuntimeError(OOM)
+
+    monkeypatch.setattr(synapses_mod, "_attattr_batched", boom)
+    with pytest.raises(ResourceError, match="shorten the prompt"):
+        find_synapses(gpt2, PROMPT, ANSWER, steps=4, batch_size=4, implementation="batched")
+    assert registered_hooks(gpt2) == 0

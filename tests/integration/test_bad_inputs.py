@@ -193,6 +193,49 @@ def _disk_full(tmp):
         RunStore.open(tmp / "run", {"steps": 2})
 
 
+def _out_of_memory(tmp):
+    from unittest import mock
+
+    from qloc_tl.methods.attribution import attribute_neurons
+    from qloc_tl.methods.attribution.engines import dispatch
+
+    real = dispatch.make_engine
+
+    def make(*a, **k):  # every pass runs out of memory, however small
+        engine = real(*a, **k)
+
+        def evaluate(*a, **k):
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 2147483648 bytes (simulated)")
+
+        engine.evaluate = evaluate
+        return engine
+
+    with mock.patch.object(dispatch, "make_engine", make):
+        attribute_neurons(model(), "alice was born in", "paris", steps=2)
+
+
+def _nonfinite_clean_activations(tmp):
+    from qloc_tl.methods.attribution import attribute_neurons
+
+    return attribute_neurons(_nan_model(), "alice was born in", "paris", steps=2)
+
+
+def _figure_disk_full(tmp):
+    import errno
+    from unittest import mock
+
+    import pandas as pd
+
+    from qloc_tl.methods.completeness import plot_path_probabilities
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    curves = pd.DataFrame({"layer": [0, 0], "alpha": [0.0, 1.0], "prob": [0.1, 0.5]})
+    with mock.patch("qloc_tl.core.store.os.fsync", full):
+        plot_path_probabilities(curves, path=tmp / "curves.png")
+
+
 def _out_is_a_file(tmp):
     (tmp / "taken").write_text("x")
     return ["consistency", "--model", "builtin", "--out", str(tmp / "taken"), "--no-progress"]
@@ -249,9 +292,13 @@ NEW_CASES = [
     Case("mapping-facts-empty", "no facts for the Query-KN mapping", _mapping_no_facts, E.InvalidInputError, "facts is empty"),
     Case("completeness-steps-empty", "no step counts for the completeness check", lambda t: __import__("qloc_tl.methods.completeness", fromlist=["x"]).completeness_by_layer(model(), ["alice was born in"], ["paris"], steps=()), E.InvalidInputError, "steps is empty"),
     Case("bootstrap-ratios-empty", "no statistic to bootstrap", lambda t: __import__("qloc_tl.core.stats", fromlist=["x"]).bootstrap_summary(__import__("pandas").DataFrame({"fact_key": ["a"]}), ratios={}), E.InvalidInputError, "ratios is empty"),
+    # resources and computed numbers
+    Case("out-of-memory", "out of memory even at one prompt and one sample per pass", _out_of_memory, E.ResourceError, r"samples per pass down to 1 .*shorten the prompt"),
+    Case("nonfinite-clean-activations", "clean activations holding inf/NaN", _nonfinite_clean_activations, E.NumericalError, r"clean activations became inf/NaN at layer 1 \('blocks\.1\.mlp\.hook_post'"),
     # output directory
     Case("output-disk-full", "a full disk while writing a run directory", _disk_full, E.OutputError, "no space left on device.*no half-written"),
     Case("cli-out-is-a-file", "CLI: --out names an existing file", _cli(_out_is_a_file), SystemExit, "2"),
+    Case("figure-disk-full", "a full disk while a figure is saved (path=)", _figure_disk_full, E.OutputError, "no space left on device.*no half-written"),
 ]
 CASES = CASES + NEW_CASES
 

@@ -10,7 +10,13 @@ import pandas as pd
 import pytest
 
 from qloc_tl import InvalidInputError, OutputError, ResumeMismatchError
-from qloc_tl.core.store import RunStore, atomic_write_text, config_fingerprint, ensure_directory
+from qloc_tl.core.store import (
+    RunStore,
+    atomic_save_figure,
+    atomic_write_text,
+    config_fingerprint,
+    ensure_directory,
+)
 
 
 def test_fingerprint_ignores_key_order():
@@ -144,3 +150,77 @@ def test_reopening_removes_the_temporaries_of_a_killed_write(tmp_path):
     again = RunStore.open(tmp_path, {"x": 1})
     assert not any(p.exists() for p in stale)
     assert again.done("t") == {"a"} and again.read("t")["v"].tolist() == [1.0]
+
+
+# ------------------------------------------------------------------------------------------------
+# figures
+# ------------------------------------------------------------------------------------------------
+
+
+def _figure():
+    pytest.importorskip("matplotlib")
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(2, 2))
+    fig.add_subplot().plot([0, 1], [1, 0])
+    return fig
+
+
+def test_atomic_save_figure_writes_the_format_of_the_path(tmp_path):
+    fig = _figure()
+    atomic_save_figure(fig, tmp_path / "a.png", dpi=50)
+    atomic_save_figure(fig, str(tmp_path / "b.SVG"))
+    atomic_save_figure(fig, tmp_path / "c.bin", format="pdf")
+    assert (tmp_path / "a.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert b"<svg" in (tmp_path / "b.SVG").read_bytes()[:400]
+    assert (tmp_path / "c.bin").read_bytes()[:5] == b"%PDF-"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.SVG", "c.bin"]  # no temporary file
+
+
+def test_a_failing_savefig_leaves_no_partial_file(tmp_path, monkeypatch):
+    """A figure that fails half-way through drawing (the Agg renderer, and any object whose ``savefig`` writes
+    part of its output and raises): the old file stays whole, no new or temporary file."""
+    from matplotlib.backends import backend_agg
+
+    fig = _figure()
+    (tmp_path / "old.png").write_bytes(b"old")
+
+    def half(self, fh, *a, **k):
+        fh.write(b"\x89PNG\r\n\x1a\n half an image")
+        raise RuntimeError("renderer died (injected)")
+
+    class HalfFigure:
+        def savefig(self, fh, **kw):
+            half(None, fh)
+
+    monkeypatch.setattr(backend_agg.FigureCanvasAgg, "print_png", half)
+    for f in (fig, HalfFigure()):
+        for name in ("old.png", "new.png"):
+            with pytest.raises(RuntimeError, match="injected"):
+                atomic_save_figure(f, tmp_path / name)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.png"]
+    assert (tmp_path / "old.png").read_bytes() == b"old"
+
+
+@pytest.mark.parametrize("where", ["fsync", "replace"])
+def test_a_failing_figure_write_is_an_output_error(tmp_path, monkeypatch, where):
+    """A full disk while a figure is written, through the figure functions' ``path=``: OutputError, and neither
+    a partial image nor a temporary file."""
+    import pandas as pd
+
+    from qloc_tl.methods.completeness import plot_path_probabilities
+    from qloc_tl.reporting.editing_plots import plot_strength_sweep
+
+    pytest.importorskip("matplotlib")
+    curves = pd.DataFrame({"layer": [0, 0, 1, 1], "alpha": [0.0, 1.0, 0.0, 1.0], "prob": [0.1, 0.5, 0.2, 0.4]})
+    sweep = pd.DataFrame({"lambda2": [1.0, 2.0], "method": ["ig", "ig"], "n_facts": [3, 3], "rel": [0.1, 0.2],
+                          "gen": [0.1, 0.3], "loc": [0.9, 0.8]})  # fmt: skip
+    monkeypatch.setattr(os, where, _raise(errno.ENOSPC))
+    with pytest.raises(OutputError, match="no space left on device"):
+        plot_path_probabilities(curves, path=tmp_path / "curves.png")
+    with pytest.raises(OutputError, match="no space left on device"):
+        plot_strength_sweep(sweep, path=tmp_path / "sweep.pdf")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+    plot_path_probabilities(curves, path=tmp_path / "curves.png")  # and once the disk has room
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"

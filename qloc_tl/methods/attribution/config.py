@@ -12,17 +12,26 @@ from torch import Tensor
 from qloc_tl.core.errors import InvalidInputError
 from qloc_tl.core.model import SITES, TLModel
 from qloc_tl.core.tokens import answer_token_id
-from qloc_tl.core.validation import check_choice
+from qloc_tl.core.validation import check_choice, check_float
 from qloc_tl.methods.attribution.quadrature import RULES
 
-__all__ = ["AttributionConfig", "METHODS", "OBJECTIVES", "MULTIPLY_BY", "IMPLEMENTATIONS", "normalise_inputs"]
+__all__ = [
+    "AttributionConfig",
+    "MEMORY_FRACTION",
+    "METHODS",
+    "OBJECTIVES",
+    "MULTIPLY_BY",
+    "IMPLEMENTATIONS",
+    "normalise_inputs",
+]
 
 METHODS = ("ig", "sig", "amig")
 OBJECTIVES = ("prob", "logprob")
 MULTIPLY_BY = ("activation", "difference")
 IMPLEMENTATIONS = ("fast", "reference")
 FAST_PATHS = ("auto", "kv", "blockwise", "packed", "full")
-
+MEMORY_FRACTION = 0.5
+"""The default ``memory_fraction``: the share of the device's free memory one pass may plan to take."""
 
 
 def _pos_int(name: str, value: Any, allow_none: bool = False) -> None:
@@ -40,7 +49,10 @@ class AttributionConfig:
 
     ``baseline`` is resolved from ``None``: ``"zero"`` for IG, ``"masked"`` (per-token masked baselines)
     for SIG and AMIG; ``multiply_by`` from ``None``: ``"difference"`` for IG and SIG, ``"activation"`` for
-    AMIG. Validation happens in ``__post_init__`` and raises :class:`~qloc_tl.core.errors.InvalidInputError`.
+    AMIG. ``memory_fraction`` (in (0, 1], default :data:`MEMORY_FRACTION`) is the share of the device's free
+    memory (:func:`~qloc_tl.core.memory.free_memory`, read before each pass is sized) that one pass may plan to
+    take: the engines' fixed element budgets and chunk sizes are lowered to fit it; it never changes a score.
+    Validation happens in ``__post_init__`` and raises :class:`~qloc_tl.core.errors.InvalidInputError`.
 
     Examples:
         >>> AttributionConfig(method="amig").multiply_by
@@ -67,6 +79,7 @@ class AttributionConfig:
     replacement_id: int | None = None
     mask_bos: bool = False
     fast_path: Literal["auto", "kv", "blockwise", "packed", "full"] | str = "auto"
+    memory_fraction: float = MEMORY_FRACTION
 
     def __post_init__(self) -> None:
         check_choice("method", self.method, METHODS)
@@ -80,6 +93,9 @@ class AttributionConfig:
         check_choice("implementation", self.implementation, IMPLEMENTATIONS)
         check_choice("fast_path", self.fast_path, FAST_PATHS)
         _pos_int("batch_size", self.batch_size, allow_none=True)
+        object.__setattr__(
+            self, "memory_fraction", check_float("memory_fraction", self.memory_fraction, 0.0, 1.0, open_lo=True)
+        )
         for name in ("show_progress", "mask_bos"):
             if not isinstance(getattr(self, name), bool):
                 raise InvalidInputError(f"{name} must be True or False, got {getattr(self, name)!r}")

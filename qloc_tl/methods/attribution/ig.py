@@ -49,6 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qloc_tl.core.memory import halve_after_oom, is_out_of_memory, run_chunked
 from qloc_tl.core.model import (
     TLModel,
     check_model,
@@ -62,7 +63,7 @@ from qloc_tl.core.model import (
 from qloc_tl.core.tokens import tokenize_prompts
 from qloc_tl.core.validation import require_finite
 from qloc_tl.methods.attribution.baselines import fixed_baseline, masked_token_baselines_many
-from qloc_tl.methods.attribution.config import AttributionConfig, normalise_inputs
+from qloc_tl.methods.attribution.config import MEMORY_FRACTION, AttributionConfig, normalise_inputs
 from qloc_tl.methods.attribution.engines import (
     CleanPass,
     Engine,
@@ -94,6 +95,7 @@ class ReferenceEngine(PromptEngine):
 
     path = "reference"
     single_layer_chunks = True
+    full_rows = True
 
     def default_chunk(self, n_tok: int, samples: int) -> int:
         return self.config.steps
@@ -112,26 +114,14 @@ class ReferenceEngine(PromptEngine):
         return self.finish(logits[:, t], x, check)
 
 
-def _chunks(nl: int, block: int, bs: int, single_layer: bool) -> list[tuple[int, int]]:
-    """Ranges over the layer-major samples: whole layer blocks are grouped greedily up to ``bs`` samples
-    (a block larger than ``bs`` is split on its own); ``single_layer`` never mixes layers."""
-    out: list[tuple[int, int]] = []
-    cur0, cur1 = 0, 0
-    for li in range(nl):
-        b0, b1 = li * block, (li + 1) * block
-        if block > bs or single_layer:
-            if cur1 > cur0:
-                out.append((cur0, cur1))
-            out.extend((s, min(s + bs, b1)) for s in range(b0, b1, bs))
-            cur0 = cur1 = b1
-        elif cur1 - cur0 + block > bs:
-            out.append((cur0, cur1))
-            cur0, cur1 = b0, b1
-        else:
-            cur1 = b1
-    if cur1 > cur0:
-        out.append((cur0, cur1))
-    return out
+def _chunk_end(s0: int, nl: int, block: int, bs: int, single_layer: bool) -> int:
+    """The end of the chunk of layer-major samples that starts at ``s0``: whole layer blocks of ``block`` samples
+    grouped up to ``bs`` samples, a block larger than ``bs`` split on its own (so is the rest of a block a chunk
+    starts inside of, after a smaller ``bs``); ``single_layer`` never mixes layers."""
+    block_end = (s0 // block + 1) * block
+    if single_layer or block > bs or s0 % block:
+        return min(s0 + bs, block_end)
+    return min(s0 + (bs // block) * block, nl * block)
 
 
 def _integrate(
@@ -149,10 +139,14 @@ def _integrate(
     only where the engine groups prompts): returns ``(Σ_k w_k ∇F [G, nl·J, D], F(b) [G, nl·J], P(b) [G,
     nl·J])``, sample ``(layer, path j, node k)`` at ``x = b_j + α_k (w̄ − b_j)``.
 
-    The samples (layer-major) are cut into chunks (:func:`_chunks`); each chunk's scaled inputs come from the
-    engine's :meth:`~qloc_tl.methods.attribution.engines.Engine.line` (neurons, or with the MLP-out shortcut
-    the block outputs they produce, :class:`~qloc_tl.methods.attribution.engines.grouped.ResidualLine`), the
-    engine returns ``F`` and ``∇F``, and the gradients are summed with the weights ``w_k``.
+    The samples (layer-major) are cut into chunks (:func:`_chunk_end`) of the engine's
+    :meth:`~qloc_tl.methods.attribution.engines.Engine.chunk_size`; a chunk that runs out of memory is halved
+    and run again (:func:`~qloc_tl.core.memory.run_chunked`; the engine keeps the smaller size for its later
+    prompts), and one sample per pass that does not fit raises :class:`~qloc_tl.core.errors.ResourceError`.
+    Each chunk's scaled inputs come from the engine's
+    :meth:`~qloc_tl.methods.attribution.engines.Engine.line` (neurons, or with the MLP-out shortcut the block
+    outputs they produce, :class:`~qloc_tl.methods.attribution.engines.grouped.ResidualLine`), the engine
+    returns ``F`` and ``∇F``, and the gradients are summed with the weights ``w_k``.
 
     With ``check``, the first chunk gets one or two extra unedited samples per prompt (x = w̄ at the chunk's
     lowest and highest layer) whose logits must reproduce the clean logits; otherwise
@@ -164,42 +158,64 @@ def _integrate(
     layers_t = torch.tensor(prep.layers, dtype=torch.long, device=dev)
     nl = len(prep.layers)
     n_tok = int(prep.last[idxs].max()) + 1
-    bs = engine.chunk_size(n_tok, nl * J * K)
+    bs = engine.chunk_size(n_tok, nl * J * K, G)
     line = engine.line(idxs, bases, wbar)
     integral = torch.zeros(G, nl * J, line.width, dtype=acc, device=dev)
     f0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
     p0 = torch.zeros(G, nl * J, dtype=acc, device=dev)
+
+    def step(s0: int, s1: int) -> None:
+        """Samples ``s0:s1``: evaluated, then added to the sums (nothing is stored before the last lines, so a
+        chunk that ran out of memory can run again)."""
+        nonlocal check
+        s_idx = torch.arange(s0, s1, device=dev)
+        li, rest = s_idx // (J * K), s_idx % (J * K)
+        j, k = rest // K, rest % K
+        lay = layers_t[li]
+        x = line.at(li, j, alphas[k])  # the scaled inputs
+        n_check = 0
+        if check:  # unedited samples at the chunk's lowest layer (through every block the chunk runs) and
+            # at its highest (blockwise: the last copy of the sequence, the farthest from the prefix)
+            extra = torch.unique(torch.stack([lay.min(), lay.max()]))
+            n_check = extra.numel()
+            lay = torch.cat([lay, extra])
+            x = torch.cat([x, line.clean(extra)], dim=1)
+        x = x.to(line.dtype).detach().requires_grad_(True)
+        o, p, g, tail = engine.evaluate(lay, x, check)  # F, P and ∇F
+        if check:
+            assert tail is not None
+            got = tail[:, -n_check:].to(acc)
+            ref = prep.clean_last_logits[idxs].to(acc).unsqueeze(1)  # [G, 1, V]
+            err = logits_mismatch(got, ref.expand_as(got))
+            if not err <= logit_tolerance(model_dtype(model)):  # NaN / inf fail too
+                raise PathMismatch(err)
+            o, p, g = o[:, :-n_check], p[:, :-n_check], g[:, :-n_check]
+            lay = lay[:-n_check]
+        check_finite(g, f"gradients (layers {sorted(set(lay.tolist()))})", model)
+        pj = li * J + j
+        z = k == zero_k
+        contribution, pz, oz, pp = weights[k].view(1, -1, 1) * g.to(acc), pj[z], o[:, z].to(acc), p[:, z].to(acc)
+        integral.index_add_(1, pj, contribution)  # Σ_k w_k ∇F
+        f0[:, pz] = oz
+        p0[:, pz] = pp
+        check = False
+
     with engine.prompts(idxs):
-        for s0, s1 in _chunks(nl, J * K, bs, engine.single_layer_chunks):
-            s_idx = torch.arange(s0, s1, device=dev)
-            li, rest = s_idx // (J * K), s_idx % (J * K)
-            j, k = rest // K, rest % K
-            lay = layers_t[li]
-            x = line.at(li, j, alphas[k])  # the scaled inputs
-            n_check = 0
-            if check:  # unedited samples at the chunk's lowest layer (through every block the chunk runs) and
-                # at its highest (blockwise: the last copy of the sequence, the farthest from the prefix)
-                extra = torch.unique(torch.stack([lay.min(), lay.max()]))
-                n_check = extra.numel()
-                lay = torch.cat([lay, extra])
-                x = torch.cat([x, line.clean(extra)], dim=1)
-            x = x.to(line.dtype).detach().requires_grad_(True)
-            o, p, g, tail = engine.evaluate(lay, x, check)  # F, P and ∇F
-            if check:
-                assert tail is not None
-                got = tail[:, -n_check:].to(acc)
-                ref = prep.clean_last_logits[idxs].to(acc).unsqueeze(1)  # [G, 1, V]
-                err = logits_mismatch(got, ref.expand_as(got))
-                if not err <= logit_tolerance(model_dtype(model)):  # NaN / inf fail too
-                    raise PathMismatch(err)
-                o, p, g, check = o[:, :-n_check], p[:, :-n_check], g[:, :-n_check], False
-                lay = lay[:-n_check]
-            check_finite(g, f"gradients (layers {sorted(set(lay.tolist()))})", model)
-            pj = li * J + j
-            integral.index_add_(1, pj, weights[k].view(1, -1, 1) * g.to(acc))  # Σ_k w_k ∇F
-            z = k == zero_k
-            f0[:, pj[z]] = o[:, z].to(acc)
-            p0[:, pj[z]] = p[:, z].to(acc)
+        size = run_chunked(
+            nl * J * K,
+            bs,
+            step,
+            what="samples",
+            advice=(
+                f"a pass of one sample of {G} prompt{'s' if G > 1 else ''} of up to {n_tok} tokens does not fit "
+                f"on {dev}: shorten the prompt, attribute fewer layers at once (layers=...), free memory, or load "
+                f"the model in a smaller dtype (torch.bfloat16)"
+            ),
+            next_stop=lambda s0, b: _chunk_end(s0, nl, J * K, b, engine.single_layer_chunks),
+            device=dev,
+        )
+    if size < bs:  # the later prompts start at the size that fitted
+        engine.chunk_cap = size
     return line.to_neurons(integral), f0, p0
 
 
@@ -224,6 +240,7 @@ def attribute_neurons(
     replacement_id: int | None = None,
     mask_bos: bool = False,
     fast_path: str = "auto",
+    memory_fraction: float = MEMORY_FRACTION,
 ) -> NeuronAttribution:
     """Attribute the answer probability to every MLP neuron at the answer position (IG / SIG / AMIG).
 
@@ -263,6 +280,12 @@ def attribute_neurons(
             :class:`~qloc_tl.core.errors.CapabilityError` if it fails validation), ``"blockwise"`` /
             ``"packed"`` (that path exactly, same error; ``"packed"`` on bridges only) or ``"full"``
             (batched full sequences).
+        memory_fraction: the share of the device's free memory one pass may plan to take (in (0, 1], default
+            0.5): the engines' passes (prompts of the clean pass, prompts and samples per attribution pass, all
+            also capped by fixed budgets) are made smaller where the free memory is short. A pass that still
+            runs out of memory is halved and run again (one WARNING each time); one that does not fit with a
+            single prompt and sample raises :class:`~qloc_tl.core.errors.ResourceError`. Scores do not depend
+            on it.
 
     Returns:
         A :class:`~qloc_tl.methods.attribution.NeuronAttribution`.
@@ -293,6 +316,7 @@ def attribute_neurons(
         replacement_id=replacement_id,
         mask_bos=mask_bos,
         fast_path=fast_path,
+        memory_fraction=memory_fraction,
     )
     d_mlp(model)
     plist, ids, single = normalise_inputs(model, prompts, answers, config)
@@ -352,13 +376,14 @@ def _attribute(
 
     with tqdm(total=n, disable=not config.show_progress, desc=f"{config.method} attribution") as bar:
         done = 0
+        most = n  # prompts per pass after an out-of-memory back-off
         while done < n:
-            G = engine.group_size(nl * alphas.shape[0], n - done)
+            G = min(engine.group_size(nl * alphas.shape[0], n - done), most)
             idxs = list(range(done, done + G))
-            bases = bases_of(idxs)  # [G, J, L, D]
-            wbar = prep.acts[idxs].to(acc)  # [G, L, D]
             check = engine.validated and not validated  # once per call, on the first pass
             try:
+                bases = bases_of(idxs)  # [G, J, L, D]
+                wbar = prep.acts[idxs].to(acc)  # [G, L, D]
                 integral, f0, p0 = _integrate(engine, idxs, prep, bases, wbar, alphas, weights, zero_k, check)
             except ShortcutMismatch as exc:
                 assert plan is not None
@@ -368,6 +393,16 @@ def _attribute(
                 assert plan is not None
                 engine = plan.fall_back(prep, exc)
                 continue  # the same prompts again, on the next path
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                # out of memory even at one sample per pass: fewer prompts per pass
+                advice = (
+                    f"one prompt of up to {int(prep.last[idxs].max()) + 1} tokens does not fit on {dev}: shorten "
+                    f"the prompt, free memory, or load the model in a smaller dtype (torch.bfloat16)"
+                )
+                most = halve_after_oom(exc, G, "prompts", advice)  # at one prompt: ResourceError
+                continue
             if plan is not None and not validated:  # the path of the call is settled
                 plan.settle(engine)  # one warning per model when it is slower than normal
             validated = True

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 
 from qloc_tl.core.errors import NumericalError
-from qloc_tl.core.model import TLModel, model_dtype
+from qloc_tl.core.memory import memory_cap
+from qloc_tl.core.model import TLModel, d_mlp, model_device, model_dtype, n_heads, n_layers
 from qloc_tl.methods.attribution.config import AttributionConfig
 
 if TYPE_CHECKING:  # clean.py builds on the helpers here
@@ -36,6 +37,7 @@ __all__ = [
     "objective_of_logits",
     "check_finite",
     "row_hooks",
+    "sample_elements",
 ]
 
 
@@ -77,6 +79,16 @@ def objective_of_logits(
     lp_y = lp.gather(-1, answers.view(-1, 1)).squeeze(-1)
     prob = lp_y.exp()
     return (prob if objective == "prob" else lp_y), prob
+
+
+def sample_elements(model: TLModel, positions: int, keys: int) -> int:
+    """About how many elements one sample keeps through a pass that runs ``positions`` positions of it, each
+    attending to ``keys`` keys: per block and position what autograd saves for the backward (≈ 12·d_model +
+    4·d_mlp, and 2 per head and key for the attention scores and pattern), and per position 3·d_vocab (the
+    logits, their log-softmax and its gradient). An estimate to size passes by, not an exact count."""
+    cfg = model.cfg
+    per_block = 12 * int(cfg.d_model) + 4 * d_mlp(model) + 2 * n_heads(model) * keys
+    return positions * (n_layers(model) * per_block + 3 * int(cfg.d_vocab))
 
 
 def check_finite(t: Tensor, what: str, model: TLModel) -> None:
@@ -143,6 +155,8 @@ class Engine(ABC):
     single_layer_chunks = False  # every chunk holds samples of one layer only
     validated = False  # the first pass of a call is checked against the clean logits
     shortcut = False  # samples enter after their block as that block's output (the MLP-out shortcut)
+    full_rows = False  # a sample is a whole row of the prompt (else one answer-position copy)
+    chunk_cap: int | None = None  # samples per pass after an out-of-memory back-off (None: none so far)
 
     def __init__(self, model: TLModel, prep: CleanPass, config: AttributionConfig) -> None:
         self.model = model
@@ -150,12 +164,25 @@ class Engine(ABC):
         self.config = config
         self.acc = acc_dtype(model)
 
-    def chunk_size(self, n_tok: int, samples: int) -> int:
-        """Samples per pass for prompts of up to ``n_tok`` tokens with ``samples`` samples each:
-        ``config.batch_size`` or the engine's default, within :meth:`max_chunk`."""
+    def chunk_size(self, n_tok: int, samples: int, prompts: int = 1) -> int:
+        """Samples per prompt and pass for ``prompts`` prompts of up to ``n_tok`` tokens with ``samples`` samples
+        each: ``config.batch_size`` or the engine's default, within :meth:`max_chunk`, within what an
+        out-of-memory back-off left (:attr:`chunk_cap`), and within ``config.memory_fraction`` of the free
+        memory at :meth:`sample_bytes` per sample (:func:`~qloc_tl.core.memory.memory_cap`)."""
         bs = self.config.batch_size if self.config.batch_size is not None else self.default_chunk(n_tok, samples)
         room = self.max_chunk(n_tok)
-        return bs if room is None else max(1, min(bs, room))
+        bs = bs if room is None else max(1, min(bs, room))
+        if self.chunk_cap is not None:
+            bs = min(bs, self.chunk_cap)
+        per = prompts * self.sample_bytes(n_tok, bs)
+        return memory_cap(bs, per, model_device(self.model), self.config.memory_fraction)
+
+    def sample_bytes(self, n_tok: int, chunk: int) -> int:
+        """About how many bytes one sample of a prompt of ``n_tok`` tokens holds in a pass of ``chunk`` samples
+        (:func:`sample_elements` in the accumulation dtype): a whole row of the prompt (:attr:`full_rows`), else
+        one copy of the answer position attending to the prompt and, at most, the pass's other copies."""
+        positions, keys = (n_tok, n_tok) if self.full_rows else (1, n_tok + chunk)
+        return sample_elements(self.model, positions, keys) * (torch.finfo(self.acc).bits // 8)
 
     def default_chunk(self, n_tok: int, samples: int) -> int:
         """Samples per pass without ``batch_size``."""

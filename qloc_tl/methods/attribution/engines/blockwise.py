@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qloc_tl.core.memory import is_out_of_memory
 from qloc_tl.core.model import n_layers
 from qloc_tl.methods.attribution.engines.base import Evaluation, PathMismatch
 from qloc_tl.methods.attribution.engines.grouped import GroupedEngine, in_order, inverse, layer_groups
@@ -181,7 +182,7 @@ class BlockwiseEngine(GroupedEngine):
         except PathMismatch:  # also ShortcutMismatch
             raise
         except Exception as exc:
-            if not check:
+            if not check or is_out_of_memory(exc):  # no fallback for a lack of memory
                 raise
             # on the validation chunk: a backend whose blocks cannot be driven this way → fall back
             logger.debug("blockwise evaluation raised %r", exc)

@@ -11,6 +11,8 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from qloc_tl.core.errors import NumericalError
+from qloc_tl.core.memory import memory_cap, run_chunked
 from qloc_tl.core.model import (
     TLModel,
     check_layer,
@@ -29,13 +31,14 @@ from qloc_tl.methods.attribution.engines.unembed import hooked_ln_final
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CleanPass", "clean_pass", "CLEAN_CHUNK", "CLEAN_ELEMENTS", "PREFIX_KV_ELEMENTS"]
+__all__ = ["CleanPass", "clean_pass", "check_activations", "CLEAN_CHUNK", "CLEAN_ELEMENTS", "PREFIX_KV_ELEMENTS"]
 
 CLEAN_CHUNK = 256
 """At most this many prompts per clean forward pass."""
 CLEAN_ELEMENTS = {"cpu": 1 << 25, "other": 1 << 28}
 """About this many elements of logits and cached activations per clean pass, per device type (a GPU pass is
-launch-bound, so it takes more prompts at once)."""
+launch-bound, so it takes more prompts at once), or fewer where ``config.memory_fraction`` of the free memory
+holds fewer (:func:`~qloc_tl.core.memory.memory_cap`)."""
 PREFIX_KV_ELEMENTS = 1 << 24
 """TL 3 prefix-reusing paths on models with learned absolute positions: the prefixes' keys and values are
 kept from the clean pass (``hook_k`` / ``hook_v``) for the first prompts of a call while they take at most
@@ -83,6 +86,25 @@ def _last_logits_by_map(model: TLModel, resid_post: Tensor, unembed: tuple[Tenso
     return final.to(W_U.dtype) @ W_U + (b_U if b_U is not None else 0.0)
 
 
+def check_activations(acts: Tensor, names: dict[int, str], model: TLModel) -> None:
+    """Raise :class:`~qloc_tl.core.errors.NumericalError` naming the first layer whose clean activations
+    ``acts [n, n_layers, d_mlp]`` (hooks ``names``) hold inf/NaN."""
+    if bool(torch.isfinite(acts).all()):
+        return
+    bad = (~torch.isfinite(acts)).transpose(0, 1).reshape(acts.shape[1], -1).any(1).nonzero().flatten().tolist()
+    first, dtype = int(bad[0]), model_dtype(model)
+    if dtype in (torch.float16, torch.bfloat16):
+        advice = (
+            "half-precision activations overflow easily: run the attribution in float32 (model.to(torch.float32))"
+        )
+    else:
+        advice = "check the model's weights (inf/NaN parameters) and any hook or intervention on it"
+    raise NumericalError(
+        f"clean activations became inf/NaN at layer {first} ({names[first]!r}; non-finite layers: {bad}; model "
+        f"dtype {dtype}); {advice}"
+    )
+
+
 def clean_pass(
     model: TLModel,
     plist: list[Any],
@@ -95,7 +117,10 @@ def clean_pass(
     want_kv: bool = False,
 ) -> CleanPass:
     """The clean forward pass of the prompts ``plist`` with answer ids ``ids``, in chunks
-    (:data:`CLEAN_CHUNK`, :data:`CLEAN_ELEMENTS`).
+    (:data:`CLEAN_CHUNK`, :data:`CLEAN_ELEMENTS`), halved and retried after an out-of-memory error
+    (:func:`~qloc_tl.core.memory.run_chunked`). Non-finite clean activations raise
+    :class:`~qloc_tl.core.errors.NumericalError` naming their first layer (:func:`check_activations`), as do
+    non-finite clean logits.
 
     ``want_resid`` / ``want_rows`` / ``want_post``: keep the residuals the blockwise paths start from
     (:class:`CleanPass`).
@@ -140,10 +165,17 @@ def clean_pass(
         # bounded [chunk, pos, d_vocab] logits and cache; tiny models: one pass for many prompts (a forward
         # pass has a fixed cost of its own, large next to a tiny model's work)
         per_prompt = tokens.shape[1] * (int(model.cfg.d_vocab) + L * (d_mlp(model) + 3 * int(model.cfg.d_model)))
-        budget = CLEAN_ELEMENTS["cpu" if tokens.device.type == "cpu" else "other"]
+        dev = tokens.device
+        elem = torch.finfo(acc).bits // 8
+        budget = CLEAN_ELEMENTS["cpu" if dev.type == "cpu" else "other"]
+        budget = memory_cap(budget, elem, dev, config.memory_fraction)  # or fewer, where the free memory is short
         chunk = max(1, min(CLEAN_CHUNK, budget // per_prompt))
-        for c0 in range(0, tokens.shape[0], chunk):
-            toks, pos = tokens[c0 : c0 + chunk], last[c0 : c0 + chunk]
+
+        def step(c0: int, c1: int) -> None:
+            """The clean pass of prompts ``c0:c1``; what it keeps is stored last (a chunk that ran out of
+            memory is run again, smaller)."""
+            nonlocal unembed, extra
+            toks, pos = tokens[c0:c1], last[c0:c1]
             skip = unembed is not None and ENGINE_CACHE.affine_unembed(key) is True
             kv = [n for pair in kv_names for n in pair] if c0 < n_kv else []
             logits, cache = model.run_with_cache(
@@ -151,17 +183,13 @@ def clean_pass(
                 names_filter=[*names.values(), *resid_names.values(), *post_names.values(), *extra, *kv],
                 **({"return_type": None} if skip else {}),
             )
-            if kv:
-                keep = min(toks.shape[0], n_kv - c0)
-                for l, (kn, vn) in enumerate(kv_names):
-                    keys_l[l].append(cache[kn][:keep])
-                    values_l[l].append(cache[vn][:keep])
+            keep = min(toks.shape[0], n_kv - c0)
+            kept = [(cache[kn][:keep], cache[vn][:keep]) for kn, vn in kv_names] if kv else []
             rows = torch.arange(toks.shape[0], device=toks.device)
-            acts_l.append(torch.stack([cache[names[l]][rows, pos] for l in range(L)], dim=1))
-            resid_l.append({l: cache[n][rows, pos] for l, n in resid_names.items()})
-            post_l.append({l: cache[n][rows, pos] for l, n in post_names.items()})
-            if want_rows:
-                rows_l.append(cache[resid_names[min(layers)]])
+            acts = torch.stack([cache[names[l]][rows, pos] for l in range(L)], dim=1)
+            resid = {l: cache[n][rows, pos] for l, n in resid_names.items()}
+            post = {l: cache[n][rows, pos] for l, n in post_names.items()}
+            full_rows = cache[resid_names[min(layers)]] if want_rows else None
             if unembed is not None:
                 by_map = _last_logits_by_map(model, cache[final_name][rows, pos], unembed)
                 if not skip:  # the first call on this module: is the map the model's own unembedding?
@@ -172,10 +200,31 @@ def clean_pass(
                     if not ok:
                         logger.info("clean logits: the model's unembedding is not ln_final(r) @ W_U + b_U")
                         by_map, unembed, extra = own, None, []
-                last_l.append(by_map)
+                last_logits = by_map
             else:
-                last_l.append(logits[rows, pos])
+                last_logits = logits[rows, pos]
             del logits, cache
+            for l, (k, v) in enumerate(kept):
+                keys_l[l].append(k)
+                values_l[l].append(v)
+            acts_l.append(acts)
+            resid_l.append(resid)
+            post_l.append(post)
+            if full_rows is not None:
+                rows_l.append(full_rows)
+            last_l.append(last_logits)
+
+        run_chunked(
+            tokens.shape[0],
+            chunk,
+            step,
+            what="prompts",
+            advice=(
+                f"the clean forward pass of one prompt of {tokens.shape[1]} tokens does not fit on {dev}: shorten "
+                f"the prompt, free memory, or load the model in a smaller dtype (torch.bfloat16)"
+            ),
+            device=dev,
+        )
         acts = torch.cat(acts_l)
         resid = {l: torch.cat([r[l] for r in resid_l]) for l in resid_names}
         post = {l: torch.cat([r[l] for r in post_l]) for l in post_names}
@@ -183,6 +232,7 @@ def clean_pass(
         resid_rows = torch.cat(rows_l) if want_rows else None
         obj, prob = objective_of_logits(clean_last, answers, config.objective, acc)
         prefix_kv = ([torch.cat(k) for k in keys_l], [torch.cat(v) for v in values_l]) if n_kv else None
+    check_activations(acts, names, model)
     check_finite(clean_last, "clean logits", model)
     return CleanPass(
         tokens, last, answers, layers, names, acts, clean_last, obj, prob, resid, resid_rows, post, prefix_kv

@@ -21,6 +21,7 @@ class FullEngine(PromptEngine):
     """Batched full-sequence rows of one prompt, mixed layers per chunk."""
 
     path = "full"
+    full_rows = True
 
     def evaluate_prompt(self, layer_of: Tensor, x: Tensor, check: bool) -> Evaluation:
         S, t = x.shape[0], self.t

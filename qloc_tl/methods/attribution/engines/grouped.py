@@ -14,9 +14,16 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qloc_tl.core.memory import memory_cap
 from qloc_tl.core.model import TLModel, logit_tolerance, model_device, model_dtype
 from qloc_tl.methods.attribution.config import AttributionConfig
-from qloc_tl.methods.attribution.engines.base import Engine, Evaluation, ShortcutMismatch, objective_of_logits
+from qloc_tl.methods.attribution.engines.base import (
+    Engine,
+    Evaluation,
+    ShortcutMismatch,
+    acc_dtype,
+    objective_of_logits,
+)
 from qloc_tl.methods.attribution.engines.cache import ENGINE_CACHE
 from qloc_tl.methods.attribution.engines.clean import CleanPass
 
@@ -36,7 +43,8 @@ __all__ = [
 BLOCKWISE_BATCH = 512
 """Samples per blockwise chunk (bounds the activations and the logits)."""
 # Prompts per pass: while the [prompts, samples, d_vocab] logits stay below GROUP_LOGITS elements (per device
-# type), at most GROUP_MAX: element-wise work on larger logits falls out of cache.
+# type; fewer where config.memory_fraction of the free memory holds fewer), at most GROUP_MAX: element-wise
+# work on larger logits falls out of cache.
 GROUP_LOGITS = {"cpu": 1 << 23, "other": 1 << 27}
 GROUP_MAX = 64
 
@@ -132,13 +140,18 @@ class GroupedEngine(Engine):
         return max(1, min(samples, BLOCKWISE_BATCH))  # no sample computes a layer below its own
 
     def group_size(self, samples: int, left: int) -> int:
-        """Bounded by :data:`GROUP_LOGITS` elements (per device type) of the ``[G, S, d_vocab]`` logits and
-        :data:`GROUP_MAX`. SIG prompts (one path per token: different sample counts) go alone."""
+        """Bounded by :data:`GROUP_MAX` and by a budget of elements of the ``[G, S, d_vocab]`` logits:
+        :data:`GROUP_LOGITS` (per device type), or fewer where ``config.memory_fraction`` of the free memory
+        holds fewer (:func:`~qloc_tl.core.memory.memory_cap`). SIG prompts (one path per token: different
+        sample counts) go alone."""
         if self.config.method == "sig":
             return 1
         model = self.model
         S = min(samples, self.config.batch_size or BLOCKWISE_BATCH)
-        budget = GROUP_LOGITS["cpu" if model_device(model).type == "cpu" else "other"]
+        dev = model_device(model)
+        elem = torch.finfo(acc_dtype(model)).bits // 8
+        budget = GROUP_LOGITS["cpu" if dev.type == "cpu" else "other"]
+        budget = memory_cap(budget, elem, dev, self.config.memory_fraction)
         return max(1, min(left, budget // max(1, S * int(model.cfg.d_vocab)), GROUP_MAX))
 
     def line(self, idxs: list[int], bases: Tensor, wbar: Tensor) -> Any:

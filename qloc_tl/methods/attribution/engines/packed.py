@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qloc_tl.core.memory import is_out_of_memory
 from qloc_tl.core.model import TLModel, bridge_mask_convention
 from qloc_tl.methods.attribution.engines.base import Evaluation, PathMismatch, PromptEngine, row_hooks
 
@@ -88,7 +89,7 @@ class PackedEngine(PromptEngine):
             try:
                 logits = self.model(seq, attention_mask=mask, position_ids=pos)
             except Exception as exc:
-                if not check:
+                if not check or is_out_of_memory(exc):  # no fallback for a lack of memory
                     raise
                 # on the validation chunk: a backend that rejects 4-D masks / position ids → fall back
                 logger.debug("packed forward raised %r", exc)

@@ -24,6 +24,7 @@ from torch import Tensor
 from qloc_tl.core.errors import CapabilityError
 from qloc_tl.core.hooks import AttentionHook, intervene, scale_attention
 from qloc_tl.core.identities import Head
+from qloc_tl.core.memory import is_out_of_memory
 from qloc_tl.core.model import (
     TLModel,
     bridge_mask_convention,
@@ -112,7 +113,7 @@ def _forward_guard(path: str, active: bool) -> Iterator[None]:
     """While ``active`` (the validation pass): an exception of the fast layout's forward (a backend that
     rejects 4-D masks, position ids or the KV cache, or whose hooks do not fire) becomes
     :class:`FastMismatch` and the call falls back; :class:`~qloc_tl.core.errors.CapabilityError` (pattern
-    edits ignored) is raised as it is, as by every engine."""
+    edits ignored) and out-of-memory errors are raised as they are."""
     if not active:
         yield
         return
@@ -121,6 +122,8 @@ def _forward_guard(path: str, active: bool) -> Iterator[None]:
     except (FastMismatch, CapabilityError):
         raise
     except Exception as exc:
+        if is_out_of_memory(exc):  # a lack of memory, not a backend that refuses the layout: no fallback
+            raise
         raise FastMismatch(f"the {path!r} forward raised {exc!r}") from exc
 
 
