@@ -610,7 +610,8 @@ def test_fuzz_stats(flags, n, level, seed, a, b):
 
 CONFIG_FIELDS = {
     "AttributionConfig": {"method": "choice", "steps": "int", "rule": "choice", "site": "choice", "objective": "choice",
-                          "batch_size": "int", "replacement_id": "int", "multi_token": "choice", "layers": "ints"},
+                          "batch_size": "int", "replacement_id": "int", "multi_token": "choice", "layers": "ints",
+                          "memory_fraction": "float"},
     "ConsistencyConfig": {"methods": "tuple", "steps": "any", "rule": "choice", "kn_fraction": "any", "sweep": "tuple",
                           "keep_fraction": "any", "cs_static": "any", "chunk_facts": "any", "n_boot": "any", "seed": "any",
                           "batch_size": "any"},
@@ -623,6 +624,7 @@ CONFIG_FIELDS = {
 VALUE_POOLS = {
     "choice": st.sampled_from(["ig", "sig", "left", "post", "prob", "first", "topk", "fraction_of_max", "bogus", ""]),
     "int": st.integers(-3, 10**6),
+    "float": floats,
     "ints": st.lists(st.integers(-2, 5), max_size=3).map(tuple),
     "any": st.one_of(numbers_, st.none(), st.sampled_from(["otsu", "x"])),
     "tuple": st.lists(st.one_of(st.sampled_from(["ig", "CAS", "N_i", "zz"]), floats, st.integers(-1, 3)), max_size=3).map(tuple),
@@ -642,7 +644,7 @@ GOOD = {
     "ks_exclude_keys": st.lists(st.integers(-2, 5), max_size=2).map(tuple), "cas_beta1": st.floats(0, 5),
     "cas_value": fraction, "cas_method": st.sampled_from(["fraction_of_max", "topk"]),
     "lambda1": st.one_of(st.none(), st.floats(-5, 10)), "lambda2": st.one_of(st.none(), st.floats(-5, 10)),
-    "n_unrelated": st.integers(0, 30), "chunk_size": st.integers(1, 16),
+    "n_unrelated": st.integers(0, 30), "chunk_size": st.integers(1, 16), "memory_fraction": st.floats(0.01, 1),
 }  # fmt: skip
 
 
@@ -673,6 +675,8 @@ def test_fuzz_configs(data, which):
         assert not ok, kwargs  # no setting of any config means anything at inf/NaN
     if ok:
         assert not nonfinite_numbers(cfg)
+        if which == "AttributionConfig":
+            assert 0 < cfg.memory_fraction <= 1
         for name in ("steps", "kn_steps", "chunk_facts", "chunk_size", "n_boot"):
             v = getattr(cfg, name, 1)
             assert isinstance(v, int) and v >= 1
