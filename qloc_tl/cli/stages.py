@@ -241,6 +241,21 @@ def _check_resume(out: Path, settings: dict[str, Any], resume: bool) -> None:
         raise InvalidInputError(f"--out {str(out)!r} already holds a run; pass --resume to continue it, or pick another directory")
 
 
+def _earlier_invocations(out: Path) -> list[dict[str, Any]]:
+    """What ``run.json`` in ``out`` (a run being resumed) records of the invocations before this one, oldest
+    first: when each started, its stages, whether it finished, and its total seconds (``None`` for one that was
+    killed: a run records its time only when it finishes). Empty for a new run."""
+    run_json = out / "run.json"
+    if not run_json.is_file():
+        return []
+    old = json.loads(run_json.read_text())
+    if "started" not in old:  # written by merge or another tool: no invocation of its own
+        return list(old.get("earlier_invocations", []))
+    total = old.get("timings_s", {}).get("total") if old.get("status") == "finished" else None
+    last = {"started": old["started"], "stages": old.get("stages", []), "status": old.get("status", "?"), "total_s": total}
+    return [*old.get("earlier_invocations", []), last]
+
+
 def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     """Run ``stages`` with the parsed arguments; returns the results by stage (plus timings)."""
     import torch
@@ -258,7 +273,10 @@ def execute(args: argparse.Namespace, stages: Sequence[str]) -> dict[str, Any]:
     progress = not args.no_progress
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
-    run_info = {"settings": settings, "versions": versions(), "stages": list(stages), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    run_info: dict[str, Any] = {"settings": settings, "versions": versions(), "stages": list(stages), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    earlier = _earlier_invocations(out)
+    if earlier:
+        run_info["earlier_invocations"] = earlier
     atomic_write_text(out / "run.json", json.dumps({**run_info, "status": "running"}, indent=2))
     t = time.perf_counter()
     model = model_from_spec(settings["model"], settings["device"])

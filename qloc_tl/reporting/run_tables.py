@@ -155,6 +155,15 @@ def headline_items(out: str | Path) -> list[tuple[str, str]]:
         if isinstance(total, (int, float))
         else "–"
     )
+    earlier = info.get("earlier_invocations") or []
+    if earlier:  # a resumed run: the last invocation's time alone would understate the run's
+        timed = [e["total_s"] for e in earlier if isinstance(e.get("total_s"), (int, float))]
+        untimed = len(earlier) - len(timed)
+        time_s += (
+            f" in the last invocation; {len(earlier)} earlier"
+            + (f": {fmt_num(sum(timed), 3)} s" if timed else "")
+            + (f" ({untimed} interrupted before finishing, not timed)" if untimed else "")
+        )
     v = info.get("versions", {})
     run = ", ".join(
         x for x in (str(info.get("started", "")).replace("T", " "), f"status {info.get('status', '?')}",
@@ -167,7 +176,7 @@ def headline_items(out: str | Path) -> list[tuple[str, str]]:
         ("Facts", _facts_line(out, info)),
         ("Methods", _methods(info)),
         ("K_C / K_I split", "Otsu's τ of the CS distribution" if split == "otsu" else "static τ = 0.3"),
-        ("Time (last invocation)", time_s),
+        ("Time", time_s),
         ("Run", run or "–"),
     ]
 

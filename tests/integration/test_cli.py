@@ -194,6 +194,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, tmp_path, 
         pd.testing.assert_frame_equal(a[name], b[name], check_exact=False, rtol=1e-9, obj=name)
     q = b["consistency/consistency_queries.parquet"]
     assert not q.duplicated(["method", "fact_key", "query_index"]).any()
+    earlier = json.loads((out / "run.json").read_text())["earlier_invocations"]
+    assert len(earlier) == 1 and earlier[0]["status"] in ("running", "finished")
+    if earlier[0]["status"] == "running":  # killed: its time was never recorded, and the headline says so
+        from qloc_tl.reporting.run_tables import headline_items
+
+        assert earlier[0]["total_s"] is None
+        assert "1 earlier (1 interrupted before finishing, not timed)" in dict(headline_items(out))["Time"]
 
 
 @needs_builtin
@@ -443,6 +450,7 @@ def test_resume_with_more_methods_adds_only_the_new_method(tmp_path):
     out = tmp_path / "ext"
     base = ("consistency", "--model", "builtin", "--max-facts", "3", "--steps", "2", "--out", str(out))
     assert _cli(*base, "--methods", "ig").returncode == 0
+    first = json.loads((out / "run.json").read_text())
     parts = {p.name: p.stat().st_mtime_ns for p in (out / "consistency" / "parts").rglob("*.parquet")}
     before = pd.read_parquet(out / "consistency" / "consistency_facts.parquet")
     proc = _cli(*base, "--methods", "ig,amig", "--resume")
@@ -451,6 +459,14 @@ def test_resume_with_more_methods_adds_only_the_new_method(tmp_path):
     now = {p.name: p.stat().st_mtime_ns for p in (out / "consistency" / "parts").rglob("*.parquet")}
     assert all(now[k] == v for k, v in parts.items()) and len(now) > len(parts)  # ig parts reused, amig added
     assert set(after["method"]) == {"ig", "amig", "∩"}  # ∩: K_I under every method
+    # run.json keeps the first invocation's time; the report's headline adds it to the last one's
+    from qloc_tl.reporting.run_tables import headline_items
+
+    total = first["timings_s"]["total"]
+    assert json.loads((out / "run.json").read_text())["earlier_invocations"] == [
+        {"started": first["started"], "stages": ["consistency"], "status": "finished", "total_s": total}
+    ]
+    assert "in the last invocation; 1 earlier: " in dict(headline_items(out))["Time"]
     pd.testing.assert_frame_equal(
         before[before.method == "ig"].reset_index(drop=True), after[after.method == "ig"].reset_index(drop=True),
         check_dtype=False,  # the ∩ rows (no union size) make integer columns float
