@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_cli import needs_builtin
 
 from qloc_tl.cli import main
 
@@ -41,16 +42,7 @@ def ray_or_skip():
     return ray
 
 
-def _has_builtin() -> bool:
-    try:
-        from qloc_tl.zoo import builtin_model_dir
-
-        return (builtin_model_dir() / "config.json").is_file()
-    except Exception:
-        return False
-
-
-pytestmark = pytest.mark.skipif(not _has_builtin(), reason="built-in model not shipped")
+pytestmark = needs_builtin
 
 
 @pytest.fixture(scope="module")
