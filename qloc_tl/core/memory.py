@@ -199,11 +199,8 @@ def run_chunked(
         try:
             step(start, stop)
         except Exception as exc:
-            if not is_out_of_memory(exc):
-                raise
-            size = halve_after_oom(exc, max(1, min(size, stop - start)), what, advice)
+            size = halve_after_oom(exc, max(1, min(size, stop - start)), what, advice)  # anything else: raised
+            _release(device)
         else:
             start = stop
-            continue
-        _release(device)
     return size

